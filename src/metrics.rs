@@ -1,0 +1,215 @@
+//! Prometheus metrics. Every labelled series the data path touches is resolved once at start-up,
+//! so recording on the request path is an atomic add, never a map lookup or an allocation.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Why a connection was not served.
+#[derive(Debug, Clone, Copy)]
+pub enum DenyReason {
+    /// Peer address outside the allow-list.
+    Source,
+}
+
+/// Which way a TLS handshake failed.
+#[derive(Debug, Clone, Copy)]
+pub enum HandshakeFailure {
+    /// Not finished within `--handshake-timeout`.
+    Timeout,
+    /// Protocol error (old version, no shared cipher, garbage, reset).
+    Error,
+}
+
+/// What went wrong talking to the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect refused or failed.
+    Connect,
+    /// Connect did not finish in time.
+    ConnectTimeout,
+    /// No complete answer within `--upstream-timeout`.
+    Timeout,
+    /// The connection broke or the answer was not valid HTTP.
+    Protocol,
+    /// The answer was larger than the relay buffers.
+    ResponseTooLarge,
+}
+
+impl UpstreamErrorKind {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol",
+            Self::ResponseTooLarge => "response_too_large",
+        }
+    }
+
+    const ALL: [Self; 5] = [
+        Self::Connect,
+        Self::ConnectTimeout,
+        Self::Timeout,
+        Self::Protocol,
+        Self::ResponseTooLarge,
+    ];
+}
+
+/// All metrics of the relay, with pre-resolved handles for the hot path.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Connections that passed the source filter.
+    pub accepted: Counter,
+    denied_source: Counter,
+    handshake_timeout: Counter,
+    handshake_error: Counter,
+    /// Client connections currently open (after the filter).
+    pub open_connections: Gauge,
+    requests: [Counter; 5],
+    upstream_errors: [Counter; 5],
+    /// Requests retried on a fresh receiver connection after a pooled one failed.
+    pub upstream_retries: Counter,
+    /// Total request time, receipt of head to response head.
+    pub request_duration: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register everything.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ews_relay");
+        let accepted = Counter::default();
+        registry.register(
+            "connections_accepted",
+            "Client connections admitted by the source filter",
+            accepted.clone(),
+        );
+        let denied = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections_denied",
+            "Client connections closed before TLS, by reason",
+            denied.clone(),
+        );
+        let handshakes = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason",
+            handshakes.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections currently open",
+            open_connections.clone(),
+        );
+        let requests_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by status class",
+            requests_family.clone(),
+        );
+        let upstream_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed exchanges with the receiver, by kind",
+            upstream_family.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Requests retried on a fresh receiver connection after a pooled one failed",
+            upstream_retries.clone(),
+        );
+        // 0.5 ms .. ~16 s: forwarding is sub-millisecond, a slow receiver takes seconds.
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            request_duration.clone(),
+        );
+        let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
+        let requests = [
+            class("1xx"),
+            class("2xx"),
+            class("3xx"),
+            class("4xx"),
+            class("5xx"),
+        ];
+        let upstream_errors = UpstreamErrorKind::ALL
+            .map(|k| upstream_family.get_or_create_owned(&[("kind", k.as_str())]));
+        Self {
+            registry,
+            accepted,
+            denied_source: denied.get_or_create_owned(&[("reason", "source")]),
+            handshake_timeout: handshakes.get_or_create_owned(&[("reason", "timeout")]),
+            handshake_error: handshakes.get_or_create_owned(&[("reason", "error")]),
+            open_connections,
+            requests,
+            upstream_errors,
+            upstream_retries,
+            request_duration,
+        }
+    }
+
+    /// Count a denied connection.
+    pub fn denied(&self, reason: DenyReason) {
+        match reason {
+            DenyReason::Source => self.denied_source.inc(),
+        };
+    }
+
+    /// Count a failed handshake.
+    pub fn handshake_failed(&self, why: HandshakeFailure) {
+        match why {
+            HandshakeFailure::Timeout => self.handshake_timeout.inc(),
+            HandshakeFailure::Error => self.handshake_error.inc(),
+        };
+    }
+
+    /// Count an answered request by status class.
+    pub fn request(&self, status: http::StatusCode) {
+        let i = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.requests[i].inc();
+    }
+
+    /// Count a failed exchange with the receiver.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].inc();
+    }
+
+    /// Denied connections for the source reason (for the admin API).
+    pub fn denied_source_total(&self) -> u64 {
+        self.denied_source.get()
+    }
+
+    /// Register further metrics (used by other modules at start-up).
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// A counter type usable outside this module without naming prometheus-client.
+pub type AtomicCounter = Counter<u64, AtomicU64>;

@@ -1,0 +1,330 @@
+//! One request: route, bound, rewrite headers, forward to the receiver, answer, log.
+//!
+//! The relay is not an open proxy: the target is always `--upstream`; only POSTs under
+//! `--path-prefix` leave the relay, everything else is answered here.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+
+use crate::metrics::Metrics;
+use crate::upstream::{Outgoing, Receiver};
+
+/// What the relay knows about the client connection, computed once per connection.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// The client address as written in logs and `X-Forwarded-For`.
+    pub peer: String,
+}
+
+/// The request handler shared by all connections.
+#[derive(Debug)]
+pub struct Proxy {
+    path_prefix: String,
+    max_body: u64,
+    body_timeout: Duration,
+    receiver: Arc<Receiver>,
+    metrics: Arc<Metrics>,
+}
+
+/// The response type of every request.
+pub type Reply = Response<Full<Bytes>>;
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
+static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `Expect` (the relay
+/// already has the body) and `Content-Length` (recomputed from the buffered body).
+const HOP_BY_HOP: [HeaderName; 10] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::EXPECT,
+];
+
+impl Proxy {
+    /// A handler forwarding to `receiver`.
+    pub fn new(
+        path_prefix: String,
+        max_body: u64,
+        body_timeout: Duration,
+        receiver: Arc<Receiver>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            path_prefix,
+            max_body,
+            body_timeout,
+            receiver,
+            metrics,
+        }
+    }
+
+    /// Handle one request end to end. Never fails: every outcome is an HTTP answer.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Reply {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let mut bytes_in = 0usize;
+        let mut upstream_ms = None;
+        let reply = match self.route(&method, &path) {
+            Err(refusal) => refusal.reply(),
+            Ok(()) => match self.read_body(req).await {
+                Err(refusal) => refusal.reply(),
+                Ok((parts, body)) => {
+                    bytes_in = body.len();
+                    let up_start = Instant::now();
+                    let out = self.outgoing(parts, body, conn);
+                    let res = self.receiver.send(out).await;
+                    upstream_ms = Some(up_start.elapsed().as_secs_f64() * 1e3);
+                    match res {
+                        Ok(resp) => answer(resp),
+                        Err(e) => {
+                            self.metrics.upstream_error(e.kind);
+                            tracing::warn!(
+                                peer = %conn.peer,
+                                receiver = self.receiver.authority(),
+                                error = %e,
+                                status = e.status().as_u16(),
+                                "receiver exchange failed"
+                            );
+                            plain(e.status(), upstream_message(e.status()))
+                        }
+                    }
+                }
+            },
+        };
+        let status = reply.status();
+        let elapsed = start.elapsed();
+        self.metrics.request(status);
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "ews_relay::access",
+            peer = %conn.peer,
+            method = %method,
+            path = %path,
+            status = status.as_u16(),
+            bytes_in,
+            bytes_out = hyper::body::Body::size_hint(reply.body()).exact().unwrap_or(0),
+            total_ms = elapsed.as_secs_f64() * 1e3,
+            upstream_ms,
+        );
+        reply
+    }
+
+    /// 404 outside the prefix, 405 for methods other than POST.
+    fn route(&self, method: &Method, path: &str) -> Result<(), Refusal> {
+        if !under_prefix(path, &self.path_prefix) {
+            return Err(Refusal::NotFound);
+        }
+        if method != Method::POST {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        Ok(())
+    }
+
+    /// Buffer the body within `--max-body` and `--body-timeout`.
+    async fn read_body(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(http::request::Parts, Bytes), Refusal> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_body) {
+            // Refused before reading a byte; with `Expect: 100-continue` the client never
+            // even sends the body.
+            return Err(Refusal::TooLarge);
+        }
+        let (parts, body) = req.into_parts();
+        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
+        let collected =
+            tokio::time::timeout(self.body_timeout, Limited::new(body, limit).collect());
+        match collected.await {
+            Err(_) => Err(Refusal::BodyTimeout),
+            Ok(Err(e))
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(Refusal::TooLarge)
+            }
+            Ok(Err(_)) => Err(Refusal::BadBody),
+            Ok(Ok(c)) => Ok((parts, c.to_bytes())),
+        }
+    }
+
+    /// The request as the receiver gets it.
+    fn outgoing(&self, parts: http::request::Parts, body: Bytes, conn: &ConnInfo) -> Outgoing {
+        let mut headers = parts.headers;
+        // The original host: Host on HTTP/1.1, :authority on HTTP/2.
+        let original_host = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| headers.get(header::HOST).cloned());
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(header::HOST, self.receiver.host_header().clone());
+        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {}", conn.peer),
+            None => conn.peer.clone(),
+        };
+        if let Ok(v) = HeaderValue::try_from(xff) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        headers.insert(X_FORWARDED_PROTO.clone(), HTTPS.clone());
+        match original_host {
+            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h),
+            None => headers.remove(&X_FORWARDED_HOST),
+        };
+        Outgoing {
+            method: parts.method,
+            path_and_query: parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            headers,
+            body,
+        }
+    }
+}
+
+/// A request the relay answers itself, without involving the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Path outside `--path-prefix`.
+    NotFound,
+    /// Not a POST.
+    MethodNotAllowed,
+    /// Body above `--max-body`.
+    TooLarge,
+    /// Body not complete within `--body-timeout`.
+    BodyTimeout,
+    /// The body could not be read (client reset, bad chunking).
+    BadBody,
+}
+
+impl Refusal {
+    /// The answer to send.
+    pub fn reply(self) -> Reply {
+        let (status, text) = match self {
+            Refusal::NotFound => (StatusCode::NOT_FOUND, "not found\n"),
+            Refusal::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "only POST is relayed\n"),
+            Refusal::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body larger than --max-body\n",
+            ),
+            Refusal::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received within --body-timeout\n",
+            ),
+            Refusal::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
+        };
+        let mut r = plain(status, text);
+        if self == Refusal::MethodNotAllowed {
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        }
+        r
+    }
+}
+
+/// The receiver's answer, unchanged but for hop-by-hop headers.
+fn answer(resp: Response<Bytes>) -> Reply {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(body))
+}
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Whether `path` is `prefix` or lies below it (`/ews` admits `/ews` and `/ews/x`, not `/ewsx`).
+pub fn under_prefix(path: &str, prefix: &str) -> bool {
+    if prefix == "/" {
+        return true;
+    }
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn upstream_message(status: StatusCode) -> &'static str {
+    if status == StatusCode::GATEWAY_TIMEOUT {
+        "receiver did not answer in time\n"
+    } else {
+        "receiver unreachable or failed\n"
+    }
+}
+
+/// A short plain-text answer from the relay itself.
+pub fn plain(status: StatusCode, text: &'static str) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, TEXT_PLAIN.clone());
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert!(under_prefix("/anything", "/"));
+        assert!(under_prefix("/ews", "/ews"));
+        assert!(under_prefix("/ews/push", "/ews"));
+        assert!(!under_prefix("/ewsx", "/ews"));
+        assert!(!under_prefix("/", "/ews"));
+    }
+
+    #[test]
+    fn hop_by_hop_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("soapaction", HeaderValue::from_static("x"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("soapaction"));
+    }
+}

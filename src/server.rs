@@ -1,0 +1,321 @@
+//! Client side: accept, source filter, TLS handshake, HTTP/1.1 and HTTP/2 serving, connection
+//! limit, timeouts and graceful shutdown.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+
+use crate::filter::{AllowList, DeniedLog};
+use crate::metrics::{DenyReason, HandshakeFailure, Metrics};
+use crate::proxy::{ConnInfo, Proxy};
+
+/// Largest request head (request line plus headers) accepted; an EWS notification's head is
+/// well under 2 KiB.
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// Most headers in one request.
+const MAX_REQUEST_HEADERS: usize = 100;
+/// Concurrent HTTP/2 streams per connection; Exchange sends one notification at a time per
+/// subscription.
+const MAX_H2_STREAMS: u32 = 64;
+/// Pause after an accept error such as EMFILE, so a full fd table does not become a busy loop.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Everything a client connection needs, shared by all of them.
+pub struct Edge {
+    /// TLS server side.
+    pub acceptor: TlsAcceptor,
+    /// Source filter.
+    pub allow: AllowList,
+    /// Denied-address log limiter.
+    pub denied: DeniedLog,
+    /// The request handler.
+    pub proxy: Arc<Proxy>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// `--max-connections`.
+    pub max_connections: usize,
+    /// `--handshake-timeout`.
+    pub handshake_timeout: Duration,
+    /// `--header-timeout`.
+    pub header_timeout: Duration,
+    /// `--idle-timeout`.
+    pub idle_timeout: Duration,
+}
+
+/// Accept and serve until `shutdown` turns true; then stop accepting, let open connections
+/// finish their requests for up to `grace`, and cut what is left.
+pub async fn serve(
+    listener: TcpListener,
+    edge: Arc<Edge>,
+    mut shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let limit = Arc::new(Semaphore::new(edge.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(edge.header_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD)
+        .max_headers(MAX_REQUEST_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_header_list_size(MAX_REQUEST_HEAD as u32);
+    let builder = Arc::new(builder);
+    let mut tasks = JoinSet::new();
+
+    loop {
+        // Reap finished connections so the set holds only live ones.
+        while tasks.try_join_next().is_some() {}
+        // At the limit, wait here: new connections queue in the kernel's backlog.
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        // Cheap check first: no TLS work, not a byte read, for a peer outside the allow-list.
+        if !edge.allow.allows(peer.ip()) {
+            edge.metrics.denied(DenyReason::Source);
+            if edge.denied.record(peer.ip()) {
+                tracing::info!(peer = %peer.ip(), "connection from a source outside the allow-list closed (logged at most once a minute per address)");
+            }
+            drop(stream);
+            continue;
+        }
+        edge.metrics.accepted.inc();
+        let edge = edge.clone();
+        let builder = builder.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            serve_connection(stream, peer, &edge, &builder, shutdown).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        open = tasks.len(),
+        ?grace,
+        "stopped accepting; draining connections"
+    );
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        tracing::warn!(
+            cut = tasks.len(),
+            "shutdown grace expired; closing remaining connections"
+        );
+        tasks.shutdown().await;
+    }
+}
+
+impl std::fmt::Debug for Edge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edge")
+            .field("allow", &self.allow.describe())
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    edge: &Edge,
+    builder: &auto::Builder<TokioExecutor>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let _open = OpenGuard::new(&edge.metrics);
+    let _ = stream.set_nodelay(true);
+    let tls = match tokio::time::timeout(edge.handshake_timeout, edge.acceptor.accept(stream)).await
+    {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            edge.metrics.handshake_failed(HandshakeFailure::Error);
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            edge.metrics.handshake_failed(HandshakeFailure::Timeout);
+            tracing::debug!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Tracked {
+        inner: tls,
+        activity: activity.clone(),
+    });
+    let info = Arc::new(ConnInfo {
+        peer: peer.ip().to_canonical().to_string(),
+    });
+    let proxy = edge.proxy.clone();
+    let svc_activity = activity.clone();
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let info = info.clone();
+        let activity = svc_activity.clone();
+        async move {
+            activity.in_flight.fetch_add(1, Ordering::Relaxed);
+            let reply = proxy.handle(req, &info).await;
+            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+            activity.touch();
+            Ok::<_, Infallible>(reply)
+        }
+    });
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let idle = edge.idle_timeout;
+    let mut closing = *shutdown.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        let idle_deadline = activity.last() + idle;
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(%peer, error = %e, "client connection ended with an error");
+                }
+                return;
+            }
+            _ = shutdown.changed(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tokio::time::sleep_until(idle_deadline.into()), if !closing => {
+                if activity.last().elapsed() >= idle && activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    tracing::debug!(%peer, "idle timeout");
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the open-connections gauge right on every exit path.
+struct OpenGuard<'a>(&'a Metrics);
+
+impl<'a> OpenGuard<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.open_connections.inc();
+        Self(m)
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.open_connections.dec();
+    }
+}
+
+/// When bytes last moved on a connection, and how many requests it has in flight; the idle
+/// watchdog closes a connection only when both say it is unused.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// A stream that records activity on every successful read or write.
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
