@@ -90,7 +90,7 @@ impl Proxy {
                     let up_start = Instant::now();
                     let out = self.outgoing(parts, body, conn);
                     let res = self.receiver.send(out).await;
-                    upstream_ms = Some(up_start.elapsed().as_secs_f64() * 1e3);
+                    upstream_ms = Some(millis(up_start.elapsed()));
                     match res {
                         Ok(resp) => answer(resp),
                         Err(e) => {
@@ -120,7 +120,7 @@ impl Proxy {
             status = status.as_u16(),
             bytes_in,
             bytes_out = hyper::body::Body::size_hint(reply.body()).exact().unwrap_or(0),
-            total_ms = elapsed.as_secs_f64() * 1e3,
+            total_ms = millis(elapsed),
             upstream_ms,
         );
         reply
@@ -277,6 +277,11 @@ pub fn under_prefix(path: &str, prefix: &str) -> bool {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+/// Milliseconds with microsecond resolution, for log lines people read.
+fn millis(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1e3
 }
 
 fn upstream_message(status: StatusCode) -> &'static str {
