@@ -9,9 +9,9 @@ use super::response::{read_response_message, ResponseStatus};
 use super::xml::{Element, Ns, XmlReader};
 use super::EwsError;
 
-/// Most events, counting response messages too, accepted in one SendNotification. Exchange
-/// sends events in batches and sets `MoreEvents` when more follow, so real bodies hold far
-/// fewer; the cap bounds the memory a hostile body can make the parser allocate.
+/// Most events accepted in one SendNotification, and separately most response messages.
+/// Exchange sends events in batches and sets `MoreEvents` when more follow, so real bodies
+/// hold far fewer; the cap bounds the memory a hostile body can make the parser allocate.
 pub const MAX_EVENTS: usize = 10_000;
 
 /// The kinds of notification event, named as in the schema without the `Event` suffix.
@@ -162,7 +162,7 @@ pub struct SendNotification<'a> {
 pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsError> {
     let mut xml = XmlReader::new(body);
     open_message(&mut xml, Ns::Messages, "SendNotification")?;
-    let mut budget = MAX_EVENTS;
+    let (mut messages_left, mut events_left) = (MAX_EVENTS, MAX_EVENTS);
     let mut messages = Vec::new();
     while let Some(child) = xml.child()? {
         if !child.is(Ns::Messages, "ResponseMessages") {
@@ -174,8 +174,8 @@ pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsE
                 xml.skip()?;
                 continue;
             }
-            spend(&mut budget)?;
-            messages.push(read_message(&mut xml, &message, &mut budget)?);
+            spend(&mut messages_left, "response messages in one SendNotification")?;
+            messages.push(read_message(&mut xml, &message, &mut events_left)?);
         }
     }
     xml.finish()?;
@@ -195,9 +195,10 @@ pub fn is_send_notification(body: &[u8]) -> bool {
     matches!(xml.open_body(), Ok(m) if m.is(Ns::Messages, "SendNotification"))
 }
 
-fn spend(budget: &mut usize) -> Result<(), EwsError> {
-    *budget = budget.checked_sub(1).ok_or(EwsError::TooMany {
-        what: "events in one SendNotification",
+/// Counts one more of `what` against a budget of [`MAX_EVENTS`].
+fn spend(left: &mut usize, what: &'static str) -> Result<(), EwsError> {
+    *left = left.checked_sub(1).ok_or(EwsError::TooMany {
+        what,
         limit: MAX_EVENTS,
     })?;
     Ok(())
@@ -245,7 +246,7 @@ fn read_notification<'i>(
             b"MoreEvents" => more_events = boolean(&xml.text()?, "t:MoreEvents")?,
             name => match EventType::from_element(name) {
                 Some(kind) => {
-                    spend(budget)?;
+                    spend(budget, "events in one SendNotification")?;
                     events.push(read_event(xml, kind)?);
                 }
                 // An event type newer than this code.
