@@ -199,10 +199,15 @@ fn error_message_without_notification_names_its_subscription() {
     assert_eq!(parsed.messages.len(), 1);
     let message = &parsed.messages[0];
     assert_eq!(message.status.class, ResponseClass::Error);
-    assert_eq!(message.status.code.as_deref(), Some("ErrorReadEventsFailed"));
+    assert_eq!(
+        message.status.code.as_deref(),
+        Some("ErrorReadEventsFailed")
+    );
     assert_eq!(
         message.status.message_text.as_deref(),
-        Some("Events for this subscription cannot be read. The subscription must be created again.")
+        Some(
+            "Events for this subscription cannot be read. The subscription must be created again."
+        )
     );
     assert_eq!(message.status.action(), Action::Rediscover);
     assert_eq!(message.notification, None);
@@ -281,7 +286,10 @@ fn prefixes(xml: &str) -> (&'static str, &'static str, &'static str) {
             .unwrap_or_else(|| panic!("no prefix for {uri}"))
     };
     (
-        find(&["soap11", "s", "soap"], "http://schemas.xmlsoap.org/soap/envelope/"),
+        find(
+            &["soap11", "s", "soap"],
+            "http://schemas.xmlsoap.org/soap/envelope/",
+        ),
         find(
             &["m", ""],
             "http://schemas.microsoft.com/exchange/services/2006/messages",
@@ -351,7 +359,10 @@ fn answers_are_the_fixtures_and_parse_back() {
     ] {
         let built = send_notification_result(status);
         assert_eq!(built, fixture(name), "{name}");
-        assert_eq!(parse_send_notification_result(built.as_bytes()).ok(), Some(status));
+        assert_eq!(
+            parse_send_notification_result(built.as_bytes()).ok(),
+            Some(status)
+        );
     }
 }
 
@@ -362,8 +373,14 @@ fn entities_and_cdata_in_values_are_decoded() {
         "<t:Watermark>\n  AQ&#65;&amp;<![CDATA[<x>]]>&lt;\n</t:Watermark>",
     );
     let parsed = parse_send_notification(body.as_bytes()).expect("parses");
-    let notification = parsed.messages[0].notification.as_ref().expect("notification");
-    assert_eq!(notification.events[0].watermark.as_deref(), Some("AQA&<x><"));
+    let notification = parsed.messages[0]
+        .notification
+        .as_ref()
+        .expect("notification");
+    assert_eq!(
+        notification.events[0].watermark.as_deref(),
+        Some("AQA&<x><")
+    );
 }
 
 #[test]
@@ -377,7 +394,10 @@ fn unknown_elements_and_event_types_are_ignored() {
         ),
     );
     let parsed = parse_send_notification(body.as_bytes()).expect("parses");
-    let notification = parsed.messages[0].notification.as_ref().expect("notification");
+    let notification = parsed.messages[0]
+        .notification
+        .as_ref()
+        .expect("notification");
     assert_eq!(notification.events.len(), 1);
     assert_eq!(notification.events[0].kind, EventType::Status);
 }
@@ -408,7 +428,10 @@ fn event_type_names_round_trip() {
 fn values_borrow_from_the_body() {
     let body = fixture("send-notification-events.xml");
     let parsed = parse_send_notification(body.as_bytes()).expect("parses");
-    let notification = parsed.messages[0].notification.as_ref().expect("notification");
+    let notification = parsed.messages[0]
+        .notification
+        .as_ref()
+        .expect("notification");
     assert!(matches!(notification.subscription_id, Cow::Borrowed(_)));
     let Some(ObjectId::Item(item)) = &notification.events[0].object else {
         panic!("an item id");

@@ -174,7 +174,10 @@ pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsE
                 xml.skip()?;
                 continue;
             }
-            spend(&mut messages_left, "response messages in one SendNotification")?;
+            spend(
+                &mut messages_left,
+                "response messages in one SendNotification",
+            )?;
             messages.push(read_message(&mut xml, &message, &mut events_left)?);
         }
     }
