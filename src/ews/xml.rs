@@ -272,9 +272,10 @@ impl<'i> XmlReader<'i> {
     }
 }
 
+/// Counts and sizes the attributes of every element, and rejects duplicates (the check is
+/// quadratic, which the count keeps small).
 fn check_attributes(start: &BytesStart<'_>) -> Result<(), EwsError> {
-    let mut attrs = start.attributes();
-    for (count, attr) in attrs.with_checks(false).enumerate() {
+    for (count, attr) in start.attributes().enumerate() {
         if count >= MAX_ATTRIBUTES {
             return Err(EwsError::TooMany {
                 what: "attributes on one element",
