@@ -301,14 +301,12 @@ fn read_event<'i>(xml: &mut XmlReader<'i>, kind: EventType) -> Result<Event<'i>,
 }
 
 fn read_id<'i>(xml: &mut XmlReader<'i>, element: &Element<'i>) -> Result<Id<'i>, EwsError> {
-    let id = Id {
-        id: element
-            .attr("Id")?
-            .ok_or(EwsError::MissingElement("Id attribute"))?,
-        change_key: element.attr("ChangeKey")?,
-    };
+    let [id, change_key] = element.attrs(["Id", "ChangeKey"])?;
     xml.skip()?;
-    Ok(id)
+    Ok(Id {
+        id: id.ok_or(EwsError::MissingElement("Id attribute"))?,
+        change_key,
+    })
 }
 
 /// `xs:boolean`.

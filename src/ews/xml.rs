@@ -78,12 +78,19 @@ impl<'i> Element<'i> {
     /// The value of the unqualified attribute `name` (EWS attributes such as `Id` carry no
     /// prefix), borrowed from the body unless it had to be unescaped.
     pub fn attr(&self, name: &str) -> Result<Option<Cow<'i, str>>, EwsError> {
+        self.attrs([name]).map(|[value]| value)
+    }
+
+    /// Several attributes in one pass over the tag.
+    pub fn attrs<const N: usize>(
+        &self,
+        names: [&str; N],
+    ) -> Result<[Option<Cow<'i, str>>; N], EwsError> {
         let name_len = self.start.name().into_inner().len();
         match self.tag_in_input() {
-            Some(tag) => find_attr(Attributes::new(tag, name_len), name),
-            None => {
-                Ok(find_attr(self.start.attributes(), name)?.map(|v| Cow::Owned(v.into_owned())))
-            }
+            Some(tag) => find_attrs(Attributes::new(tag, name_len), names),
+            None => Ok(find_attrs(self.start.attributes(), names)?
+                .map(|value| value.map(|v| Cow::Owned(v.into_owned())))),
         }
     }
 
@@ -98,15 +105,22 @@ impl<'i> Element<'i> {
     }
 }
 
-fn find_attr<'a>(mut attrs: Attributes<'a>, name: &str) -> Result<Option<Cow<'a, str>>, EwsError> {
+fn find_attrs<'a, const N: usize>(
+    mut attrs: Attributes<'a>,
+    names: [&str; N],
+) -> Result<[Option<Cow<'a, str>>; N], EwsError> {
     let decoder = attrs.decoder();
+    let mut values = [const { None }; N];
     for attr in attrs.with_checks(false) {
         let attr = attr?;
-        if attr.key.into_inner() == name.as_bytes() {
-            return Ok(Some(attr.decode_and_unescape_value(decoder)?));
+        let key = attr.key.into_inner();
+        if let Some(i) = names.iter().position(|name| name.as_bytes() == key) {
+            if values[i].is_none() {
+                values[i] = Some(attr.decode_and_unescape_value(decoder)?);
+            }
         }
     }
-    Ok(None)
+    Ok(values)
 }
 
 /// What [`XmlReader::next`] yields: comments, processing instructions and the XML declaration
@@ -275,6 +289,10 @@ impl<'i> XmlReader<'i> {
 /// Counts and sizes the attributes of every element, and rejects duplicates (the check is
 /// quadratic, which the count keeps small).
 fn check_attributes(start: &BytesStart<'_>) -> Result<(), EwsError> {
+    // Most EWS elements have none: skip the iterator for them.
+    if start.attributes_raw().trim_ascii().is_empty() {
+        return Ok(());
+    }
     for (count, attr) in start.attributes().enumerate() {
         if count >= MAX_ATTRIBUTES {
             return Err(EwsError::TooMany {
