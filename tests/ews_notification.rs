@@ -439,3 +439,13 @@ fn values_borrow_from_the_body() {
     assert!(matches!(item.id, Cow::Borrowed(_)));
     assert!(matches!(item.change_key, Some(Cow::Borrowed(_))));
 }
+
+/// .NET writers may start the body with a UTF-8 byte order mark.
+#[test]
+fn a_byte_order_mark_is_accepted() {
+    let mut body = b"\xEF\xBB\xBF".to_vec();
+    body.extend_from_slice(fixture("send-notification-status.xml").as_bytes());
+    let parsed = parse_send_notification(&body).expect("parses");
+    assert_eq!(parsed.messages.len(), 1);
+    assert!(is_send_notification(&body));
+}

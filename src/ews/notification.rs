@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use super::fault::open_message;
-use super::response::{read_response_message, ResponseStatus};
+use super::response::{for_each_response_message, read_response_message, ResponseStatus};
 use super::xml::{Element, Ns, XmlReader};
 use super::EwsError;
 
@@ -164,23 +164,18 @@ pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsE
     open_message(&mut xml, Ns::Messages, "SendNotification")?;
     let (mut messages_left, mut events_left) = (MAX_EVENTS, MAX_EVENTS);
     let mut messages = Vec::new();
-    while let Some(child) = xml.child()? {
-        if !child.is(Ns::Messages, "ResponseMessages") {
-            xml.skip()?;
-            continue;
-        }
-        while let Some(message) = xml.child()? {
-            if !message.is(Ns::Messages, "SendNotificationResponseMessage") {
-                xml.skip()?;
-                continue;
-            }
+    for_each_response_message(
+        &mut xml,
+        "SendNotificationResponseMessage",
+        |xml, message| {
             spend(
                 &mut messages_left,
                 "response messages in one SendNotification",
             )?;
-            messages.push(read_message(&mut xml, &message, &mut events_left)?);
-        }
-    }
+            messages.push(read_message(xml, message, &mut events_left)?);
+            Ok(())
+        },
+    )?;
     xml.finish()?;
     if messages.is_empty() {
         return Err(EwsError::MissingElement(

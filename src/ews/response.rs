@@ -43,6 +43,30 @@ impl ResponseStatus<'_> {
     }
 }
 
+/// Walks the `m:ResponseMessages` of the message element just entered and hands every
+/// response message named `name` to `each`, which must read it through its end tag;
+/// everything else is skipped.
+pub(crate) fn for_each_response_message<'i>(
+    xml: &mut XmlReader<'i>,
+    name: &str,
+    mut each: impl FnMut(&mut XmlReader<'i>, &Element<'i>) -> Result<(), EwsError>,
+) -> Result<(), EwsError> {
+    while let Some(child) = xml.child()? {
+        if !child.is(Ns::Messages, "ResponseMessages") {
+            xml.skip()?;
+            continue;
+        }
+        while let Some(message) = xml.child()? {
+            if message.is(Ns::Messages, name) {
+                each(xml, &message)?;
+            } else {
+                xml.skip()?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Reads the response message just entered: class and common children into the returned
 /// status; every other child is offered to `other`, which returns `false` to have it skipped.
 /// Also returns `MessageXml/t:Value[@Name="SubscriptionId"]`, which is where Exchange names

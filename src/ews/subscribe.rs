@@ -5,7 +5,9 @@ use std::borrow::Cow;
 
 use super::fault::open_message;
 use super::notification::EventType;
-use super::response::{read_response_message, ResponseClass, ResponseStatus};
+use super::response::{
+    for_each_response_message, read_response_message, ResponseClass, ResponseStatus,
+};
 use super::xml::{
     check_mailbox, check_server_version, check_text, check_url, push_element, Ns, XmlReader,
 };
@@ -148,33 +150,27 @@ pub fn parse_subscribe_response(body: &[u8]) -> Result<SubscribeResponse<'_>, Ew
     let mut xml = XmlReader::new(body);
     open_message(&mut xml, Ns::Messages, "SubscribeResponse")?;
     let mut response = None;
-    while let Some(child) = xml.child()? {
-        if !child.is(Ns::Messages, "ResponseMessages") {
-            xml.skip()?;
-            continue;
+    for_each_response_message(&mut xml, "SubscribeResponseMessage", |xml, message| {
+        // One Subscribe asks for one subscription: the first message is the answer.
+        if response.is_some() {
+            return xml.skip();
         }
-        while let Some(message) = xml.child()? {
-            // One Subscribe asks for one subscription: the first message is the answer.
-            if response.is_some() || !message.is(Ns::Messages, "SubscribeResponseMessage") {
-                xml.skip()?;
-                continue;
+        let (mut subscription_id, mut watermark) = (None, None);
+        let (status, _) = read_response_message(xml, message, |xml, child| {
+            match (child.ns, child.local()) {
+                (Ns::Messages, b"SubscriptionId") => subscription_id = Some(xml.text()?),
+                (Ns::Messages, b"Watermark") => watermark = Some(xml.text()?),
+                _ => return Ok(false),
             }
-            let (mut subscription_id, mut watermark) = (None, None);
-            let (status, _) = read_response_message(&mut xml, &message, |xml, child| {
-                match (child.ns, child.local()) {
-                    (Ns::Messages, b"SubscriptionId") => subscription_id = Some(xml.text()?),
-                    (Ns::Messages, b"Watermark") => watermark = Some(xml.text()?),
-                    _ => return Ok(false),
-                }
-                Ok(true)
-            })?;
-            response = Some(SubscribeResponse {
-                status,
-                subscription_id,
-                watermark,
-            });
-        }
-    }
+            Ok(true)
+        })?;
+        response = Some(SubscribeResponse {
+            status,
+            subscription_id,
+            watermark,
+        });
+        Ok(())
+    })?;
     xml.finish()?;
     let response = response.ok_or(EwsError::MissingElement("m:SubscribeResponseMessage"))?;
     let succeeded = response.status.class == ResponseClass::Success;

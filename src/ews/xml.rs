@@ -31,6 +31,10 @@ pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// scope, cheap even on a body full of declarations.
 pub const MAX_ATTRIBUTES: usize = 32;
 
+/// Longest URL accepted by a builder, exclusive: Exchange refuses push URLs of 2083
+/// characters or more, and no Autodiscover URL comes near that.
+pub const MAX_URL_LEN: usize = 2083;
+
 /// The namespaces the parsers match on; any other URI is `Other`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ns {
@@ -71,6 +75,7 @@ impl<'i> Element<'i> {
         self.ns == ns && self.local() == local.as_bytes()
     }
 
+    /// The local name, without prefix.
     pub fn local(&self) -> &[u8] {
         self.start.local_name().into_inner()
     }
@@ -143,6 +148,7 @@ pub(crate) struct XmlReader<'i> {
 }
 
 impl<'i> XmlReader<'i> {
+    /// A reader over a whole body, positioned before its first byte.
     pub fn new(input: &'i [u8]) -> Self {
         let mut reader = NsReader::from_reader(input);
         // `<a/>` comes as Start + End, so parsers handle one shape.
@@ -155,6 +161,8 @@ impl<'i> XmlReader<'i> {
         }
     }
 
+    /// The next node, after the depth, size and DTD checks. White space outside the root is
+    /// dropped; anything else there is an error.
     pub fn next(&mut self) -> Result<Node<'i>, EwsError> {
         loop {
             let (ns, event) = match self.reader.read_resolved_event() {
@@ -357,10 +365,6 @@ pub(crate) fn push_element(out: &mut String, name: &str, text: &str) {
     out.push_str(name);
     out.push('>');
 }
-
-/// Longest URL accepted by a builder, exclusive: Exchange refuses push URLs of 2083
-/// characters or more, and no Autodiscover URL comes near that.
-pub const MAX_URL_LEN: usize = 2083;
 
 /// An absolute `http://` or `https://` URL shorter than [`MAX_URL_LEN`], without white space.
 pub(crate) fn check_url(field: &'static str, url: &str) -> Result<(), EwsError> {
