@@ -48,13 +48,10 @@ pub fn build_get_user_settings(request: &GetUserSettingsRequest<'_>) -> Result<S
     let mut xml = String::with_capacity(1024 + 64 * request.mailboxes.len());
     xml.push_str(r#"<?xml version="1.0" encoding="utf-8"?>"#);
     xml.push_str(&format!(
-        concat!(
-            r#"<soap:Envelope xmlns:a="{AUTODISCOVER_NS}" xmlns:wsa="{ADDRESSING_NS}""#,
-            r#" xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:soap="{SOAP_NS}">"#
-        ),
-        AUTODISCOVER_NS = AUTODISCOVER_NS,
-        ADDRESSING_NS = ADDRESSING_NS,
-        SOAP_NS = SOAP_NS
+        r#"<soap:Envelope xmlns:a="{AUTODISCOVER_NS}" xmlns:wsa="{ADDRESSING_NS}" "#
+    ));
+    xml.push_str(&format!(
+        r#"xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance" xmlns:soap="{SOAP_NS}">"#
     ));
     xml.push_str("<soap:Header>");
     push_element(&mut xml, "a:RequestedServerVersion", request.server_version);
