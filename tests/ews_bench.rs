@@ -1,0 +1,50 @@
+//! Parse cost on the relay's hot path, measured rather than guessed. Ignored by default:
+//! `cargo test --release --test ews_bench -- --ignored --nocapture`.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use ews_relay::ews::{is_send_notification, parse_send_notification};
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Best of five rounds, in nanoseconds per call.
+fn ns_per_call(mut f: impl FnMut()) -> f64 {
+    const CALLS: u32 = 20_000;
+    (0..5)
+        .map(|_| {
+            let started = Instant::now();
+            for _ in 0..CALLS {
+                f();
+            }
+            started.elapsed().as_nanos() as f64 / f64::from(CALLS)
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+#[test]
+#[ignore = "timing; run with --release --ignored --nocapture"]
+fn parse_cost() {
+    for name in [
+        "send-notification-events.xml",
+        "send-notification-status.xml",
+    ] {
+        let body = fixture(name);
+        let ns = ns_per_call(|| {
+            let parsed = parse_send_notification(black_box(&body)).expect("parses");
+            black_box(parsed);
+        });
+        let mb_per_s = body.len() as f64 / ns * 1e3;
+        eprintln!(
+            "parse_send_notification({name}, {} bytes): {ns:.0} ns ({mb_per_s:.0} MB/s)",
+            body.len()
+        );
+        let ns = ns_per_call(|| {
+            black_box(is_send_notification(black_box(&body)));
+        });
+        eprintln!("is_send_notification({name}): {ns:.0} ns");
+    }
+}
