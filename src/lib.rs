@@ -4,7 +4,6 @@
 //! binary and the tests start the relay the same way.
 #![forbid(unsafe_code)]
 
-<<<<<<< HEAD
 pub mod admin;
 pub mod config;
 pub mod ews;
@@ -232,5 +231,3 @@ fn log_certificate(info: &tls::CertInfo) {
         tracing::info!(subject = %info.subject, sha256 = %info.sha256, expires_in_days = days, "serving certificate");
     }
 }
-=======
->>>>>>> ews
