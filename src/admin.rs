@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::tls::CertResolver;
+use crate::tracker::{ReceiverAnswer, Tracker};
 use crate::upstream::Receiver;
 
 /// The receiver counts as reachable for `/readyz` if it accepted a connection or answered
@@ -34,6 +35,8 @@ const ADMIN_MAX_CONNECTIONS: usize = 64;
 pub struct AdminState {
     /// All metrics.
     pub metrics: Arc<Metrics>,
+    /// Subscriptions seen in the traffic.
+    pub tracker: Arc<Tracker>,
     /// The receiver, for readiness.
     pub receiver: Arc<Receiver>,
     /// The served certificate.
@@ -91,7 +94,17 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => readyz(state).await,
+        "/api/subscriptions" => {
+            let mut r = text(StatusCode::OK, subscriptions_json(&state.tracker));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
         "/metrics" => {
+            // Fresh per-state counts for the scrape.
+            state.metrics.set_subscriptions(state.tracker.sweep());
             let mut r = text(StatusCode::OK, state.metrics.encode());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -103,7 +116,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics\n".into(),
+            "not found: try /healthz, /readyz, /metrics, /api/subscriptions\n".into(),
         ),
     }
 }
@@ -130,6 +143,67 @@ async fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
             ),
         )
     }
+}
+
+/// One tracked subscription as `/api/subscriptions` shows it.
+#[derive(serde::Serialize)]
+struct SubscriptionView<'a> {
+    subscription_id: &'a str,
+    state: &'static str,
+    first_seen: String,
+    last_seen: String,
+    seconds_since_last_seen: u64,
+    last_watermark: Option<&'a str>,
+    events: std::collections::BTreeMap<&'static str, u64>,
+    last_response_class: &'static str,
+    last_response_code: Option<&'a str>,
+    receiver_answer: Option<&'static str>,
+    receiver_http_status: Option<u16>,
+    peer: String,
+}
+
+fn subscriptions_json(tracker: &Tracker) -> String {
+    let snapshot = tracker.snapshot();
+    let now = std::time::SystemTime::now();
+    let views: Vec<SubscriptionView<'_>> = snapshot
+        .iter()
+        .map(|(id, s, state)| SubscriptionView {
+            subscription_id: id,
+            state: state.as_str(),
+            first_seen: humantime::format_rfc3339_seconds(s.first_seen).to_string(),
+            last_seen: humantime::format_rfc3339_seconds(s.last_seen).to_string(),
+            seconds_since_last_seen: now
+                .duration_since(s.last_seen)
+                .unwrap_or_default()
+                .as_secs(),
+            last_watermark: s.last_watermark.as_deref(),
+            events: crate::ews::EventType::ALL
+                .iter()
+                .zip(s.events)
+                .filter(|(_, n)| *n > 0)
+                .map(|(t, n)| (t.as_str(), n))
+                .collect(),
+            last_response_class: match s.last_response_class {
+                crate::ews::ResponseClass::Success => "Success",
+                crate::ews::ResponseClass::Warning => "Warning",
+                crate::ews::ResponseClass::Error => "Error",
+            },
+            last_response_code: s.last_response_code.as_deref(),
+            receiver_answer: s.receiver_answer.map(ReceiverAnswer::as_str),
+            receiver_http_status: match s.receiver_answer {
+                Some(ReceiverAnswer::HttpError(code)) => Some(code),
+                _ => None,
+            },
+            peer: s.peer.to_string(),
+        })
+        .collect();
+    let body = serde_json::json!({
+        "stale_after_seconds": tracker.stale_after().as_secs(),
+        "subscriptions": views,
+    });
+    let mut out = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
+    out.push('\n');
+    out
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -185,6 +185,15 @@ pub struct Args {
     )]
     pub admin_listen: String,
 
+    /// Forward POST bodies that are not EWS SendNotification messages instead of answering 400.
+    #[arg(long, env = "EWS_RELAY_ACCEPT_ANY_BODY")]
+    pub accept_any_body: bool,
+
+    /// A subscription with no notification or keep-alive for this long is shown as stale
+    /// (default fits the usual StatusFrequency of 1 minute).
+    #[arg(long, env = "EWS_RELAY_STALE_AFTER", default_value = "2m", value_name = "DUR", value_parser = parse_duration)]
+    pub stale_after: Duration,
+
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(
         long,
@@ -264,6 +273,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Time limits.
     pub timeouts: Timeouts,
+    /// Forward bodies that are not SendNotification messages.
+    pub accept_any_body: bool,
+    /// Silence after which a subscription is stale.
+    pub stale_after: Duration,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -321,6 +334,8 @@ impl Config {
                 upstream: args.upstream_timeout,
                 shutdown_grace: args.shutdown_grace,
             },
+            accept_any_body: args.accept_any_body,
+            stale_after: args.stale_after,
             log_format: args.log_format,
         })
     }

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod tls;
+pub mod tracker;
 pub mod upstream;
 
 use std::future::Future;
@@ -26,6 +27,9 @@ pub use config::{Config, TlsSource};
 
 /// How often idle receiver connections past their timeout are closed.
 const POOL_REAP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the subscription table is swept for stale and forgotten subscriptions; stale ones
+/// are noticed within this of `--stale-after`.
+const TRACKER_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the relay could not start.
 #[derive(Debug, thiserror::Error)]
@@ -142,11 +146,11 @@ pub async fn run(
         config.timeouts.upstream,
         metrics.clone(),
     ));
+    let tracker = Arc::new(tracker::Tracker::new(config.stale_after));
     let proxy = Arc::new(proxy::Proxy::new(
-        config.path_prefix.clone(),
-        config.max_body,
-        config.timeouts.body,
+        &config,
         receiver.clone(),
+        tracker.clone(),
         metrics.clone(),
     ));
     let edge = Arc::new(server::Edge {
@@ -161,7 +165,8 @@ pub async fn run(
         idle_timeout: config.timeouts.idle,
     });
     let admin_state = Arc::new(admin::AdminState {
-        metrics,
+        metrics: metrics.clone(),
+        tracker: tracker.clone(),
         receiver: receiver.clone(),
         certs,
         listening: Default::default(),
@@ -179,6 +184,13 @@ pub async fn run(
         loop {
             tick.tick().await;
             receiver.reap_idle();
+        }
+    });
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(TRACKER_SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            metrics.set_subscriptions(tracker.sweep());
         }
     });
 
@@ -209,6 +221,7 @@ pub async fn run(
     }
     admin_state.listening.store(false, Ordering::Relaxed);
     reaper.abort();
+    sweeper.abort();
     admin_task.abort();
     tracing::info!("ews-relay stopped");
     Ok(())

@@ -81,6 +81,14 @@ pub struct Metrics {
     pub upstream_retries: Counter,
     /// Total request time, receipt of head to response head.
     pub request_duration: Histogram,
+    /// Events forwarded, by EWS event type, in `EventType::ALL` order.
+    pub events: [Counter; 8],
+    /// Receiver answers to notifications, by kind.
+    answers: [Counter; 5],
+    /// POSTs refused with 400 because they were not SendNotification messages.
+    pub rejected_bodies: Counter,
+    /// Tracked subscriptions by state, in `tracker::State::ALL` order (set by the sweep).
+    pub subscriptions: [Gauge; 4],
 }
 
 impl Default for Metrics {
@@ -142,6 +150,36 @@ impl Metrics {
             "Time from request head to response head",
             request_duration.clone(),
         );
+        let events_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "notification_events",
+            "EWS events forwarded, by type (StatusEvent = keep-alive)",
+            events_family.clone(),
+        );
+        let events = crate::ews::EventType::ALL
+            .map(|t| events_family.get_or_create_owned(&[("type", t.as_str())]));
+        let answers_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "receiver_answers",
+            "The receiver's answers to notifications, by kind",
+            answers_family.clone(),
+        );
+        let answers = ["OK", "Unsubscribe", "unparsed", "http_error", "unreachable"]
+            .map(|a| answers_family.get_or_create_owned(&[("answer", a)]));
+        let rejected_bodies = Counter::default();
+        registry.register(
+            "rejected_bodies",
+            "POSTs answered 400 because the body was not an EWS SendNotification",
+            rejected_bodies.clone(),
+        );
+        let subs_family = Family::<Labels, Gauge>::default();
+        registry.register(
+            "subscriptions",
+            "Subscriptions seen in the traffic, by state",
+            subs_family.clone(),
+        );
+        let subscriptions = crate::tracker::State::ALL
+            .map(|s| subs_family.get_or_create_owned(&[("state", s.as_str())]));
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -163,6 +201,30 @@ impl Metrics {
             upstream_errors,
             upstream_retries,
             request_duration,
+            events,
+            answers,
+            rejected_bodies,
+            subscriptions,
+        }
+    }
+
+    /// Count a receiver answer to a notification.
+    pub fn answer(&self, answer: crate::tracker::ReceiverAnswer) {
+        use crate::tracker::ReceiverAnswer as A;
+        let i = match answer {
+            A::Ok => 0,
+            A::Unsubscribe => 1,
+            A::Unparsed => 2,
+            A::HttpError(_) => 3,
+            A::Unreachable => 4,
+        };
+        self.answers[i].inc();
+    }
+
+    /// Publish the sweep's per-state counts.
+    pub fn set_subscriptions(&self, counts: [usize; 4]) {
+        for (g, n) in self.subscriptions.iter().zip(counts) {
+            g.set(n as i64);
         }
     }
 

@@ -12,14 +12,29 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
+use crate::ews;
 use crate::metrics::Metrics;
+use crate::tracker::{event_index, ReceiverAnswer, Tracker};
 use crate::upstream::{Outgoing, Receiver};
 
 /// What the relay knows about the client connection, computed once per connection.
 #[derive(Debug)]
 pub struct ConnInfo {
+    /// The client address.
+    pub peer_ip: std::net::IpAddr,
     /// The client address as written in logs and `X-Forwarded-For`.
     pub peer: String,
+}
+
+impl ConnInfo {
+    /// Describe a client at `ip` (IPv4-mapped IPv6 shown as IPv4).
+    pub fn new(ip: std::net::IpAddr) -> Self {
+        let ip = ip.to_canonical();
+        Self {
+            peer_ip: ip,
+            peer: ip.to_string(),
+        }
+    }
 }
 
 /// The request handler shared by all connections.
@@ -28,8 +43,17 @@ pub struct Proxy {
     path_prefix: String,
     max_body: u64,
     body_timeout: Duration,
+    accept_any_body: bool,
     receiver: Arc<Receiver>,
+    tracker: Arc<Tracker>,
     metrics: Arc<Metrics>,
+}
+
+/// A request that reached the receiver (or tried to).
+struct Forwarded {
+    reply: Reply,
+    bytes_in: usize,
+    upstream_ms: f64,
 }
 
 /// The response type of every request.
@@ -59,17 +83,18 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 impl Proxy {
     /// A handler forwarding to `receiver`.
     pub fn new(
-        path_prefix: String,
-        max_body: u64,
-        body_timeout: Duration,
+        config: &crate::Config,
         receiver: Arc<Receiver>,
+        tracker: Arc<Tracker>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            path_prefix,
-            max_body,
-            body_timeout,
+            path_prefix: config.path_prefix.clone(),
+            max_body: config.max_body,
+            body_timeout: config.timeouts.body,
+            accept_any_body: config.accept_any_body,
             receiver,
+            tracker,
             metrics,
         }
     }
@@ -79,34 +104,9 @@ impl Proxy {
         let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let mut bytes_in = 0usize;
-        let mut upstream_ms = None;
-        let reply = match self.route(&method, &path) {
-            Err(refusal) => refusal.reply(),
-            Ok(()) => match self.read_body(req).await {
-                Err(refusal) => refusal.reply(),
-                Ok((parts, body)) => {
-                    bytes_in = body.len();
-                    let up_start = Instant::now();
-                    let out = self.outgoing(parts, body, conn);
-                    let res = self.receiver.send(out).await;
-                    upstream_ms = Some(millis(up_start.elapsed()));
-                    match res {
-                        Ok(resp) => answer(resp),
-                        Err(e) => {
-                            self.metrics.upstream_error(e.kind);
-                            tracing::warn!(
-                                peer = %conn.peer,
-                                receiver = self.receiver.authority(),
-                                error = %e,
-                                status = e.status().as_u16(),
-                                "receiver exchange failed"
-                            );
-                            plain(e.status(), upstream_message(e.status()))
-                        }
-                    }
-                }
-            },
+        let (reply, bytes_in, upstream_ms) = match self.forward(req, conn).await {
+            Ok(f) => (f.reply, f.bytes_in, Some(f.upstream_ms)),
+            Err(refusal) => (refusal.reply(), 0, None),
         };
         let status = reply.status();
         let elapsed = start.elapsed();
@@ -124,6 +124,63 @@ impl Proxy {
             upstream_ms,
         );
         reply
+    }
+
+    /// Everything between routing and the receiver's answer.
+    async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> Result<Forwarded, Refusal> {
+        self.route(req.method(), req.uri().path())?;
+        let (parts, body) = self.read_body(req).await?;
+        // Parsed once, borrowing from the body; the receiver gets the same bytes.
+        let notification = match ews::parse_send_notification(&body) {
+            Ok(n) => Some(n),
+            Err(_) if self.accept_any_body => None,
+            Err(e) => {
+                self.metrics.rejected_bodies.inc();
+                tracing::debug!(peer = %conn.peer, error = %e, "not a SendNotification; answered 400");
+                return Err(Refusal::NotNotification);
+            }
+        };
+        let bytes_in = body.len();
+        let out = self.outgoing(parts, body.clone(), conn);
+        let start = Instant::now();
+        let result = self.receiver.send(out).await;
+        let upstream_ms = millis(start.elapsed());
+        let (reply, answer) = match result {
+            Ok(resp) => {
+                let answer = notification
+                    .as_ref()
+                    .map(|_| ReceiverAnswer::from_response(resp.status(), resp.body()));
+                (answer_unchanged(resp), answer)
+            }
+            Err(e) => {
+                self.metrics.upstream_error(e.kind);
+                tracing::warn!(
+                    peer = %conn.peer,
+                    receiver = self.receiver.authority(),
+                    error = %e,
+                    status = e.status().as_u16(),
+                    "receiver exchange failed"
+                );
+                (
+                    plain(e.status(), upstream_message(e.status())),
+                    Some(ReceiverAnswer::Unreachable),
+                )
+            }
+        };
+        if let (Some(n), Some(answer)) = (&notification, answer) {
+            self.tracker.record(n, conn.peer_ip, answer);
+            self.metrics.answer(answer);
+            for m in &n.messages {
+                for e in m.notification.iter().flat_map(|n| &n.events) {
+                    self.metrics.events[event_index(e.kind)].inc();
+                }
+            }
+        }
+        Ok(Forwarded {
+            reply,
+            bytes_in,
+            upstream_ms,
+        })
     }
 
     /// 404 outside the prefix, 405 for methods other than POST.
@@ -219,6 +276,8 @@ pub enum Refusal {
     BodyTimeout,
     /// The body could not be read (client reset, bad chunking).
     BadBody,
+    /// The body is not an EWS SendNotification SOAP message.
+    NotNotification,
 }
 
 impl Refusal {
@@ -236,6 +295,10 @@ impl Refusal {
                 "request body not received within --body-timeout\n",
             ),
             Refusal::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
+            Refusal::NotNotification => (
+                StatusCode::BAD_REQUEST,
+                "not an EWS SendNotification SOAP message\n",
+            ),
         };
         let mut r = plain(status, text);
         if self == Refusal::MethodNotAllowed {
@@ -247,7 +310,7 @@ impl Refusal {
 }
 
 /// The receiver's answer, unchanged but for hop-by-hop headers.
-fn answer(resp: Response<Bytes>) -> Reply {
+fn answer_unchanged(resp: Response<Bytes>) -> Reply {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::CONTENT_LENGTH);

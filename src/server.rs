@@ -170,9 +170,7 @@ async fn serve_connection(
         inner: tls,
         activity: activity.clone(),
     });
-    let info = Arc::new(ConnInfo {
-        peer: peer.ip().to_canonical().to_string(),
-    });
+    let info = Arc::new(ConnInfo::new(peer.ip()));
     let proxy = edge.proxy.clone();
     let svc_activity = activity.clone();
     let service = service_fn(move |req| {

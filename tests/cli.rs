@@ -273,7 +273,7 @@ async fn sigterm_drains_and_exits_0() {
     }
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut c = https_client(addr, &cert.der, None).await.unwrap();
-    let (s, _, _) = send(&mut c, post("/", "x")).await;
+    let (s, _, _) = send(&mut c, post("/", fixture("send-notification-status.xml"))).await;
     assert_eq!(s, StatusCode::OK);
     drop(c);
     let status = Command::new("kill")

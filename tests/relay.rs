@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 
 const EVENTS: &str = "send-notification-events.xml";
 const RESULT_OK: &str = "send-notification-result-ok.xml";
+const STATUS: &str = "send-notification-status.xml";
 
 #[tokio::test]
 async fn notification_and_answer_pass_byte_for_byte() {
@@ -100,7 +101,7 @@ async fn forwarding_headers_are_set_and_hop_by_hop_removed() {
     assert!(h.get("keep-alive").is_none());
     assert!(h.get("soapaction").is_some(), "end-to-end headers kept");
     // Without a previous X-Forwarded-For the peer alone is written.
-    let (status, _, _) = send(&mut c, post("/", "x")).await;
+    let (status, _, _) = send(&mut c, post("/", fixture(STATUS))).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(receiver.seen()[1].headers["x-forwarded-for"], "127.0.0.1");
     relay.stop().await;
@@ -126,7 +127,10 @@ async fn peer_outside_allow_list_gets_no_handshake() {
         .is_err());
     // The allowed address still works.
     let mut c = relay.client().await;
-    assert_eq!(send(&mut c, post("/", "x")).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&mut c, post("/", fixture(STATUS))).await.0,
+        StatusCode::OK
+    );
     assert_eq!(
         receiver.seen().len(),
         1,
@@ -152,13 +156,13 @@ async fn relay_answers_404_405_413_itself() {
     let receiver = TestReceiver::answering(fixture(RESULT_OK)).await;
     let relay = Relay::start(
         receiver.addr,
-        &["--path-prefix", "/ews/", "--max-body", "1KiB"],
+        &["--path-prefix", "/ews/", "--max-body", "2KiB"],
     )
     .await;
     let mut c = relay.client().await;
-    let (s, _, _) = send(&mut c, post("/other", "x")).await;
+    let (s, _, _) = send(&mut c, post("/other", fixture(STATUS))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    let (s, _, _) = send(&mut c, post("/ewsx", "x")).await;
+    let (s, _, _) = send(&mut c, post("/ewsx", fixture(STATUS))).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "prefix matches whole segments");
     let get = Request::get("/ews")
         .header("host", "localhost")
@@ -168,7 +172,7 @@ async fn relay_answers_404_405_413_itself() {
     assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(h["allow"], "POST");
     let mut c = relay.client().await;
-    let (s, _, _) = send(&mut c, post("/ews", vec![b'a'; 2048])).await;
+    let (s, _, _) = send(&mut c, post("/ews", vec![b'a'; 2049])).await;
     assert_eq!(
         s,
         StatusCode::PAYLOAD_TOO_LARGE,
@@ -179,8 +183,8 @@ async fn relay_answers_404_405_413_itself() {
     let mut req =
         b"POST /ews HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..2 {
-        req.extend_from_slice(b"2bc\r\n");
-        req.extend_from_slice(&[b'a'; 700]);
+        req.extend_from_slice(b"44c\r\n");
+        req.extend_from_slice(&[b'a'; 1100]);
         req.extend_from_slice(b"\r\n");
     }
     req.extend_from_slice(b"0\r\n\r\n");
@@ -188,9 +192,11 @@ async fn relay_answers_404_405_413_itself() {
     let mut head = [0u8; 12];
     tls.read_exact(&mut head).await.unwrap();
     assert_eq!(&head, b"HTTP/1.1 413", "streamed body over the limit");
-    // Exactly at the limit passes.
+    // Exactly at the limit passes (a notification padded with trailing XML whitespace).
+    let mut at_limit = fixture(STATUS);
+    at_limit.resize(2048, b'\n');
     let mut c = relay.client().await;
-    let (s, _, _) = send(&mut c, post("/ews", vec![b'a'; 1024])).await;
+    let (s, _, _) = send(&mut c, post("/ews", at_limit)).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         receiver.seen().len(),
@@ -404,7 +410,7 @@ async fn shutdown_finishes_the_request_in_flight() {
     .await;
     let mut relay = Relay::start(receiver.addr, &["--shutdown-grace", "5s"]).await;
     let mut c = relay.client().await;
-    let in_flight = tokio::spawn(async move { send(&mut c, post("/", "x")).await });
+    let in_flight = tokio::spawn(async move { send(&mut c, post("/", fixture(STATUS))).await });
     // Wait until the request has reached the receiver, then shut down.
     for _ in 0..200 {
         if !receiver.seen().is_empty() {
@@ -428,7 +434,7 @@ async fn shutdown_grace_cuts_what_does_not_finish() {
     let mut c = relay.client().await;
     let in_flight = tokio::spawn(async move {
         c.ready().await.unwrap();
-        c.send_request(post("/", "x")).await
+        c.send_request(post("/", fixture(STATUS))).await
     });
     for _ in 0..200 {
         if !receiver.seen().is_empty() {
@@ -454,12 +460,15 @@ async fn connection_limit_makes_new_connections_wait() {
     let receiver = TestReceiver::answering(fixture(RESULT_OK)).await;
     let relay = Relay::start(receiver.addr, &["--max-connections", "1"]).await;
     let mut first = relay.client().await;
-    assert_eq!(send(&mut first, post("/", "1")).await.0, StatusCode::OK);
+    assert_eq!(
+        send(&mut first, post("/", fixture(STATUS))).await.0,
+        StatusCode::OK
+    );
     // The second connection is queued: its handshake cannot finish while the first is open.
     let (cert, addr) = (relay.cert.clone(), relay.addr);
     let second = tokio::spawn(async move {
         let mut c = https_client(addr, &cert, None).await.unwrap();
-        send(&mut c, post("/", "2")).await.0
+        send(&mut c, post("/", fixture(STATUS))).await.0
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(

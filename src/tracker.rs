@@ -1,0 +1,283 @@
+//! Which subscriptions are alive, learned from the traffic alone.
+//!
+//! Every forwarded `SendNotification` updates its subscription's record under one short lock:
+//! a hash lookup and a few assignments. A periodic sweep marks silent subscriptions stale (logged
+//! once) and forgets those unseen for a day, so the map stays bounded whatever Exchange sends.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::ews::{EventType, ResponseClass, SendNotification, SubscriptionStatus};
+
+/// A subscription unseen for this long is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// Subscriptions tracked at most; when full, the least recently seen is forgotten first. Far
+/// above any real deployment (Exchange Online allows 20 per mailbox) yet a hard bound on memory.
+pub const MAX_TRACKED: usize = 100_000;
+
+/// What the receiver answered the latest notification with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverAnswer {
+    /// `SendNotificationResult` OK.
+    Ok,
+    /// `SendNotificationResult` Unsubscribe: the subscription is being ended.
+    Unsubscribe,
+    /// A 2xx answer that was not a `SendNotificationResult`.
+    Unparsed,
+    /// A non-2xx status from the receiver.
+    HttpError(u16),
+    /// The receiver could not be reached or did not answer (the relay answered 502/504).
+    Unreachable,
+}
+
+impl ReceiverAnswer {
+    /// Label/JSON value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiverAnswer::Ok => "OK",
+            ReceiverAnswer::Unsubscribe => "Unsubscribe",
+            ReceiverAnswer::Unparsed => "unparsed",
+            ReceiverAnswer::HttpError(_) => "http_error",
+            ReceiverAnswer::Unreachable => "unreachable",
+        }
+    }
+
+    /// Classify a receiver answer from its status and body.
+    pub fn from_response(status: http::StatusCode, body: &[u8]) -> Self {
+        if !status.is_success() {
+            return ReceiverAnswer::HttpError(status.as_u16());
+        }
+        match crate::ews::parse_send_notification_result(body) {
+            Ok(SubscriptionStatus::Ok) => ReceiverAnswer::Ok,
+            Ok(SubscriptionStatus::Unsubscribe) => ReceiverAnswer::Unsubscribe,
+            Err(_) => ReceiverAnswer::Unparsed,
+        }
+    }
+}
+
+/// A subscription's state as the admin API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Notifications keep arriving.
+    Alive,
+    /// Nothing arrived for `--stale-after`.
+    Stale,
+    /// The receiver answered `Unsubscribe`.
+    Unsubscribed,
+    /// Exchange reported an error for it, or the receiver failed to answer.
+    Error,
+}
+
+impl State {
+    /// Every state, for metrics.
+    pub const ALL: [State; 4] = [
+        State::Alive,
+        State::Stale,
+        State::Unsubscribed,
+        State::Error,
+    ];
+
+    /// Label/JSON value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Alive => "alive",
+            State::Stale => "stale",
+            State::Unsubscribed => "unsubscribed",
+            State::Error => "error",
+        }
+    }
+}
+
+/// What the relay knows about one subscription.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// When its first notification passed.
+    pub first_seen: SystemTime,
+    /// When its latest notification passed.
+    pub last_seen: SystemTime,
+    last_seen_at: Instant,
+    /// Watermark of its latest event (StatusEvents included): where a new subscription resumes.
+    pub last_watermark: Option<String>,
+    /// Events seen, by type, in [`EventType::ALL`] order.
+    pub events: [u64; 8],
+    /// `ResponseClass` of its latest response message.
+    pub last_response_class: ResponseClass,
+    /// `ResponseCode` of its latest response message.
+    pub last_response_code: Option<String>,
+    /// The receiver's latest answer; `None` until one came back.
+    pub receiver_answer: Option<ReceiverAnswer>,
+    /// Address the latest notification came from.
+    pub peer: IpAddr,
+    stale_logged: bool,
+}
+
+impl Subscription {
+    /// Its state now, given the staleness threshold.
+    pub fn state(&self, now: Instant, stale_after: Duration) -> State {
+        match self.receiver_answer {
+            Some(ReceiverAnswer::Unsubscribe) => return State::Unsubscribed,
+            Some(ReceiverAnswer::HttpError(_) | ReceiverAnswer::Unreachable) => {
+                return State::Error
+            }
+            _ => {}
+        }
+        if self.last_response_class == ResponseClass::Error {
+            State::Error
+        } else if now.duration_since(self.last_seen_at) >= stale_after {
+            State::Stale
+        } else {
+            State::Alive
+        }
+    }
+}
+
+/// The subscription table.
+#[derive(Debug)]
+pub struct Tracker {
+    stale_after: Duration,
+    subs: Mutex<HashMap<Box<str>, Subscription>>,
+}
+
+impl Tracker {
+    /// An empty table; `stale_after` is `--stale-after`.
+    pub fn new(stale_after: Duration) -> Self {
+        Self {
+            stale_after,
+            subs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `--stale-after`.
+    pub fn stale_after(&self) -> Duration {
+        self.stale_after
+    }
+
+    /// Record one forwarded notification and the receiver's answer to it.
+    pub fn record(&self, msg: &SendNotification<'_>, peer: IpAddr, answer: ReceiverAnswer) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+        for m in &msg.messages {
+            let Some(id) = m
+                .notification
+                .as_ref()
+                .map(|n| &*n.subscription_id)
+                .or(m.subscription_id.as_deref())
+            else {
+                continue;
+            };
+            let sub = match subs.get_mut(id) {
+                Some(s) => s,
+                None => {
+                    if subs.len() >= MAX_TRACKED {
+                        evict_oldest(&mut subs);
+                    }
+                    subs.entry(Box::from(id)).or_insert_with(|| Subscription {
+                        first_seen: wall,
+                        last_seen: wall,
+                        last_seen_at: now,
+                        last_watermark: None,
+                        events: [0; 8],
+                        last_response_class: m.status.class,
+                        last_response_code: None,
+                        receiver_answer: None,
+                        peer,
+                        stale_logged: false,
+                    })
+                }
+            };
+            sub.last_seen = wall;
+            sub.last_seen_at = now;
+            sub.peer = peer;
+            sub.stale_logged = false;
+            sub.last_response_class = m.status.class;
+            if sub.last_response_code.as_deref() != m.status.code.as_deref() {
+                sub.last_response_code = m.status.code.as_deref().map(str::to_owned);
+            }
+            sub.receiver_answer = Some(answer);
+            if let Some(n) = &m.notification {
+                for e in &n.events {
+                    sub.events[event_index(e.kind)] += 1;
+                }
+                if let Some(w) = n.last_watermark() {
+                    if sub.last_watermark.as_deref() != Some(w) {
+                        sub.last_watermark = Some(w.to_owned());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Mark silent subscriptions stale (logging each once) and forget long-gone ones; returns
+    /// how many subscriptions are in each state, in [`State::ALL`] order.
+    pub fn sweep(&self) -> [usize; 4] {
+        let now = Instant::now();
+        let mut counts = [0usize; 4];
+        let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+        subs.retain(|_, s| now.duration_since(s.last_seen_at) < FORGET_AFTER);
+        for (id, s) in subs.iter_mut() {
+            let state = s.state(now, self.stale_after);
+            if state == State::Stale && !s.stale_logged {
+                s.stale_logged = true;
+                tracing::warn!(
+                    subscription = %abbreviate(id),
+                    silent_for = ?now.duration_since(s.last_seen_at),
+                    "subscription stale: no notification or keep-alive within --stale-after"
+                );
+            }
+            counts[state as usize] += 1;
+        }
+        counts
+    }
+
+    /// A copy of every record with its state, for the admin API.
+    pub fn snapshot(&self) -> Vec<(String, Subscription, State)> {
+        let now = Instant::now();
+        let subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = subs
+            .iter()
+            .map(|(id, s)| (id.to_string(), s.clone(), s.state(now, self.stale_after)))
+            .collect();
+        drop(subs);
+        out.sort_by_key(|e| std::cmp::Reverse(e.1.last_seen));
+        out
+    }
+}
+
+fn evict_oldest(subs: &mut HashMap<Box<str>, Subscription>) {
+    if let Some(oldest) = subs
+        .iter()
+        .min_by_key(|(_, s)| s.last_seen_at)
+        .map(|(k, _)| k.clone())
+    {
+        subs.remove(&oldest);
+    }
+}
+
+/// Position of `kind` in [`EventType::ALL`].
+pub fn event_index(kind: EventType) -> usize {
+    EventType::ALL
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or_default()
+}
+
+/// Subscription ids are long base64; logs show the start and the end.
+pub fn abbreviate(id: &str) -> String {
+    if id.len() <= 24 {
+        id.to_owned()
+    } else {
+        let start: String = id.chars().take(10).collect();
+        let end: String = id
+            .chars()
+            .rev()
+            .take(10)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        format!("{start}…{end}")
+    }
+}
