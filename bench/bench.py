@@ -5,6 +5,7 @@ Subcommands:
   ports N                         print N currently free TCP ports on 127.0.0.1
   wait-tcp PORT PID [TIMEOUT]     wait until 127.0.0.1:PORT accepts (PID must stay alive)
   wait-http URL PID [TIMEOUT]     wait until GET URL answers 200 (PID must stay alive)
+  wait-quiet MAX [BUSY]           wait up to MAX s until the host's CPUs are <= BUSY (0.10) busy
   check ...                       two keep-alive TLS POSTs through a proxy; verify 200 + SOAP OK body
   wrk ...                         run one wrk command, sample the proxy's CPU around it
   idle ...                        open N idle TLS connections, measure the proxy's RSS delta
@@ -26,6 +27,20 @@ import sys
 import time
 
 HOST = "127.0.0.1"
+# SNI sent by the python clients (wrk sends the URL's host, run.sh uses the same name):
+# a host name as a real client would send; an IP address in SNI is illegal (RFC 6066) and
+# rustls logs a warning for every such handshake.
+SNI = os.environ.get("BENCH_SNI", "localhost")
+
+
+class Conn(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 with SNI/verification against SNI."""
+
+    def connect(self):
+        raw = socket.create_connection((HOST, self.port), self.timeout)
+        # as http.client does: it sends head and body in separate writes
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = self._context.wrap_socket(raw, server_hostname=SNI)
 
 
 # ---------------------------------------------------------------- /proc sampling
@@ -76,6 +91,16 @@ def sample(root):
         except (OSError, ValueError, IndexError):
             continue
     return {"ticks": ticks, "sys_ticks": sys_ticks, "threads": threads, "rss_kb": rss, "fds": fds, "pids": alive}
+
+
+def host_busy_ticks():
+    """Busy clock ticks of the whole host (all CPUs) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal. "nice" (user time of niced processes,
+    # e.g. a background `nice cargo build`) is left out: at nice 19 such work only soaks up
+    # idle time and barely competes with the benchmark.
+    return v[0] + v[2] + v[5] + v[6] + v[7]
 
 
 def backend_status(port):
@@ -168,12 +193,37 @@ def cmd_wait_http(a):
     sys.exit(f"{a.url} not healthy after {a.timeout}s (last: {last})")
 
 
+def cmd_wait_quiet(a):
+    """Wait (at most a.max seconds) until the host is nearly idle over a 2 s window."""
+    deadline = time.monotonic() + a.max
+    next_note = 0
+    while True:
+        def snap():
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+            return sum(v), v[1] + v[3] + v[4]     # nice + idle + iowait count as quiet
+        t0, i0 = snap()
+        time.sleep(2)
+        t1, i1 = snap()
+        busy = 1 - (i1 - i0) / max(1, t1 - t0)
+        if busy <= a.busy:
+            return
+        if time.monotonic() > deadline:
+            print(f"  host still {busy*100:.0f}% busy after waiting {a.max:.0f}s; running anyway",
+                  file=sys.stderr)
+            return
+        if time.monotonic() >= next_note:
+            print(f"  host {busy*100:.0f}% busy (other workloads); waiting up to "
+                  f"{deadline - time.monotonic():.0f}s more for it to calm down", file=sys.stderr)
+            next_note = time.monotonic() + 30
+
+
 def cmd_check(a):
     """Two POSTs over one keep-alive TLS connection; both must be 200 + SOAP OK."""
     body = open(a.body, "rb").read()
     res = {"ok": False}
     try:
-        c = http.client.HTTPSConnection(HOST, a.port, timeout=10, context=client_ctx(a.cafile))
+        c = Conn(HOST, a.port, timeout=10, context=client_ctx(a.cafile))
         c.connect()
         res["tls_version"] = c.sock.version()
         res["cipher"] = c.sock.cipher()[0]
@@ -206,6 +256,7 @@ def cmd_wrk(a):
         pass
     bs0 = backend_status(a.backend_port)
     p0, b0 = sample(a.proxy_pid), sample(a.backend_pid)
+    h0 = host_busy_ticks()
     t0 = time.monotonic()
     with open(a.out + ".wrk.txt", "w") as log:
         log.write("$ " + " ".join(a.command) + "\n")
@@ -214,6 +265,7 @@ def cmd_wrk(a):
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t0
+    h1 = host_busy_ticks()
     p1, b1 = sample(a.proxy_pid), sample(a.backend_pid)
     bs1 = backend_status(a.backend_port)
     try:
@@ -239,6 +291,10 @@ def cmd_wrk(a):
         "proxy_processes": len(p1["pids"]),
         "backend_util": backend_us / 1e6 / wall,
         "wrk_util": (ru.ru_utime + ru.ru_stime) / wall,
+        # CPU used on the host by anything but proxy, backend and wrk (noise), in cores;
+        # niced processes not counted
+        "other_util": ((h1 - h0) / clk - proxy_us / 1e6 - backend_us / 1e6
+                       - (ru.ru_utime + ru.ru_stime)) / wall,
         "upstream_conns_opened": (bs1[0] - bs0[0]) if bs0 and bs1 else None,
         "backend_requests": (bs1[1] - bs0[1] - 1) if bs0 and bs1 else None,
         "wall_s": wall,
@@ -250,7 +306,7 @@ def cmd_wrk(a):
     print(f"  {a.mode}: {res['rps']:.0f} req/s, {res['cpu_us_per_req']:.1f} CPU us/req, "
           f"proxy {res['proxy_util']*100:.0f}% ({res['proxy_threads']} threads), "
           f"backend {res['backend_util']*100:.0f}%, wrk {res['wrk_util']*100:.0f}%, "
-          f"upstream conns opened {res['upstream_conns_opened']}, "
+          f"other {max(0, res['other_util'])*100:.0f}%, upstream conns opened {res['upstream_conns_opened']}, "
           f"errors {errs}" + (f" {e}" if errs else ""), file=sys.stderr)
 
 
@@ -275,7 +331,7 @@ def cmd_idle(a):
     clk = a.clk_tck
     # warm-up: a few complete requests so lazy one-time allocations are not counted
     for _ in range(a.warmup):
-        c = http.client.HTTPSConnection(HOST, a.port, timeout=10, context=ctx)
+        c = Conn(HOST, a.port, timeout=10, context=ctx)
         post(c, a.path, body)
         c.close()
     time.sleep(a.settle)
@@ -285,7 +341,7 @@ def cmd_idle(a):
     for _ in range(a.n):
         try:
             raw = socket.create_connection((HOST, a.port), timeout=10)
-            conns.append(ctx.wrap_socket(raw, server_hostname=HOST))   # blocking handshake
+            conns.append(ctx.wrap_socket(raw, server_hostname=SNI))   # blocking handshake
         except OSError as e:
             failed += 1
             if failed == 1:
@@ -350,6 +406,7 @@ def _load(path):
 def cmd_report(a):
     out = a.outdir
     rows, details, meta = {}, [], _load(os.path.join(out, "meta.json")) or {}
+    noisy = []
     for name in a.names:
         ka = _load(os.path.join(out, f"{name}-ka.json"))
         nc = _load(os.path.join(out, f"{name}-nc.json"))
@@ -367,17 +424,24 @@ def cmd_report(a):
         if chk:
             d.append(f"  TLS {chk.get('tls_version')} {chk.get('cipher')}; check "
                      f"{'OK' if chk.get('ok') else 'FAILED ' + json.dumps(chk)}")
+        if "log_lines" in info:
+            d.append(f"  log lines written by the proxy during the run: {info['log_lines']}")
         if info.get("error"):
             d.append(f"  ERROR: {info['error']}")
         for run in (ka, nc):
             if not run:
                 continue
+            if run["other_util"] > 0.15:
+                noisy.append(f"{name} {run['mode']} ({run['other_util']*100:.0f}%)")
             e = run["errors"]
+            if sum(e.values()):
+                noisy.append(f"{name} {run['mode']} had wrk errors {e}")
             d.append(
                 f"  {run['mode']}: {run['requests']} requests, proxy CPU {run['proxy_util']*100:.0f}% "
                 f"of one core ({run['proxy_processes']} proc, {run['proxy_threads']} threads, "
                 f"{run['proxy_sys_frac']*100:.0f}% of it in kernel), "
                 f"backend {run['backend_util']*100:.0f}%, wrk {run['wrk_util']*100:.0f}%, "
+                f"other processes {max(0, run['other_util'])*100:.0f}%{' (NOISY)' if run['other_util'] > 0.15 else ''}, "
                 f"p50/p99 {run['latency_us']['p50']/1000:.2f}/{run['latency_us']['p99']/1000:.2f} ms, "
                 f"upstream conns opened {run['upstream_conns_opened']}, "
                 f"errors {'none' if not sum(e.values()) else e}")
@@ -442,6 +506,9 @@ def cmd_report(a):
     text.append("Fairness: one core each where pinned, 1 nginx worker, 1 HAProxy thread, same cert "
                 "(ECDSA P-256), TLS 1.2+1.3, same backend with upstream keep-alive, no access logs "
                 "unless ACCESS_LOG=1. req/s depends on client/backend sharing a core: compare CPU/req.")
+    if noisy:
+        text.append("WARNING: other processes used > 15% of a core (or wrk saw errors) during: "
+                    + "; ".join(noisy) + ". Numbers from these runs are unreliable; rerun.")
     text.append("")
     text.extend(details)
     report = "\n".join(text) + "\n"
@@ -460,6 +527,8 @@ def main():
     p.add_argument("timeout", type=float, nargs="?", default=30); p.set_defaults(f=cmd_wait_tcp)
     p = sub.add_parser("wait-http"); p.add_argument("url"); p.add_argument("pid", type=int)
     p.add_argument("timeout", type=float, nargs="?", default=30); p.set_defaults(f=cmd_wait_http)
+    p = sub.add_parser("wait-quiet"); p.add_argument("max", type=float)
+    p.add_argument("busy", type=float, nargs="?", default=0.10); p.set_defaults(f=cmd_wait_quiet)
     for name, fn in (("check", cmd_check), ("idle", cmd_idle)):
         p = sub.add_parser(name)
         p.add_argument("--port", type=int, required=True)

@@ -43,7 +43,13 @@
 # Environment knobs (defaults): DURATION (10s) CONNS (50) THREADS (1, wrk threads)
 #   WARMUP (2s, unmeasured keep-alive wrk run) IDLE_CONNS (1000) PIN (1) CLIENT_CPU (0)
 #   PROXY_CPU (1) ACCESS_LOG (0) RESUME (0) TLS_MAX (1.3 | 1.2) URL_PATH (/ews/notify)
-#   BIN (target/release/ews-relay) RELAY_ARGS (below) RELAY_THREADS () OUT (bench/out)
+#   SNI_HOST (localhost) WAIT_QUIET (120: seconds to wait, per proxy, for the host to be
+#   < 10% busy; 0 = don't wait) NGINX_KEEPALIVE (max(32, CONNS))
+#   BIN (target/release/ews-relay) RELAY_ARGS (below) RELAY_EXTRA_ARGS () RELAY_THREADS ()
+#   OUT (bench/out)
+#
+# Noise: each run reports "other processes" = host CPU busy time (/proc/stat) minus the
+# proxy, backend and wrk; runs above 15% of a core are flagged NOISY in the results.
 #
 # Everything listens on 127.0.0.1 on free ports picked at start; all processes started
 # here are stopped on exit (trap). Results: stdout, OUT/results.txt, OUT/results.json,
@@ -74,6 +80,12 @@ ACCESS_LOG=${ACCESS_LOG:-0}
 RESUME=${RESUME:-0}
 TLS_MAX=${TLS_MAX:-1.3}
 URL_PATH=${URL_PATH:-/ews/notify}
+# Before each proxy, wait up to this many seconds for the (shared) host to be < 10% busy.
+WAIT_QUIET=${WAIT_QUIET:-120}
+# Host name in wrk's URL, hence its SNI (python clients send the same). Not an IP address:
+# wrk puts the URL host in SNI verbatim and rustls logs a WARN line per handshake for an IP
+# SNI, which would bill the relay for logging. Must resolve to loopback only.
+SNI_HOST=${SNI_HOST:-localhost}
 # nginx "keepalive N" caps the *idle* upstream connections kept per worker; with N < CONNS
 # nginx closes and reopens upstream connections all the time (seen: 23k opened in 3 s with
 # keepalive 32 and CONNS=50), which the relay and HAProxy (unbounded idle pools) don't do.
@@ -173,7 +185,12 @@ elif [[ $RESUME == 1 ]]; then
 else
     RESUMPTION="off (every connection is a full handshake)"
 fi
-export BENCH_TLS_RESUME=$RESUME BENCH_TLS_MAX=$TLS_MAX WRK_BODY=$BODY
+export BENCH_TLS_RESUME=$RESUME BENCH_TLS_MAX=$TLS_MAX WRK_BODY=$BODY BENCH_SNI=$SNI_HOST
+python3 -c '
+import ipaddress, socket, sys
+addrs = {ai[4][0] for ai in socket.getaddrinfo(sys.argv[1], 443, proto=socket.IPPROTO_TCP)}
+bad = [a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
+sys.exit(f"SNI_HOST {sys.argv[1]} resolves to non-loopback {bad}" if bad else 0)' "$SNI_HOST" || die "refusing to run"
 
 read -r BACKEND_PORT NGINX_PORT HAPROXY_PORT RELAY_PORT ADMIN_PORT < <("${PY[@]}" ports 5)
 
@@ -323,8 +340,11 @@ start_relay() {
 }
 
 write_info() { # name error
-    python3 -c 'import json,sys; json.dump(dict(version=sys.argv[1], config=sys.argv[2], error=sys.argv[3]), open(sys.argv[4], "w"))' \
-        "${VERSION:-}" "${CONFIG:-}" "$2" "$WORK/$1-info.json"
+    # lines the proxy logged during the whole run (to spot per-request/per-handshake logging)
+    local lines
+    lines=$(cat "$WORK/$1"/*.log 2>/dev/null | wc -l)
+    python3 -c 'import json,sys; json.dump(dict(version=sys.argv[1], config=sys.argv[2], error=sys.argv[3], log_lines=int(sys.argv[5])), open(sys.argv[4], "w"))' \
+        "${VERSION:-}" "${CONFIG:-}" "$2" "$WORK/$1-info.json" "$lines"
 }
 
 run_wrk() { # name mode json [extra wrk args...]
@@ -334,7 +354,7 @@ run_wrk() { # name mode json [extra wrk args...]
         --backend-port "$BACKEND_PORT" --clk-tck "$CLK_TCK" --out "$json" -- \
         "${PIN_CLIENT[@]}" env ${SHIM:+LD_PRELOAD=$SHIM} \
         wrk -t"$THREADS" -c"$CONNS" --latency -s "$HERE/wrk-post.lua" "$@" \
-        "https://127.0.0.1:$PORT$URL_PATH"
+        "https://$SNI_HOST:$PORT$URL_PATH"
 }
 
 bench_one() {
@@ -342,6 +362,7 @@ bench_one() {
     PID= PORT= VERSION= CONFIG=
     log ""
     log "== $name"
+    [[ $WAIT_QUIET != 0 ]] && "${PY[@]}" wait-quiet "$WAIT_QUIET"
     if ! "start_$name"; then
         write_info "$name" "failed to start"
         log "  $name failed to start; skipped"
@@ -364,8 +385,8 @@ bench_one() {
     run_wrk "$name" keep-alive "$WORK/$name-ka.json" -d"$DURATION"
     sleep 1
     run_wrk "$name" new-conn "$WORK/$name-nc.json" -d"$DURATION" -H "Connection: close"
-    write_info "$name" ""
     stop_pid "$PID"
+    write_info "$name" ""
     sleep 1
 }
 
