@@ -194,6 +194,186 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_STALE_AFTER", default_value = "2m", value_name = "DUR", value_parser = parse_duration)]
     pub stale_after: Duration,
 
+    /// Managed mode: the EWS endpoint, e.g. https://outlook.office365.com/EWS/Exchange.asmx.
+    #[arg(
+        long,
+        env = "EWS_RELAY_EWS_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub ews_url: Option<String>,
+
+    /// Managed mode: SOAP Autodiscover endpoint; each mailbox's EWS URL and grouping come from it.
+    #[arg(
+        long,
+        env = "EWS_RELAY_AUTODISCOVER_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub autodiscover_url: Option<String>,
+
+    /// Mailbox to keep subscribed (repeatable).
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAILBOX",
+        value_name = "SMTP",
+        value_delimiter = ',',
+        help_heading = "Managed mode"
+    )]
+    pub mailbox: Vec<String>,
+
+    /// File with one mailbox per line (`#` comments); re-read when it changes and on SIGHUP.
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAILBOXES_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub mailboxes_file: Option<PathBuf>,
+
+    /// The public URL Exchange calls back (https, path under --path-prefix).
+    #[arg(
+        long,
+        env = "EWS_RELAY_CALLBACK_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub callback_url: Option<String>,
+
+    /// Distinguished folder to watch (repeatable; default: all folders).
+    #[arg(
+        long,
+        env = "EWS_RELAY_FOLDER",
+        value_name = "ID",
+        value_delimiter = ',',
+        help_heading = "Managed mode"
+    )]
+    pub folder: Vec<String>,
+
+    /// Comma-separated EWS event types (default: all but FreeBusyChangedEvent).
+    #[arg(
+        long,
+        env = "EWS_RELAY_EVENT_TYPES",
+        value_name = "LIST",
+        help_heading = "Managed mode"
+    )]
+    pub event_types: Option<String>,
+
+    /// StatusFrequency in minutes (1..1440): how often Exchange sends a keep-alive.
+    #[arg(
+        long,
+        env = "EWS_RELAY_STATUS_FREQUENCY",
+        default_value_t = 1,
+        value_name = "MIN",
+        help_heading = "Managed mode"
+    )]
+    pub status_frequency: u16,
+
+    /// Silence after which a subscription is declared lost (default 2 x status frequency).
+    #[arg(long, env = "EWS_RELAY_HEARTBEAT_TIMEOUT", value_name = "DUR", value_parser = parse_duration, help_heading = "Managed mode")]
+    pub heartbeat_timeout: Option<Duration>,
+
+    /// How the relay authenticates to EWS: oauth, basic, none (lab servers only).
+    #[arg(
+        long,
+        env = "EWS_RELAY_AUTH",
+        default_value = "oauth",
+        value_name = "KIND",
+        help_heading = "Managed mode"
+    )]
+    pub auth: AuthKind,
+
+    /// OAuth: the Entra ID tenant (id or domain).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TENANT_ID",
+        value_name = "TENANT",
+        help_heading = "Managed mode"
+    )]
+    pub tenant_id: Option<String>,
+
+    /// OAuth: the application (client) id.
+    #[arg(
+        long,
+        env = "EWS_RELAY_CLIENT_ID",
+        value_name = "ID",
+        help_heading = "Managed mode"
+    )]
+    pub client_id: Option<String>,
+
+    /// OAuth: file holding the client secret (or set EWS_RELAY_CLIENT_SECRET; never a flag).
+    #[arg(
+        long,
+        env = "EWS_RELAY_CLIENT_SECRET_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// OAuth: token endpoint (default Microsoft's for the tenant; for sovereign clouds and tests).
+    #[arg(
+        long,
+        env = "EWS_RELAY_OAUTH_TOKEN_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub oauth_token_url: Option<String>,
+
+    /// Basic auth: the service account (on-premises Exchange).
+    #[arg(
+        long,
+        env = "EWS_RELAY_USERNAME",
+        value_name = "USER",
+        help_heading = "Managed mode"
+    )]
+    pub username: Option<String>,
+
+    /// Basic auth: file holding the password (or set EWS_RELAY_PASSWORD; never a flag).
+    #[arg(
+        long,
+        env = "EWS_RELAY_PASSWORD_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub password_file: Option<PathBuf>,
+
+    /// Extra CA certificate (PEM) trusted for EWS/Autodiscover/OAuth, e.g. an internal CA.
+    #[arg(
+        long,
+        env = "EWS_RELAY_EWS_CA_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub ews_ca_file: Option<PathBuf>,
+
+    /// Directory of the embedded store (subscriptions, watermarks, delivery spool).
+    #[arg(
+        long,
+        env = "EWS_RELAY_STATE_DIR",
+        default_value = "state",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// EWS requests in flight at most (Exchange allows about 27 per account).
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAX_CONCURRENT_EWS",
+        default_value_t = 8,
+        value_name = "N",
+        help_heading = "Managed mode"
+    )]
+    pub max_concurrent_ews: usize,
+
+    /// Write full EWS requests/responses here (credentials redacted, size-capped rotation).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TRACE_DIR",
+        value_name = "DIR",
+        help_heading = "Managed mode"
+    )]
+    pub trace_dir: Option<PathBuf>,
+
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(
         long,
@@ -202,6 +382,100 @@ pub struct Args {
         value_name = "FORMAT"
     )]
     pub log_format: LogFormat,
+}
+
+/// How the relay authenticates to EWS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthKind {
+    /// OAuth 2.0 client credentials (Exchange Online).
+    Oauth,
+    /// Basic over HTTPS with a service account (on-premises).
+    Basic,
+    /// No credentials: lab servers and the simulator only.
+    None,
+}
+
+/// A secret value: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wrap a secret.
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Credentials for EWS.
+#[derive(Debug, Clone)]
+pub enum Auth {
+    /// OAuth 2.0 client credentials.
+    OAuth {
+        /// Token endpoint.
+        token_url: String,
+        /// Application id.
+        client_id: String,
+        /// Client secret.
+        secret: Secret,
+    },
+    /// Basic authentication.
+    Basic {
+        /// Account name.
+        username: String,
+        /// Password.
+        password: Secret,
+    },
+    /// None.
+    None,
+}
+
+/// Where EWS is found.
+#[derive(Debug, Clone)]
+pub enum EwsEndpoint {
+    /// One EWS URL for every mailbox.
+    Direct(String),
+    /// SOAP Autodiscover, per mailbox.
+    Autodiscover(String),
+}
+
+/// Managed mode: the relay owns the subscriptions.
+#[derive(Debug, Clone)]
+pub struct Managed {
+    /// EWS or Autodiscover.
+    pub endpoint: EwsEndpoint,
+    /// Mailboxes from `--mailbox`, lower-cased.
+    pub mailboxes: Vec<String>,
+    /// `--mailboxes-file`, re-read on change.
+    pub mailboxes_file: Option<PathBuf>,
+    /// The public callback URL.
+    pub callback_url: String,
+    /// Distinguished folder ids; empty means all folders.
+    pub folders: Vec<String>,
+    /// Event types to subscribe to.
+    pub event_types: Vec<crate::ews::EventType>,
+    /// StatusFrequency, minutes.
+    pub status_frequency: u16,
+    /// Silence after which a subscription is lost.
+    pub heartbeat_timeout: Duration,
+    /// Credentials.
+    pub auth: Auth,
+    /// Extra trusted CA.
+    pub ews_ca_file: Option<PathBuf>,
+    /// EWS requests in flight at most.
+    pub max_concurrent_ews: usize,
+    /// Request/response trace directory.
+    pub trace_dir: Option<PathBuf>,
 }
 
 /// Where the receiver is and how requests to it are addressed.
@@ -277,6 +551,10 @@ pub struct Config {
     pub accept_any_body: bool,
     /// Silence after which a subscription is stale.
     pub stale_after: Duration,
+    /// The embedded store's directory.
+    pub state_dir: PathBuf,
+    /// Managed mode, when configured.
+    pub managed: Option<Managed>,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -284,6 +562,7 @@ pub struct Config {
 impl Config {
     /// Parse the process's command line and environment.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
+        let managed = managed(&args, &normalise_prefix(&args.path_prefix)?)?;
         let listen = parse_socket_addr("--listen", &args.listen)?;
         let admin_listen = parse_socket_addr("--admin-listen", &args.admin_listen)?;
         let upstream = parse_upstream(&args.upstream)?;
@@ -336,6 +615,8 @@ impl Config {
             },
             accept_any_body: args.accept_any_body,
             stale_after: args.stale_after,
+            state_dir: args.state_dir,
+            managed,
             log_format: args.log_format,
         })
     }
@@ -361,6 +642,401 @@ pub enum CliError {
     /// From validation.
     #[error("{0}")]
     Config(ConfigError),
+}
+
+/// Every DistinguishedFolderIdNameType value in Microsoft's types.xsd.
+const DISTINGUISHED_FOLDERS: &[&str] = &[
+    "calendar",
+    "contacts",
+    "deleteditems",
+    "drafts",
+    "inbox",
+    "journal",
+    "notes",
+    "outbox",
+    "sentitems",
+    "tasks",
+    "msgfolderroot",
+    "publicfoldersroot",
+    "root",
+    "junkemail",
+    "searchfolders",
+    "voicemail",
+    "recoverableitemsroot",
+    "recoverableitemsdeletions",
+    "recoverableitemsversions",
+    "recoverableitemspurges",
+    "recoverableitemsdiscoveryholds",
+    "archiveroot",
+    "archivemsgfolderroot",
+    "archivedeleteditems",
+    "archiveinbox",
+    "archiverecoverableitemsroot",
+    "archiverecoverableitemsdeletions",
+    "archiverecoverableitemsversions",
+    "archiverecoverableitemspurges",
+    "archiverecoverableitemsdiscoveryholds",
+    "syncissues",
+    "conflicts",
+    "localfailures",
+    "serverfailures",
+    "recipientcache",
+    "quickcontacts",
+    "conversationhistory",
+    "adminauditlogs",
+    "todosearch",
+    "mycontacts",
+    "directory",
+    "imcontactlist",
+    "peopleconnect",
+    "favorites",
+    "mecontact",
+    "personmetadata",
+    "teamspaceactivity",
+    "teamspacemessaging",
+    "teamspaceworkitems",
+    "scheduled",
+    "orionnotes",
+    "tagitems",
+    "alltaggeditems",
+    "externalcontacts",
+    "teamchat",
+    "teamchathistory",
+    "yammerroot",
+    "yammerinbound",
+    "yammeroutbound",
+    "yammerfeeds",
+    "onedriveroot",
+    "onedriverecylebin",
+    "onedrivesystem",
+    "onedrivevolume",
+    "important",
+    "starred",
+    "archive",
+];
+
+/// Default event types: everything but FreeBusyChanged (noisy, rarely wanted) and Status
+/// (never subscribable).
+const DEFAULT_EVENT_TYPES: [crate::ews::EventType; 6] = [
+    crate::ews::EventType::Copied,
+    crate::ews::EventType::Created,
+    crate::ews::EventType::Deleted,
+    crate::ews::EventType::Modified,
+    crate::ews::EventType::Moved,
+    crate::ews::EventType::NewMail,
+];
+
+/// Validate the managed-mode flags; `None` means passthrough mode.
+fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>, ConfigError> {
+    let mut mailboxes = Vec::new();
+    for m in &args.mailbox {
+        mailboxes.push(parse_mailbox("--mailbox", m)?);
+    }
+    if let Some(path) = &args.mailboxes_file {
+        read_mailboxes_file(path)?;
+    }
+    let have_mailboxes = !mailboxes.is_empty() || args.mailboxes_file.is_some();
+    let endpoint = match (&args.ews_url, &args.autodiscover_url) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--autodiscover-url",
+                "give either --ews-url or --autodiscover-url, not both",
+            ))
+        }
+        (Some(u), None) => EwsEndpoint::Direct(parse_https_url("--ews-url", u, true)?),
+        (None, Some(u)) => {
+            EwsEndpoint::Autodiscover(parse_https_url("--autodiscover-url", u, true)?)
+        }
+        (None, None) => {
+            if have_mailboxes {
+                return Err(ConfigError::new(
+                    "--ews-url",
+                    "mailboxes are given but no --ews-url or --autodiscover-url to subscribe them with",
+                ));
+            }
+            if args.callback_url.is_some() {
+                return Err(ConfigError::new(
+                    "--callback-url",
+                    "only used in managed mode: give --ews-url or --autodiscover-url and --mailbox too",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    if !have_mailboxes {
+        return Err(ConfigError::new(
+            "--mailbox",
+            "managed mode needs at least one mailbox (--mailbox or --mailboxes-file)",
+        ));
+    }
+    let callback_url = args.callback_url.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            "--callback-url",
+            "managed mode needs the public https URL Exchange calls back",
+        )
+    })?;
+    let callback: Uri = callback_url.parse().map_err(|_| {
+        ConfigError::new("--callback-url", format!("'{callback_url}' is not a URL"))
+    })?;
+    if callback.scheme() != Some(&Scheme::HTTPS) || callback.host().is_none() {
+        return Err(ConfigError::new(
+            "--callback-url",
+            format!("'{callback_url}' must be an https:// URL with a host (the relay serves TLS)"),
+        ));
+    }
+    if !crate::proxy::under_prefix(callback.path(), path_prefix) {
+        return Err(ConfigError::new(
+            "--callback-url",
+            format!(
+                "path '{}' is not under --path-prefix {path_prefix}",
+                callback.path()
+            ),
+        ));
+    }
+    if callback_url.len() >= crate::ews::MAX_URL_LEN {
+        return Err(ConfigError::new(
+            "--callback-url",
+            "longer than EWS accepts (2083 characters)",
+        ));
+    }
+    let mut folders = Vec::new();
+    for f in &args.folder {
+        let f = f.trim().to_ascii_lowercase();
+        if !DISTINGUISHED_FOLDERS.contains(&f.as_str()) {
+            return Err(ConfigError::new(
+                "--folder",
+                format!("'{f}' is not a distinguished folder id (e.g. calendar, inbox, contacts)"),
+            ));
+        }
+        if !folders.contains(&f) {
+            folders.push(f);
+        }
+    }
+    let event_types = match &args.event_types {
+        None => DEFAULT_EVENT_TYPES.to_vec(),
+        Some(list) => parse_event_types(list)?,
+    };
+    if !(1..=crate::ews::MAX_STATUS_FREQUENCY).contains(&args.status_frequency) {
+        return Err(ConfigError::new(
+            "--status-frequency",
+            "must be 1..1440 minutes",
+        ));
+    }
+    let heartbeat_timeout = args
+        .heartbeat_timeout
+        .unwrap_or(Duration::from_secs(120 * u64::from(args.status_frequency)));
+    let auth = match args.auth {
+        AuthKind::None => Auth::None,
+        AuthKind::Basic => {
+            let username = args
+                .username
+                .clone()
+                .ok_or_else(|| ConfigError::new("--username", "required with --auth basic"))?;
+            let password = secret(
+                "--password-file",
+                args.password_file.as_deref(),
+                "EWS_RELAY_PASSWORD",
+            )?
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "--password-file",
+                    "--auth basic needs the password in --password-file or EWS_RELAY_PASSWORD",
+                )
+            })?;
+            Auth::Basic { username, password }
+        }
+        AuthKind::Oauth => {
+            let client_id = args.client_id.clone().ok_or_else(|| {
+                ConfigError::new("--client-id", "required with --auth oauth (the default)")
+            })?;
+            let token_url = match (&args.oauth_token_url, &args.tenant_id) {
+                (Some(u), _) => parse_https_url("--oauth-token-url", u, true)?,
+                (None, Some(t))
+                    if !t.is_empty()
+                        && t.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) =>
+                {
+                    format!("https://login.microsoftonline.com/{t}/oauth2/v2.0/token")
+                }
+                (None, Some(t)) => {
+                    return Err(ConfigError::new(
+                        "--tenant-id",
+                        format!("'{t}' is not a tenant id or domain"),
+                    ))
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "--tenant-id",
+                        "required with --auth oauth (or give --oauth-token-url)",
+                    ))
+                }
+            };
+            let secret = secret(
+                "--client-secret-file",
+                args.client_secret_file.as_deref(),
+                "EWS_RELAY_CLIENT_SECRET",
+            )?
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "--client-secret-file",
+                    "--auth oauth needs the client secret in --client-secret-file or EWS_RELAY_CLIENT_SECRET",
+                )
+            })?;
+            Auth::OAuth {
+                token_url,
+                client_id,
+                secret,
+            }
+        }
+    };
+    if let Some(ca) = &args.ews_ca_file {
+        if !ca.is_file() {
+            return Err(ConfigError::new(
+                "--ews-ca-file",
+                format!("{}: not a readable file", ca.display()),
+            ));
+        }
+    }
+    if args.max_concurrent_ews == 0 || args.max_concurrent_ews > 27 {
+        return Err(ConfigError::new(
+            "--max-concurrent-ews",
+            "must be 1..27 (Exchange throttles at about 27 concurrent requests per account)",
+        ));
+    }
+    Ok(Some(Managed {
+        endpoint,
+        mailboxes,
+        mailboxes_file: args.mailboxes_file.clone(),
+        callback_url: callback_url.to_owned(),
+        folders,
+        event_types,
+        status_frequency: args.status_frequency,
+        heartbeat_timeout,
+        auth,
+        ews_ca_file: args.ews_ca_file.clone(),
+        max_concurrent_ews: args.max_concurrent_ews,
+        trace_dir: args.trace_dir.clone(),
+    }))
+}
+
+/// A secret from a file (first line, trailing newline removed) or, failing that, from an
+/// environment variable; never from a flag, which would show in `ps`.
+fn secret(
+    flag: &'static str,
+    file: Option<&std::path::Path>,
+    env: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(flag, format!("{}: {e}", path.display())))?;
+        let value = text.trim_end_matches(['\r', '\n']).to_owned();
+        if value.is_empty() {
+            return Err(ConfigError::new(flag, format!("{}: empty", path.display())));
+        }
+        return Ok(Some(Secret::new(value)));
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret::new))
+}
+
+/// An SMTP address, lower-cased (Exchange compares them case-insensitively).
+pub fn parse_mailbox(flag: &'static str, value: &str) -> Result<String, ConfigError> {
+    let v = value.trim();
+    let ok = v.len() <= 320
+        && v.split('@').count() == 2
+        && v.split('@').all(|p| !p.is_empty())
+        && !v.contains(|c: char| c.is_whitespace() || c.is_control() || "<>\"(),;:[]".contains(c));
+    if ok {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(ConfigError::new(
+            flag,
+            format!("'{value}' is not an SMTP address"),
+        ))
+    }
+}
+
+/// Mailboxes from a file: one per line, `#` comments, blank lines ignored, duplicates removed.
+pub fn read_mailboxes_file(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+    const FLAG: &str = "--mailboxes-file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(FLAG, format!("{}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let m = parse_mailbox(FLAG, line).map_err(|e| {
+            ConfigError::new(
+                FLAG,
+                format!("{}: line {}: {}", path.display(), i + 1, e.message),
+            )
+        })?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+fn parse_event_types(list: &str) -> Result<Vec<crate::ews::EventType>, ConfigError> {
+    let mut out = Vec::new();
+    for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let full = if name.ends_with("Event") {
+            name.to_owned()
+        } else {
+            format!("{name}Event")
+        };
+        let t = crate::ews::EventType::from_name(&full).ok_or_else(|| {
+            ConfigError::new(
+                "--event-types",
+                format!("'{name}' is not an EWS event type (NewMailEvent, CreatedEvent, DeletedEvent, ModifiedEvent, MovedEvent, CopiedEvent, FreeBusyChangedEvent)"),
+            )
+        })?;
+        if t == crate::ews::EventType::Status {
+            return Err(ConfigError::new(
+                "--event-types",
+                "StatusEvent cannot be subscribed to (keep-alives come anyway)",
+            ));
+        }
+        if !out.contains(&t) {
+            out.push(t);
+        }
+    }
+    if out.is_empty() {
+        return Err(ConfigError::new("--event-types", "empty list"));
+    }
+    Ok(out)
+}
+
+/// An http(s) URL; plain http only for lab servers, with a warning.
+fn parse_https_url(
+    flag: &'static str,
+    value: &str,
+    allow_http: bool,
+) -> Result<String, ConfigError> {
+    let uri: Uri = value
+        .parse()
+        .map_err(|_| ConfigError::new(flag, format!("'{value}' is not a URL")))?;
+    match uri.scheme() {
+        Some(s) if *s == Scheme::HTTPS => {}
+        Some(s) if *s == Scheme::HTTP && allow_http => {
+            tracing::warn!("{flag} {value}: plain http sends credentials and mail data unencrypted; use it only for lab servers");
+        }
+        _ => {
+            return Err(ConfigError::new(
+                flag,
+                format!("'{value}' must be an https:// URL"),
+            ))
+        }
+    }
+    if uri.host().is_none() {
+        return Err(ConfigError::new(flag, format!("'{value}' has no host")));
+    }
+    Ok(value.to_owned())
 }
 
 fn parse_socket_addr(flag: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -540,5 +1216,179 @@ mod tests {
         assert!(e.to_string().contains("--max-body"), "{e}");
         let e = Config::parse_from(["ews-relay", "--allow", "10.0.0.0/33"]).unwrap_err();
         assert!(e.to_string().contains("--allow"), "{e}");
+    }
+
+    /// A managed-mode command line; `extra` flag/value pairs replace the base ones.
+    fn managed_args(extra: &[&str]) -> Result<Config, CliError> {
+        let mut pairs: Vec<(&str, &str)> = vec![
+            ("--ews-url", "https://ews.example.com/EWS/Exchange.asmx"),
+            ("--mailbox", "Room1@Example.com"),
+            ("--callback-url", "https://relay.example.com/ews/push"),
+            ("--path-prefix", "/ews"),
+            ("--auth", "none"),
+        ];
+        for kv in extra.chunks(2) {
+            match pairs.iter_mut().find(|(k, _)| *k == kv[0]) {
+                Some(p) => p.1 = kv[1],
+                None => pairs.push((kv[0], kv[1])),
+            }
+        }
+        let mut words = vec!["ews-relay"];
+        for (k, v) in pairs {
+            words.push(k);
+            words.push(v);
+        }
+        Config::parse_from(words)
+    }
+
+    #[test]
+    fn managed_mode_is_detected_and_validated() {
+        let c = managed_args(&[]).unwrap();
+        let m = c.managed.expect("managed");
+        assert_eq!(m.mailboxes, vec!["room1@example.com"]);
+        assert_eq!(m.heartbeat_timeout, Duration::from_secs(120));
+        assert_eq!(m.event_types.len(), 6);
+        assert!(m.folders.is_empty(), "all folders by default");
+        let c = managed_args(&[
+            "--status-frequency",
+            "5",
+            "--folder",
+            "Calendar,inbox",
+            "--event-types",
+            "NewMail,CreatedEvent",
+        ])
+        .unwrap();
+        let m = c.managed.unwrap();
+        assert_eq!(m.heartbeat_timeout, Duration::from_secs(600));
+        assert_eq!(m.folders, vec!["calendar", "inbox"]);
+        assert_eq!(m.event_types.len(), 2);
+        assert!(
+            Config::parse_from(["ews-relay"]).unwrap().managed.is_none(),
+            "passthrough by default"
+        );
+    }
+
+    #[test]
+    fn incomplete_or_contradictory_managed_flags_name_the_problem() {
+        let cases: &[(&[&str], &str)] = &[
+            (
+                &[
+                    "--autodiscover-url",
+                    "https://a.example.com/autodiscover/autodiscover.svc",
+                ],
+                "not both",
+            ),
+            (
+                &["--callback-url", "http://relay.example.com/ews/push"],
+                "https://",
+            ),
+            (
+                &["--callback-url", "https://relay.example.com/other"],
+                "--path-prefix",
+            ),
+            (&["--folder", "kalender"], "--folder"),
+            (&["--event-types", "StatusEvent"], "StatusEvent"),
+            (&["--event-types", "Teleported"], "--event-types"),
+            (&["--status-frequency", "0"], "1..1440"),
+            (&["--status-frequency", "1441"], "1..1440"),
+            (&["--max-concurrent-ews", "40"], "--max-concurrent-ews"),
+            (&["--mailbox", "not-an-address"], "--mailbox"),
+            (&["--auth", "basic"], "--username"),
+            (&["--auth", "basic", "--username", "svc"], "--password-file"),
+            (&["--auth", "oauth"], "--client-id"),
+            (&["--auth", "oauth", "--client-id", "abc"], "--tenant-id"),
+            (
+                &[
+                    "--auth",
+                    "oauth",
+                    "--client-id",
+                    "abc",
+                    "--tenant-id",
+                    "contoso.onmicrosoft.com",
+                    "--client-secret-file",
+                    "/nonexistent",
+                ],
+                "--client-secret-file",
+            ),
+        ];
+        for (extra, needle) in cases {
+            let e = managed_args(extra).unwrap_err().to_string();
+            assert!(e.contains(needle), "{extra:?}: {e}");
+        }
+        let e = Config::parse_from(["ews-relay", "--mailbox", "a@b.c"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--ews-url"), "{e}");
+        let e = Config::parse_from([
+            "ews-relay",
+            "--ews-url",
+            "https://x.example.com/EWS/Exchange.asmx",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--mailbox"), "{e}");
+        let e = Config::parse_from([
+            "ews-relay",
+            "--ews-url",
+            "https://x.example.com/EWS/Exchange.asmx",
+            "--mailbox",
+            "a@b.c",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--callback-url"), "{e}");
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_are_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("secret");
+        std::fs::write(&f, "s3cr3t-value\n").unwrap();
+        let c = managed_args(&[
+            "--auth",
+            "oauth",
+            "--client-id",
+            "app",
+            "--tenant-id",
+            "contoso.onmicrosoft.com",
+            "--client-secret-file",
+            f.to_str().unwrap(),
+        ])
+        .unwrap();
+        let m = c.managed.clone().unwrap();
+        match &m.auth {
+            Auth::OAuth {
+                token_url, secret, ..
+            } => {
+                assert_eq!(secret.expose(), "s3cr3t-value");
+                assert_eq!(
+                    token_url,
+                    "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !format!("{c:?}").contains("s3cr3t"),
+            "Debug output redacts secrets"
+        );
+    }
+
+    #[test]
+    fn mailboxes_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("mailboxes.txt");
+        std::fs::write(
+            &f,
+            "# rooms\nRoom1@Example.com\nroom1@example.com # dup\n\nroom2@example.com\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_mailboxes_file(&f).unwrap(),
+            vec!["room1@example.com", "room2@example.com"]
+        );
+        std::fs::write(&f, "room1@example.com\nbroken\n").unwrap();
+        let e = read_mailboxes_file(&f).unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
     }
 }
