@@ -5,12 +5,14 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod ews;
 pub mod filter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod subscriptions;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;

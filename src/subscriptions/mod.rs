@@ -1,0 +1,5 @@
+//! The subscription manager (managed mode): keeps every configured mailbox subscribed to push
+//! notifications with the relay's callback URL.
+
+pub mod backoff;
+pub mod client;
