@@ -361,6 +361,15 @@ impl Store {
                     detail,
                 })
             }
+            // redb reports a wrong magic number as I/O "invalid data".
+            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+                if e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                return Err(StoreError::Corrupt {
+                    path: path_buf,
+                    detail: e.to_string(),
+                })
+            }
             Ok(Err(source)) => {
                 return Err(StoreError::Open {
                     path: path_buf,
