@@ -12,6 +12,7 @@ pub mod filter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod subscriptions;
 pub mod tls;
 pub mod tracker;
