@@ -37,6 +37,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Subscriptions seen in the traffic.
     pub tracker: Arc<Tracker>,
+    /// Managed mode's mailboxes.
+    pub manager: Option<Arc<crate::subscriptions::Manager>>,
     /// The receiver, for readiness.
     pub receiver: Arc<Receiver>,
     /// The served certificate.
@@ -95,7 +97,10 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => readyz(state).await,
         "/api/subscriptions" => {
-            let mut r = text(StatusCode::OK, subscriptions_json(&state.tracker));
+            let mut r = text(
+                StatusCode::OK,
+                subscriptions_json(&state.tracker, state.manager.as_deref()),
+            );
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -162,7 +167,10 @@ struct SubscriptionView<'a> {
     peer: String,
 }
 
-fn subscriptions_json(tracker: &Tracker) -> String {
+fn subscriptions_json(
+    tracker: &Tracker,
+    manager: Option<&crate::subscriptions::Manager>,
+) -> String {
     let snapshot = tracker.snapshot();
     let now = std::time::SystemTime::now();
     let views: Vec<SubscriptionView<'_>> = snapshot
@@ -197,10 +205,15 @@ fn subscriptions_json(tracker: &Tracker) -> String {
             peer: s.peer.to_string(),
         })
         .collect();
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
+        "mode": if manager.is_some() { "managed" } else { "passthrough" },
         "stale_after_seconds": tracker.stale_after().as_secs(),
         "subscriptions": views,
     });
+    if let Some(m) = manager {
+        body["mailboxes"] = serde_json::to_value(m.views()).unwrap_or_default();
+        body["spool_depth"] = m.delivery().waiting().into();
+    }
     let mut out = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
     out.push('\n');
     out

@@ -47,6 +47,12 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The embedded store could not be opened.
+    #[error("--state-dir: {0}")]
+    State(String),
+    /// Outbound HTTPS could not be set up.
+    #[error("--ews-ca-file: {0}")]
+    Outbound(String),
     /// The certificate could not be loaded or generated.
     #[error("{flag}: {source}")]
     Tls {
@@ -61,8 +67,8 @@ impl StartError {
     /// Exit code for `main`: 64 (usage) when a flag's value is at fault, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Tls { .. } => 64,
-            StartError::Bind { .. } => 1,
+            StartError::Tls { .. } | StartError::Outbound(_) => 64,
+            StartError::Bind { .. } | StartError::State(_) => 1,
         }
     }
 }
@@ -150,10 +156,15 @@ pub async fn run(
         metrics.clone(),
     ));
     let tracker = Arc::new(tracker::Tracker::new(config.stale_after));
+    let manager = match &config.managed {
+        Some(m) => Some(managed_mode(m, &config, receiver.clone(), metrics.clone()).await?),
+        None => None,
+    };
     let proxy = Arc::new(proxy::Proxy::new(
         &config,
         receiver.clone(),
         tracker.clone(),
+        manager.clone(),
         metrics.clone(),
     ));
     let edge = Arc::new(server::Edge {
@@ -170,6 +181,7 @@ pub async fn run(
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
         tracker: tracker.clone(),
+        manager: manager.clone(),
         receiver: receiver.clone(),
         certs,
         listening: Default::default(),
@@ -205,6 +217,21 @@ pub async fn run(
         "ews-relay listening"
     );
     admin_state.listening.store(true, Ordering::Relaxed);
+    // Exchange calls back at once after a Subscribe: subscribe only now that we listen.
+    let mut managed_tasks = Vec::new();
+    if let Some(m) = &manager {
+        m.start()
+            .await
+            .map_err(|e| StartError::State(e.to_string()))?;
+        managed_tasks.push(tokio::spawn(m.delivery().clone().replay()));
+        managed_tasks.push(tokio::spawn(watch_mailboxes(
+            m.clone(),
+            config
+                .managed
+                .as_ref()
+                .and_then(|c| c.mailboxes_file.clone()),
+        )));
+    }
     let serving = server::serve(
         listeners.relay,
         edge,
@@ -225,9 +252,97 @@ pub async fn run(
     admin_state.listening.store(false, Ordering::Relaxed);
     reaper.abort();
     sweeper.abort();
+    for t in managed_tasks {
+        t.abort();
+    }
+    if let Some(m) = &manager {
+        m.flush().await;
+    }
     admin_task.abort();
     tracing::info!("ews-relay stopped");
     Ok(())
+}
+
+/// How often the mailboxes file's modification time is checked; a poll, not inotify, so that
+/// the symlink swaps of Kubernetes ConfigMaps are seen too.
+const MAILBOXES_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Open the store and build the subscription manager (nothing is subscribed yet).
+async fn managed_mode(
+    m: &config::Managed,
+    config: &Config,
+    receiver: Arc<upstream::Receiver>,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<Arc<subscriptions::Manager>, StartError> {
+    let dir = config.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
+        .await
+        .map_err(|e| StartError::State(e.to_string()))?
+        .map_err(|e| StartError::State(e.to_string()))?;
+    let writer = Arc::new(store::StoreWriter::start(
+        Arc::new(store),
+        Default::default(),
+    ));
+    let callback: http::Uri = m
+        .callback_url
+        .parse()
+        .map_err(|_| StartError::State("callback URL".into()))?;
+    let path = callback
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let delivery =
+        subscriptions::delivery::Delivery::new(receiver, path, writer.clone(), metrics.clone())
+            .await
+            .map_err(|e| StartError::State(e.to_string()))?;
+    let http = auth::http_client(m.ews_ca_file.as_deref()).map_err(StartError::Outbound)?;
+    let credentials = auth::Credentials::new(m.auth.clone(), http.clone());
+    let client = subscriptions::client::EwsClient::new(http, credentials, m.max_concurrent_ews);
+    let manager = subscriptions::Manager::new(m.clone(), client, writer, delivery, metrics)
+        .await
+        .map_err(|e| StartError::State(e.to_string()))?;
+    tracing::info!(
+        mailboxes = m.mailboxes.len(),
+        mailboxes_file = ?m.mailboxes_file,
+        callback = %m.callback_url,
+        "managed mode: the relay keeps the mailboxes subscribed"
+    );
+    Ok(manager)
+}
+
+/// Re-read the mailboxes file when it changes or on SIGHUP, and apply the new set.
+async fn watch_mailboxes(manager: Arc<subscriptions::Manager>, file: Option<std::path::PathBuf>) {
+    let Some(file) = file else {
+        return std::future::pending().await;
+    };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let stamp = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+    let mut last = stamp(&file);
+    loop {
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(MAILBOXES_FILE_POLL) => {
+                let now = stamp(&file);
+                if now == last {
+                    continue;
+                }
+                last = now;
+            }
+            _ = hangup => {}
+        }
+        let wanted = manager.configured_mailboxes();
+        tracing::info!(mailboxes = wanted.len(), "mailboxes file changed; applying");
+        if let Err(e) = manager.apply_mailbox_set(&wanted).await {
+            tracing::error!(error = %e, "cannot apply the new mailbox set");
+        }
+    }
 }
 
 fn log_certificate(info: &tls::CertInfo) {

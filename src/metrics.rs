@@ -89,6 +89,18 @@ pub struct Metrics {
     pub rejected_bodies: Counter,
     /// Tracked subscriptions by state, in `tracker::State::ALL` order (set by the sweep).
     pub subscriptions: [Gauge; 4],
+    /// Managed mode: Subscribe calls by outcome.
+    subscribes: Family<Labels, Counter>,
+    /// Managed mode: resubscriptions by reason.
+    resubscribes: Family<Labels, Counter>,
+    /// Managed mode: deliveries to the receiver by outcome.
+    deliveries: Family<Labels, Counter>,
+    /// Managed mode: mailboxes by state.
+    mailboxes: Family<Labels, Gauge>,
+    /// Managed mode: notifications waiting in the spool.
+    spool_depth: Gauge,
+    /// Managed mode: age of the oldest spooled notification, seconds.
+    spool_oldest_age: Gauge,
 }
 
 impl Default for Metrics {
@@ -180,6 +192,42 @@ impl Metrics {
         );
         let subscriptions = crate::tracker::State::ALL
             .map(|s| subs_family.get_or_create_owned(&[("state", s.as_str())]));
+        let subscribes = Family::<Labels, Counter>::default();
+        registry.register(
+            "subscribes",
+            "Managed mode: Subscribe calls by outcome",
+            subscribes.clone(),
+        );
+        let resubscribes = Family::<Labels, Counter>::default();
+        registry.register(
+            "resubscribes",
+            "Managed mode: resubscriptions by reason",
+            resubscribes.clone(),
+        );
+        let deliveries = Family::<Labels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Managed mode: deliveries to the receiver by outcome (delivered, spooled, replayed, failed, resync)",
+            deliveries.clone(),
+        );
+        let mailboxes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "mailboxes",
+            "Managed mode: mailboxes by state",
+            mailboxes.clone(),
+        );
+        let spool_depth = Gauge::default();
+        registry.register(
+            "spool_depth",
+            "Managed mode: notifications waiting in the spool",
+            spool_depth.clone(),
+        );
+        let spool_oldest_age = Gauge::default();
+        registry.register(
+            "spool_oldest_age_seconds",
+            "Managed mode: age of the oldest spooled notification",
+            spool_oldest_age.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -205,7 +253,42 @@ impl Metrics {
             answers,
             rejected_bodies,
             subscriptions,
+            subscribes,
+            resubscribes,
+            deliveries,
+            mailboxes,
+            spool_depth,
+            spool_oldest_age,
         }
+    }
+
+    /// Count a Subscribe call's outcome.
+    pub fn subscribe(&self, outcome: &'static str) {
+        self.subscribes.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Count a resubscription and why it happened.
+    pub fn resubscribe(&self, reason: &'static str) {
+        self.resubscribes.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Count a delivery outcome.
+    pub fn delivery(&self, outcome: &'static str) {
+        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Publish mailbox counts by state.
+    pub fn set_mailboxes(&self, counts: &[(&'static str, i64)]) {
+        for (state, n) in counts {
+            self.mailboxes.get_or_create(&[("state", *state)]).set(*n);
+        }
+    }
+
+    /// Publish the spool's depth and the age of its oldest entry.
+    pub fn set_spool(&self, depth: u64, oldest: Option<std::time::Duration>) {
+        self.spool_depth.set(depth as i64);
+        self.spool_oldest_age
+            .set(oldest.map_or(0, |d| d.as_secs() as i64));
     }
 
     /// Count a receiver answer to a notification.

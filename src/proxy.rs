@@ -46,6 +46,8 @@ pub struct Proxy {
     accept_any_body: bool,
     receiver: Arc<Receiver>,
     tracker: Arc<Tracker>,
+    /// Managed mode: the relay answers Exchange itself for the subscriptions it owns.
+    manager: Option<Arc<crate::subscriptions::Manager>>,
     metrics: Arc<Metrics>,
 }
 
@@ -86,6 +88,7 @@ impl Proxy {
         config: &crate::Config,
         receiver: Arc<Receiver>,
         tracker: Arc<Tracker>,
+        manager: Option<Arc<crate::subscriptions::Manager>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -95,6 +98,7 @@ impl Proxy {
             accept_any_body: config.accept_any_body,
             receiver,
             tracker,
+            manager,
             metrics,
         }
     }
@@ -141,6 +145,15 @@ impl Proxy {
             }
         };
         let bytes_in = body.len();
+        if let (Some(manager), Some(n)) = (&self.manager, &notification) {
+            if let Some(reply) = self.managed(manager, n, &parts, &body, conn).await {
+                return Ok(Forwarded {
+                    reply,
+                    bytes_in,
+                    upstream_ms: 0.0,
+                });
+            }
+        }
         let out = self.outgoing(parts, body.clone(), conn);
         let start = Instant::now();
         let result = self.receiver.send(out).await;
@@ -181,6 +194,88 @@ impl Proxy {
             bytes_in,
             upstream_ms,
         })
+    }
+
+    /// Managed mode: answer Exchange for a subscription the relay owns, or `None` to pass the
+    /// notification through (an id the relay never created).
+    async fn managed(
+        &self,
+        manager: &crate::subscriptions::Manager,
+        n: &ews::SendNotification<'_>,
+        parts: &http::request::Parts,
+        body: &Bytes,
+        conn: &ConnInfo,
+    ) -> Option<Reply> {
+        use crate::subscriptions::Owner;
+        let message = n.messages.first()?;
+        let id = message
+            .notification
+            .as_ref()
+            .map(|x| &*x.subscription_id)
+            .or(message.subscription_id.as_deref())?;
+        let status = match manager.owner(id).await? {
+            Owner::Retired(mailbox) => {
+                tracing::info!(%mailbox, subscription = %crate::tracker::abbreviate(id), "notification on a replaced or removed subscription: answering Unsubscribe");
+                ews::SubscriptionStatus::Unsubscribe
+            }
+            Owner::Current(mailbox) => {
+                let error = message.status.class == ews::ResponseClass::Error;
+                let watermark = message
+                    .notification
+                    .as_ref()
+                    .and_then(|x| x.last_watermark());
+                let events = message
+                    .notification
+                    .as_ref()
+                    .is_some_and(|x| x.events.iter().any(|e| e.kind != ews::EventType::Status));
+                manager.notified(&mailbox, watermark, events, error);
+                if error {
+                    // The server already dropped it (e.g. ErrorReadEventsFailed); the manager
+                    // resubscribes from the last good watermark.
+                    ews::SubscriptionStatus::Unsubscribe
+                } else if !events {
+                    // A keep-alive: nothing for the receiver.
+                    ews::SubscriptionStatus::Ok
+                } else {
+                    let mut headers = self.outgoing(parts.clone(), Bytes::new(), conn).headers;
+                    headers.remove(header::HOST);
+                    match manager
+                        .delivery()
+                        .accept(&mailbox, id, headers, body.clone())
+                        .await
+                    {
+                        Ok(_) => ews::SubscriptionStatus::Ok,
+                        Err(e) => {
+                            // Neither delivered nor stored: Exchange must retry.
+                            tracing::error!(%mailbox, error = %e, "cannot spool a notification; answering 503 so Exchange retries");
+                            return Some(plain(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "notification not stored; retry\n",
+                            ));
+                        }
+                    }
+                }
+            }
+        };
+        let answer = match status {
+            ews::SubscriptionStatus::Ok => ReceiverAnswer::Ok,
+            ews::SubscriptionStatus::Unsubscribe => ReceiverAnswer::Unsubscribe,
+        };
+        self.tracker.record(n, conn.peer_ip, answer);
+        self.metrics.answer(answer);
+        for m in &n.messages {
+            for e in m.notification.iter().flat_map(|n| &n.events) {
+                self.metrics.events[event_index(e.kind)].inc();
+            }
+        }
+        let mut r = Response::new(Full::new(Bytes::from_static(
+            ews::send_notification_result(status).as_bytes(),
+        )));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/xml; charset=utf-8"),
+        );
+        Some(r)
     }
 
     /// 404 outside the prefix, 405 for methods other than POST.

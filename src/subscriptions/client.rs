@@ -32,7 +32,8 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(action: Action, code: impl Into<String>, detail: impl Into<String>) -> Self {
+    /// A failure with its action, code and detail.
+    pub fn new(action: Action, code: impl Into<String>, detail: impl Into<String>) -> Self {
         Self {
             action,
             code: code.into(),

@@ -3,3 +3,7 @@
 
 pub mod backoff;
 pub mod client;
+pub mod delivery;
+pub mod manager;
+
+pub use manager::{Manager, Owner};
