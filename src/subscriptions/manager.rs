@@ -29,6 +29,11 @@ const MAX_GROUP: usize = 200;
 const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Retired subscription ids are remembered this long, to answer `Unsubscribe` to them.
 const RETIRED_ID_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Exchange pushes its first StatusEvent as soon as it has created a subscription, which can be
+/// before the relay has read the SubscribeResponse naming the new id. A notification for an
+/// unknown id waits this long at most for Subscribe calls in flight to finish before it is
+/// taken for someone else's (and passed through, where the receiver might end it).
+const UNKNOWN_ID_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a mailbox is being (re)subscribed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +108,9 @@ pub struct Manager {
     ids: RwLock<HashMap<String, Owner>>,
     /// Autodiscover results: mailbox → group key; group key → group.
     groups: Mutex<(HashMap<String, String>, HashMap<String, Group>)>,
+    /// Subscribe calls in flight, and a signal when one finishes (see [`UNKNOWN_ID_GRACE`]).
+    subscribing: std::sync::atomic::AtomicUsize,
+    subscribed: tokio::sync::Notify,
 }
 
 impl std::fmt::Debug for Manager {
@@ -168,6 +176,8 @@ impl Manager {
             mailboxes: RwLock::new(HashMap::new()),
             ids: RwLock::new(HashMap::new()),
             groups: Mutex::new(Default::default()),
+            subscribing: Default::default(),
+            subscribed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -313,6 +323,32 @@ impl Manager {
 
     /// Who `subscription_id` belongs to; `None` for ids the relay never created (passed through).
     pub async fn owner(&self, subscription_id: &str) -> Option<Owner> {
+        if let Some(o) = self.owner_now(subscription_id).await {
+            return Some(o);
+        }
+        // Maybe the push for a subscription whose SubscribeResponse we are still reading.
+        let deadline = tokio::time::Instant::now() + UNKNOWN_ID_GRACE;
+        while self.subscribing.load(Ordering::Acquire) > 0 {
+            let notified = self.subscribed.notified();
+            if let Some(o) = self.in_memory(subscription_id) {
+                return Some(o);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        self.in_memory(subscription_id)
+    }
+
+    fn in_memory(&self, subscription_id: &str) -> Option<Owner> {
+        self.ids
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(subscription_id)
+            .cloned()
+    }
+
+    async fn owner_now(&self, subscription_id: &str) -> Option<Owner> {
         if let Some(o) = self
             .ids
             .read()
@@ -591,7 +627,26 @@ impl Manager {
             affinity,
             backend_cookie: group.cookie.as_deref(),
         };
-        match self.client.subscribe(target, &request).await {
+        self.subscribing.fetch_add(1, Ordering::AcqRel);
+        let result = self.client.subscribe(target, &request).await;
+        let outcome = self
+            .after_subscribe(address, m, reason, &group, result)
+            .await;
+        self.subscribing.fetch_sub(1, Ordering::AcqRel);
+        self.subscribed.notify_waiters();
+        outcome
+    }
+
+    /// Record a Subscribe's result (the new id is in the id map before waiters are woken).
+    async fn after_subscribe(
+        &self,
+        address: &str,
+        m: &Mailbox,
+        reason: Reason,
+        group: &Group,
+        result: Result<super::client::Subscribed, Failure>,
+    ) -> Result<(), (Failure, Reason)> {
+        match result {
             Ok(sub) => {
                 if let Some(cookie) = &sub.backend_cookie {
                     self.remember_cookie(address, cookie);
