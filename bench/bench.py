@@ -258,6 +258,11 @@ def cmd_wrk(a):
     p0, b0 = sample(a.proxy_pid), sample(a.backend_pid)
     h0 = host_busy_ticks()
     t0 = time.monotonic()
+    perf = None
+    if a.perf:   # profile the proxy's processes (all threads) while wrk runs
+        perf = subprocess.Popen(["perf", "record", "-q", "-F", "499", "-g", "-o", a.perf,
+                                 "-p", ",".join(map(str, p0["pids"]))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(a.out + ".wrk.txt", "w") as log:
         log.write("$ " + " ".join(a.command) + "\n")
         log.flush()
@@ -265,6 +270,9 @@ def cmd_wrk(a):
         _, status, ru = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t0
+    if perf:
+        perf.send_signal(2)   # SIGINT: perf writes its file and exits
+        perf.wait(timeout=60)
     h1 = host_busy_ticks()
     p1, b1 = sample(a.proxy_pid), sample(a.backend_pid)
     bs1 = backend_status(a.backend_port)
@@ -550,6 +558,7 @@ def main():
     p.add_argument("--backend-port", type=int, default=0)
     p.add_argument("--clk-tck", type=int, default=os.sysconf("SC_CLK_TCK"))
     p.add_argument("--out", required=True)
+    p.add_argument("--perf", default="", help="perf record the proxy into this file")
     p.add_argument("command", nargs=argparse.REMAINDER)
     p.set_defaults(f=cmd_wrk)
     p = sub.add_parser("report"); p.add_argument("outdir"); p.add_argument("names", nargs="+")

@@ -43,7 +43,7 @@
 # Environment knobs (defaults): DURATION (10s) CONNS (50) THREADS (1, wrk threads)
 #   WARMUP (2s, unmeasured keep-alive wrk run) IDLE_CONNS (1000) PIN (1) CLIENT_CPU (0)
 #   PROXY_CPU (1) ACCESS_LOG (0) RESUME (0) TLS_MAX (1.3 | 1.2) URL_PATH (/ews/notify)
-#   SNI_HOST (localhost) WAIT_QUIET (120: seconds to wait, per proxy, for the host to be
+#   SNI_HOST (localhost) PERF (0) WAIT_QUIET (120: seconds to wait, per proxy, for the host to be
 #   < 10% busy; 0 = don't wait) NGINX_KEEPALIVE (max(32, CONNS))
 #   BIN (target/release/ews-relay) RELAY_ARGS (below) RELAY_EXTRA_ARGS () RELAY_THREADS ()
 #   OUT (bench/out)
@@ -80,6 +80,9 @@ ACCESS_LOG=${ACCESS_LOG:-0}
 RESUME=${RESUME:-0}
 TLS_MAX=${TLS_MAX:-1.3}
 URL_PATH=${URL_PATH:-/ews/notify}
+# PERF=1: perf record -g each proxy during the measured runs, into OUT/work/NAME-{ka,nc}.perf.data
+# (read with: perf report -i FILE --no-children). Profiling adds some CPU to the proxies.
+PERF=${PERF:-0}
 # Before each proxy, wait up to this many seconds for the (shared) host to be < 10% busy.
 WAIT_QUIET=${WAIT_QUIET:-120}
 # Host name in wrk's URL, hence its SNI (python clients send the same). Not an IP address:
@@ -194,7 +197,8 @@ sys.exit(f"SNI_HOST {sys.argv[1]} resolves to non-loopback {bad}" if bad else 0)
 
 read -r BACKEND_PORT NGINX_PORT HAPROXY_PORT RELAY_PORT ADMIN_PORT < <("${PY[@]}" ports 5)
 
-SETTINGS="wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), POST $(wc -c <"$BODY") B SendNotification to $URL_PATH; idle conns $IDLE_CONNS; TLS max $TLS_MAX; resumption $RESUMPTION; $PINNING; access logs $([[ $ACCESS_LOG == 1 ]] && echo on || echo off)"
+[[ $PERF == 1 ]] && { command -v perf >/dev/null || die "PERF=1 needs perf"; }
+SETTINGS="$([[ $PERF == 1 ]] && echo 'PROFILED (PERF=1, CPU figures include perf overhead); ')wrk -t$THREADS -c$CONNS -d$DURATION (warm-up $WARMUP), POST $(wc -c <"$BODY") B SendNotification to $URL_PATH; idle conns $IDLE_CONNS; TLS max $TLS_MAX; resumption $RESUMPTION; $PINNING; access logs $([[ $ACCESS_LOG == 1 ]] && echo on || echo off)"
 python3 -c 'import json, sys; json.dump(dict(zip(("when", "host", "settings", "git"), sys.argv[1:])), sys.stdout)' \
     "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     "$(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), Linux $(uname -r), load avg $(cut -d' ' -f1-3 /proc/loadavg)" \
@@ -348,9 +352,10 @@ write_info() { # name error
 }
 
 run_wrk() { # name mode json [extra wrk args...]
-    local name=$1 mode=$2 json=$3
+    local name=$1 mode=$2 json=$3 perf=""
     shift 3
-    "${PY[@]}" wrk --mode "$mode" --proxy-pid "$PID" --backend-pid "$BACKEND_PID" \
+    [[ $PERF == 1 && $mode != warm-up ]] && perf=${json%.json}.perf.data
+    "${PY[@]}" wrk --mode "$mode" --proxy-pid "$PID" --backend-pid "$BACKEND_PID" --perf "$perf" \
         --backend-port "$BACKEND_PORT" --clk-tck "$CLK_TCK" --out "$json" -- \
         "${PIN_CLIENT[@]}" env ${SHIM:+LD_PRELOAD=$SHIM} \
         wrk -t"$THREADS" -c"$CONNS" --latency -s "$HERE/wrk-post.lua" "$@" \
