@@ -297,7 +297,15 @@ async fn managed_mode(
             .map_err(|e| StartError::State(e.to_string()))?;
     let http = auth::http_client(m.ews_ca_file.as_deref()).map_err(StartError::Outbound)?;
     let credentials = auth::Credentials::new(m.auth.clone(), http.clone());
-    let client = subscriptions::client::EwsClient::new(http, credentials, m.max_concurrent_ews);
+    let trace = match &m.trace_dir {
+        Some(dir) => Some(
+            subscriptions::trace::Tracer::new(dir)
+                .map_err(|e| StartError::State(format!("--trace-dir {}: {e}", dir.display())))?,
+        ),
+        None => None,
+    };
+    let client =
+        subscriptions::client::EwsClient::new(http, credentials, m.max_concurrent_ews, trace);
     let manager = subscriptions::Manager::new(m.clone(), client, writer, delivery, metrics)
         .await
         .map_err(|e| StartError::State(e.to_string()))?;

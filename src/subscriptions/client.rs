@@ -78,6 +78,7 @@ pub struct Discovered {
 /// The EWS side of the manager.
 pub struct EwsClient {
     http: reqwest::Client,
+    trace: Option<super::trace::Tracer>,
     credentials: Arc<Credentials>,
     limit: Semaphore,
 }
@@ -94,9 +95,11 @@ impl EwsClient {
         http: reqwest::Client,
         credentials: Arc<Credentials>,
         max_concurrent: usize,
+        trace: Option<super::trace::Tracer>,
     ) -> Self {
         Self {
             http,
+            trace,
             credentials,
             limit: Semaphore::new(max_concurrent),
         }
@@ -249,11 +252,27 @@ impl EwsClient {
             if let Some(c) = target.backend_cookie {
                 req = req.header(COOKIE, format!("{BACKEND_COOKIE}={c}"));
             }
-            let req = self.credentials.apply(req).await.map_err(auth_failure)?;
-            let resp = req
-                .send()
+            let req = self
+                .credentials
+                .apply(req)
                 .await
-                .map_err(|e| Failure::new(Action::Transient, "ConnectionFailed", e.to_string()))?;
+                .map_err(auth_failure)?
+                .build()
+                .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
+            let request_headers = self.trace.as_ref().map(|_| req.headers().clone());
+            let resp = match self.http.execute(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    if let (Some(t), Some(h)) = (&self.trace, &request_headers) {
+                        t.record(url, h, body.as_bytes(), Err(&e.to_string())).await;
+                    }
+                    return Err(Failure::new(
+                        Action::Transient,
+                        "ConnectionFailed",
+                        e.to_string(),
+                    ));
+                }
+            };
             let status = resp.status();
             if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
                 tracing::info!("EWS answered 401; fetching a fresh token and retrying once");
@@ -262,6 +281,15 @@ impl EwsClient {
             }
             let headers = resp.headers().clone();
             let answer = read_limited(resp).await?;
+            if let (Some(t), Some(h)) = (&self.trace, &request_headers) {
+                t.record(
+                    url,
+                    h,
+                    body.as_bytes(),
+                    Ok((status.as_u16(), &headers, &answer)),
+                )
+                .await;
+            }
             if status == reqwest::StatusCode::UNAUTHORIZED {
                 return Err(Failure::new(
                     Action::Permanent,

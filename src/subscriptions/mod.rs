@@ -5,5 +5,6 @@ pub mod backoff;
 pub mod client;
 pub mod delivery;
 pub mod manager;
+pub mod trace;
 
 pub use manager::{Manager, Owner};
