@@ -11,6 +11,7 @@ pub mod filter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod sim;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
