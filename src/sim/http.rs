@@ -24,7 +24,7 @@ use tokio::sync::{Notify, Semaphore};
 use super::soap::{self, RequestError, UserAnswer};
 use super::state::{RecordedRequest, Subscription, SubscriptionCounters, SubscriptionState};
 use super::util::{base64, parse_form, random_bytes, random_token, unbase64};
-use super::{push, Auth, MailboxRedirect, Shared, SimHandle, SHUTDOWN_GRACE};
+use super::{push, Auth, MailboxRedirect, Shared, SimError, SimHandle, SHUTDOWN_GRACE};
 use crate::ews::EventType;
 
 /// The EWS endpoint path (matched case-insensitively, as IIS does).
@@ -670,111 +670,104 @@ async fn control(shared: Arc<Shared>, req: Request<Incoming>, route: &str) -> Re
             return json_response(status, json!({"error": "body too large or too slow"}))
         }
     };
-    let result =
-        match (&method, route) {
-            (&Method::GET, "state") => Ok(serde_json::to_value(handle.snapshot())),
-            (&Method::GET, "subscriptions") => Ok(serde_json::to_value(handle.subscriptions())),
-            (&Method::GET, "mailboxes") => Ok(serde_json::to_value(handle.mailboxes())),
-            (&Method::GET, "requests") => Ok(serde_json::to_value(handle.requests())),
-            (&Method::DELETE, "requests") => {
-                handle.clear_requests();
-                Ok(Ok(json!({"cleared": true})))
+    let result = match (&method, route) {
+        (&Method::GET, "state") => to_json(handle.snapshot()),
+        (&Method::GET, "subscriptions") => to_json(handle.subscriptions()),
+        (&Method::GET, "mailboxes") => to_json(handle.mailboxes()),
+        (&Method::GET, "requests") => to_json(handle.requests()),
+        (&Method::DELETE, "requests") => {
+            handle.clear_requests();
+            Ok(json!({"cleared": true}))
+        }
+        (&Method::POST, "mailboxes") => parse::<AddMailboxBody>(&body).map(|b| {
+            let mut mailbox = super::MailboxConfig::new(b.smtp);
+            if let Some(grouping) = b.grouping {
+                mailbox = mailbox.grouping(grouping);
             }
-            (&Method::POST, "mailboxes") => parse::<AddMailboxBody>(&body).map(|b| {
-                let mut mailbox = super::MailboxConfig::new(b.smtp);
-                if let Some(grouping) = b.grouping {
-                    mailbox = mailbox.grouping(grouping);
-                }
-                if let Some(to) = b.redirect_address {
-                    mailbox = mailbox.redirect(MailboxRedirect::Address(to));
-                } else if let Some(to) = b.redirect_url {
-                    mailbox = mailbox.redirect(MailboxRedirect::Url(to));
-                }
-                handle.add_mailbox(mailbox);
-                Ok(json!({"ok": true}))
-            }),
-            (&Method::POST, "events") => parse::<EventsBody>(&body).and_then(|b| {
-                let kind = EventType::from_name(&b.kind)
-                    .ok_or_else(|| super::SimError::InvalidEventType(b.kind.clone()).to_string())?;
+            if let Some(to) = b.redirect_address {
+                mailbox = mailbox.redirect(MailboxRedirect::Address(to));
+            } else if let Some(to) = b.redirect_url {
+                mailbox = mailbox.redirect(MailboxRedirect::Url(to));
+            }
+            handle.add_mailbox(mailbox);
+            json!({"ok": true})
+        }),
+        (&Method::POST, "events") => parse::<EventsBody>(&body).and_then(|b| {
+            let kind = EventType::from_name(&b.kind)
+                .ok_or_else(|| refused(SimError::InvalidEventType(b.kind.clone())))?;
+            let watermarks = handle
+                .create_events(&b.mailbox, kind, b.count)
+                .map_err(refused)?;
+            Ok(json!({"created": watermarks.len(), "watermarks": watermarks}))
+        }),
+        (&Method::POST, "faults/stop-keepalives") => parse::<SubscriptionBody>(&body)
+            .and_then(|b| handle.stop_keepalives(&b.subscription_id).map_err(refused))
+            .map(|()| json!({"ok": true})),
+        (&Method::POST, "faults/drop-all") => {
+            Ok(json!({"dropped": handle.drop_all_subscriptions()}))
+        }
+        (&Method::POST, "faults/server-busy") => parse::<BusyBody>(&body).map(|b| {
+            handle.server_busy(b.count, Duration::from_millis(b.back_off_ms));
+            json!({"ok": true})
+        }),
+        (&Method::POST, "faults/unavailable") => parse::<UnavailableBody>(&body).map(|b| {
+            handle.unavailable(b.count, b.retry_after_secs);
+            json!({"ok": true})
+        }),
+        (&Method::POST, "faults/invalidate-watermarks") => parse::<MailboxBody>(&body)
+            .and_then(|b| handle.invalidate_watermarks(&b.mailbox).map_err(refused))
+            .map(|()| json!({"ok": true})),
+        (&Method::POST, "faults/move-mailbox") => parse::<MailboxBody>(&body)
+            .and_then(|b| handle.move_mailbox(&b.mailbox).map_err(refused))
+            .map(|()| json!({"ok": true})),
+        (&Method::POST, "faults/error-notification") => parse::<SubscriptionBody>(&body)
+            .and_then(|b| {
                 handle
-                    .create_events(&b.mailbox, kind, b.count)
-                    .map(|watermarks| {
-                        Ok(json!({"created": watermarks.len(), "watermarks": watermarks}))
-                    })
-                    .map_err(|e| e.to_string())
-            }),
-            (&Method::POST, "faults/stop-keepalives") => {
-                parse::<SubscriptionBody>(&body).and_then(|b| {
-                    handle
-                        .stop_keepalives(&b.subscription_id)
-                        .map(|()| Ok(json!({"ok": true})))
-                        .map_err(|e| e.to_string())
-                })
-            }
-            (&Method::POST, "faults/drop-all") => {
-                Ok(Ok(json!({"dropped": handle.drop_all_subscriptions()})))
-            }
-            (&Method::POST, "faults/server-busy") => parse::<BusyBody>(&body).map(|b| {
-                handle.server_busy(b.count, Duration::from_millis(b.back_off_ms));
-                Ok(json!({"ok": true}))
-            }),
-            (&Method::POST, "faults/unavailable") => parse::<UnavailableBody>(&body).map(|b| {
-                handle.unavailable(b.count, b.retry_after_secs);
-                Ok(json!({"ok": true}))
-            }),
-            (&Method::POST, "faults/invalidate-watermarks") => parse::<MailboxBody>(&body)
-                .and_then(|b| {
-                    handle
-                        .invalidate_watermarks(&b.mailbox)
-                        .map(|()| Ok(json!({"ok": true})))
-                        .map_err(|e| e.to_string())
-                }),
-            (&Method::POST, "faults/move-mailbox") => parse::<MailboxBody>(&body).and_then(|b| {
-                handle
-                    .move_mailbox(&b.mailbox)
-                    .map(|()| Ok(json!({"ok": true})))
-                    .map_err(|e| e.to_string())
-            }),
-            (&Method::POST, "faults/error-notification") => parse::<SubscriptionBody>(&body)
-                .and_then(|b| {
-                    handle
-                        .push_error_notification(&b.subscription_id)
-                        .map(|()| Ok(json!({"ok": true})))
-                        .map_err(|e| e.to_string())
-                }),
-            (&Method::POST, "faults/delay") => parse::<DelayBody>(&body).map(|b| {
-                handle.set_response_delay(Duration::from_millis(b.ms));
-                Ok(json!({"ok": true}))
-            }),
-            (&Method::POST, "faults/revoke-tokens") => {
-                Ok(Ok(json!({"revoked": handle.revoke_tokens()})))
-            }
-            (&Method::POST, "faults/clear") => {
-                handle.clear_faults();
-                Ok(Ok(json!({"ok": true})))
-            }
-            _ => {
-                return json_response(
-                    StatusCode::NOT_FOUND,
-                    json!({"error": format!("no control route {method} /_sim/{route}")}),
-                )
-            }
-        };
+                    .push_error_notification(&b.subscription_id)
+                    .map_err(refused)
+            })
+            .map(|()| json!({"ok": true})),
+        (&Method::POST, "faults/delay") => parse::<DelayBody>(&body).map(|b| {
+            handle.set_response_delay(Duration::from_millis(b.ms));
+            json!({"ok": true})
+        }),
+        (&Method::POST, "faults/revoke-tokens") => Ok(json!({"revoked": handle.revoke_tokens()})),
+        (&Method::POST, "faults/clear") => {
+            handle.clear_faults();
+            Ok(json!({"ok": true}))
+        }
+        _ => Err((
+            StatusCode::NOT_FOUND,
+            format!("no control route {method} /_sim/{route}"),
+        )),
+    };
     match result {
-        Ok(Ok(value)) => json_response(StatusCode::OK, value),
-        Ok(Err(e)) => json_response(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            json!({"error": e.to_string()}),
-        ),
-        Err(message) => json_response(StatusCode::BAD_REQUEST, json!({"error": message})),
+        Ok(value) => json_response(StatusCode::OK, value),
+        Err((status, message)) => json_response(status, json!({"error": message})),
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+/// A control error: 404 for what does not exist, 400 for what cannot be done.
+type ControlError = (StatusCode, String);
+
+fn refused(error: SimError) -> ControlError {
+    let status = match error {
+        SimError::UnknownMailbox(_) | SimError::UnknownSubscription(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    (status, error.to_string())
+}
+
+fn to_json(value: impl serde::Serialize) -> Result<serde_json::Value, ControlError> {
+    serde_json::to_value(value).map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ControlError> {
+    // An empty body means "all defaults".
     let body = if body.iter().all(u8::is_ascii_whitespace) {
         b"{}".as_slice()
     } else {
         body
     };
-    serde_json::from_slice(body).map_err(|e| format!("JSON body: {e}"))
+    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("JSON body: {e}")))
 }
