@@ -1297,6 +1297,15 @@ async fn oauth_tokens_are_issued_expire_and_can_be_revoked() {
         Some("HTTP 401")
     );
     assert_eq!(sim.handle.snapshot().tokens_issued, 2);
+    let token_requests: Vec<_> = recorded
+        .iter()
+        .filter(|r| r.path.ends_with("/token"))
+        .collect();
+    assert!(!token_requests.is_empty());
+    assert!(token_requests
+        .iter()
+        .all(|r| !r.body.contains("s3cret") && !r.body.contains("wrong")));
+    assert!(token_requests[0].body.contains("client_secret=REDACTED"));
     sim.stop().await;
 }
 
@@ -1354,4 +1363,16 @@ async fn shutdown_stops_serving_and_pushing() {
     tokio::time::sleep(Duration::from_millis(150)).await;
     assert!(cb.nothing_pending(), "no keep-alive after shutdown");
     assert!(TcpStream::connect(addr).await.is_err(), "listener closed");
+}
+
+#[test]
+fn unusable_configurations_are_refused() {
+    let mut config = SimConfig::new([ROOM]);
+    config.time_factor = 0.0;
+    assert!(SimHandle::new(config.clone()).is_err());
+    config.time_factor = f64::NAN;
+    assert!(SimHandle::new(config.clone()).is_err());
+    config.time_factor = 1.0;
+    config.status_period = Duration::ZERO;
+    assert!(SimHandle::new(config).is_err());
 }

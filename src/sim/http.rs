@@ -159,7 +159,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         shared.changed();
         response
     } else if lower == TOKEN_PATH || is_tenant_token_path(&lower) {
-        let seq = record(&shared, &parts, &body);
+        // The record is readable by anyone on the control API: keep the secret out of it.
+        let redacted: Vec<String> = String::from_utf8_lossy(&body)
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some(("client_secret", _)) => "client_secret=REDACTED".to_owned(),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        let seq = record(&shared, &parts, &Bytes::from(redacted.join("&")));
         let response = token(&shared, &parts.headers, &body);
         shared
             .lock()

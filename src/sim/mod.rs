@@ -6,6 +6,33 @@
 //!
 //! Start it with [`run`], or with [`SimHandle::new`] and [`SimHandle::serve`] to keep a handle
 //! for tests. The protocol facts it follows are in `design/PROTOCOL.md`.
+//!
+//! # Endpoints (one listener, HTTP or HTTPS)
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /EWS/Exchange.asmx` | push `Subscribe` (other EWS operations: `ErrorSchemaValidation`) |
+//! | `POST /autodiscover/autodiscover.svc` | SOAP `GetUserSettings` |
+//! | `POST [/{tenant}]/oauth2/v2.0/token` | client-credentials tokens (with [`Auth::OAuth`]) |
+//! | `GET /_sim/state` | [`Snapshot`]: mailboxes, subscriptions, faults, token and request counts |
+//! | `GET /_sim/subscriptions`, `GET /_sim/mailboxes` | [`SubscriptionInfo`]s, [`MailboxInfo`]s |
+//! | `GET /_sim/requests`, `DELETE /_sim/requests` | recorded requests ([`RecordedRequest`]), or forget them |
+//! | `POST /_sim/mailboxes` | `{"smtp", "grouping"?, "redirect_address"?, "redirect_url"?}` |
+//! | `POST /_sim/events` | `{"mailbox", "type": "NewMailEvent", "count"?: 1}` → `{"created", "watermarks"}` |
+//! | `POST /_sim/faults/stop-keepalives` | `{"subscription_id"}`: it dies silently |
+//! | `POST /_sim/faults/drop-all` | every live subscription dies silently → `{"dropped"}` |
+//! | `POST /_sim/faults/server-busy` | `{"count"?: 1, "back_off_ms"?: 2500}`: next EWS calls get `ErrorServerBusy` |
+//! | `POST /_sim/faults/unavailable` | `{"count"?: 1, "retry_after_secs"?}`: next EWS calls get HTTP 503 |
+//! | `POST /_sim/faults/invalidate-watermarks` | `{"mailbox"}`: its watermarks become `ErrorInvalidWatermark` |
+//! | `POST /_sim/faults/move-mailbox` | `{"mailbox"}`: `ErrorProxyRequestNotAllowed` until Autodiscover is asked |
+//! | `POST /_sim/faults/error-notification` | `{"subscription_id"}`: an `ErrorReadEventsFailed` push, then it is gone |
+//! | `POST /_sim/faults/delay` | `{"ms"}`: every EWS response waits this long (0 stops) |
+//! | `POST /_sim/faults/revoke-tokens` | every token stops working → `{"revoked"}` |
+//! | `POST /_sim/faults/clear` | disarm busy, 503 and delay |
+//!
+//! Control errors are JSON `{"error": "…"}` with 404 (unknown mailbox, subscription or route)
+//! or 400 (bad body or value). The control API has no authentication: it is for loopback labs
+//! and tests; do not expose it.
 
 mod http;
 mod push;
@@ -42,6 +69,9 @@ pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 /// Default limit on one push, connect to answer: a stuck callback counts as a failed push
 /// after this, and the retry schedule takes over.
 pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shortest keep-alive period accepted: shorter would turn keep-alives into a busy loop.
+pub const MIN_STATUS_PERIOD: Duration = Duration::from_millis(10);
 
 /// How long in-flight requests and pushes get to finish after shutdown is asked.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -180,6 +210,9 @@ pub enum SimError {
     /// Not an event type that can be created.
     #[error("{0:?} is not an event type that can be created (CopiedEvent, CreatedEvent, DeletedEvent, ModifiedEvent, MovedEvent, NewMailEvent, FreeBusyChangedEvent)")]
     InvalidEventType(String),
+    /// A configuration value the simulator cannot work with.
+    #[error("configuration: {0}")]
+    InvalidConfig(&'static str),
     /// A count outside 1..=[`MAX_EVENTS_PER_CALL`].
     #[error("count must be 1..={MAX_EVENTS_PER_CALL}")]
     InvalidCount,
@@ -321,6 +354,17 @@ pub async fn run(
 impl SimHandle {
     /// A simulator with `config`, not serving yet.
     pub fn new(config: SimConfig) -> Result<Self, SimError> {
+        // Duration arithmetic panics on these; refuse them here, once.
+        if !(config.time_factor.is_finite() && config.time_factor > 0.0) {
+            return Err(SimError::InvalidConfig(
+                "time_factor must be a positive number",
+            ));
+        }
+        if config.status_period < MIN_STATUS_PERIOD {
+            return Err(SimError::InvalidConfig(
+                "status_period must be at least 10ms",
+            ));
+        }
         let client_tls = push::client_tls(&config.callback_trust)?;
         let state = State::new(&config.mailboxes);
         Ok(Self {
