@@ -130,30 +130,26 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let serving = handle.serve(listener, shutdown_signal());
-    // The base URL is known once serve() has taken the listener; print the map right after.
-    let announce = async {
-        tokio::task::yield_now().await;
-        eprintln!("EWS simulator listening on {}", handle.base_url());
-        eprintln!("  EWS (Subscribe):  POST {}", handle.ews_url());
-        eprintln!("  Autodiscover:     POST {}", handle.autodiscover_url());
+    let serving = handle.clone().serve(listener, shutdown_signal());
+    eprintln!("EWS simulator listening on {}", handle.base_url());
+    eprintln!("  EWS (Subscribe):  POST {}", handle.ews_url());
+    eprintln!("  Autodiscover:     POST {}", handle.autodiscover_url());
+    eprintln!(
+        "  OAuth token:      POST {} (or /{{tenant}}/oauth2/v2.0/token)",
+        handle.token_url()
+    );
+    eprintln!(
+        "  control API:      {}/_sim/state, /_sim/subscriptions, /_sim/events, /_sim/faults/…",
+        handle.base_url()
+    );
+    eprintln!("  auth:             {secret_hint}");
+    for mailbox in handle.mailboxes() {
         eprintln!(
-            "  OAuth token:      POST {} (or /{{tenant}}/oauth2/v2.0/token)",
-            handle.token_url()
+            "  mailbox:          {} (group {})",
+            mailbox.smtp, mailbox.grouping
         );
-        eprintln!(
-            "  control API:      {}/_sim/state, /_sim/subscriptions, /_sim/events, /_sim/faults/…",
-            handle.base_url()
-        );
-        eprintln!("  auth:             {secret_hint}");
-        for mailbox in handle.mailboxes() {
-            eprintln!(
-                "  mailbox:          {} (group {})",
-                mailbox.smtp, mailbox.grouping
-            );
-        }
-    };
-    let (result, ()) = tokio::join!(serving, announce);
+    }
+    let result = serving.await;
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -45,14 +45,9 @@ impl Sim {
         let addr = listener.local_addr().unwrap();
         let handle = SimHandle::new(config).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let serving = handle.clone();
-        let task = tokio::spawn(async move {
-            serving
-                .serve(listener, async {
-                    let _ = rx.await;
-                })
-                .await
-        });
+        let task = tokio::spawn(handle.clone().serve(listener, async {
+            let _ = rx.await;
+        }));
         Sim {
             handle,
             addr,
@@ -426,7 +421,10 @@ async fn subscribe_is_validated_like_exchange() {
             .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b)),
         "{id}"
     );
-    assert!(!watermark.is_empty());
+    assert!(
+        watermark.starts_with("AQAAA"),
+        "looks like Exchange's: {watermark}"
+    );
 
     // Anchor header missing, or naming another mailbox.
     let reply = sim.post(EWS, &[], good.clone()).await;
@@ -1375,4 +1373,74 @@ fn unusable_configurations_are_refused() {
     config.time_factor = 1.0;
     config.status_period = Duration::ZERO;
     assert!(SimHandle::new(config).is_err());
+}
+
+#[tokio::test]
+async fn serves_https_when_given_a_certificate() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = cert.der().clone();
+    let private = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], private)
+        .unwrap();
+    let mut config = SimConfig::new([ROOM]);
+    config.tls = Some(Arc::new(server));
+    let sim = Sim::start(config).await;
+    let base = sim.handle.base_url();
+    assert!(base.starts_with("https://127.0.0.1:"), "{base}");
+    assert!(sim.handle.ews_url().ends_with("/EWS/Exchange.asmx"));
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(sim.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = Request::get("/_sim/state")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let state: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(state["mailboxes"][0]["smtp"], ROOM);
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = tokio::time::timeout(WAIT, async {
+        let tcp = TcpStream::connect(sim.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+            .send_request(
+                Request::get("/_sim/state")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
+            .await
+    })
+    .await
+    .unwrap();
+    assert!(plain.is_err());
+    sim.stop().await;
 }

@@ -382,13 +382,29 @@ impl SimHandle {
 
     /// Serves on `listener` until `shutdown` completes, then stops pushes and drains
     /// connections within [`SHUTDOWN_GRACE`].
-    pub async fn serve(
+    ///
+    /// Not an `async fn` on purpose: the base URL (and so [`SimHandle::ews_url`] …) is known
+    /// as soon as this returns, before the future is first polled or spawned.
+    pub fn serve<S: Future<Output = ()>>(
+        self,
+        listener: TcpListener,
+        shutdown: S,
+    ) -> impl Future<Output = Result<(), SimError>> {
+        let addr = listener.local_addr();
+        if let Ok(addr) = &addr {
+            let _ = self.shared.base_url.set(self.derive_base_url(*addr));
+        }
+        async move {
+            addr?;
+            self.serve_until(listener, shutdown).await
+        }
+    }
+
+    async fn serve_until(
         &self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), SimError> {
-        let addr = listener.local_addr()?;
-        let _ = self.shared.base_url.set(self.derive_base_url(addr));
         http::serve(self.shared.clone(), listener, shutdown).await;
         // Stop the push tasks: they select on the shutdown signal.
         let _ = self.shared.shutdown.send(true);

@@ -36,8 +36,12 @@ pub const MAX_EVENTS_PER_PUSH: usize = 50;
 /// Most events created by one control call, so a typo cannot fill memory.
 pub const MAX_EVENTS_PER_CALL: usize = 10_000;
 
-/// First byte of every watermark: a format version, so foreign strings decode as unknown.
-const WATERMARK_VERSION: u8 = 1;
+/// First bytes of every watermark: a format version (and, as a side effect, the `AQAAA…`
+/// look of Exchange's watermarks), so foreign strings decode as unknown.
+const WATERMARK_PREFIX: [u8; 4] = [1, 0, 0, 0];
+
+/// Bytes in a watermark: prefix, mailbox salt, generation, seq, nonce.
+const WATERMARK_LEN: usize = 4 + 8 + 4 + 8 + 4;
 
 /// One event in a mailbox's log.
 #[derive(Debug, Clone)]
@@ -261,8 +265,8 @@ impl State {
         let Some(m) = self.mailboxes.get(mailbox) else {
             return String::new();
         };
-        let mut bytes = Vec::with_capacity(25);
-        bytes.push(WATERMARK_VERSION);
+        let mut bytes = Vec::with_capacity(WATERMARK_LEN);
+        bytes.extend_from_slice(&WATERMARK_PREFIX);
         bytes.extend_from_slice(&m.salt);
         bytes.extend_from_slice(&m.generation.to_le_bytes());
         bytes.extend_from_slice(&seq.to_le_bytes());
@@ -274,13 +278,13 @@ impl State {
     /// of the current generation, and not older than the log.
     pub fn resolve_watermark(&self, mailbox: &str, watermark: &str) -> Option<u64> {
         let bytes = unbase64(watermark)?;
-        if bytes.len() != 25 || bytes[0] != WATERMARK_VERSION {
+        if bytes.len() != WATERMARK_LEN || bytes[..4] != WATERMARK_PREFIX {
             return None;
         }
         let m = self.mailboxes.get(mailbox)?;
-        let generation = u32::from_le_bytes(bytes[9..13].try_into().ok()?);
-        let seq = u64::from_le_bytes(bytes[13..21].try_into().ok()?);
-        if bytes[1..9] != m.salt || generation != m.generation || seq > m.head {
+        let generation = u32::from_le_bytes(bytes[12..16].try_into().ok()?);
+        let seq = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
+        if bytes[4..12] != m.salt || generation != m.generation || seq > m.head {
             return None;
         }
         let oldest_resumable = m.log.front().map_or(m.head, |e| e.seq.saturating_sub(1));
