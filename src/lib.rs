@@ -11,10 +11,11 @@ pub mod filter;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
-pub mod sim;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
+// The EWS simulator (examples/ews_sim.rs, tests/sim.rs); last so it merges cleanly.
+pub mod sim;
 
 use std::future::Future;
 use std::net::SocketAddr;
