@@ -17,6 +17,8 @@ pub mod subscriptions;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;
+// The EWS simulator (examples/ews_sim.rs, tests/sim.rs); last so it merges cleanly.
+pub mod sim;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -16,7 +16,7 @@ mod fault;
 mod notification;
 mod response;
 mod subscribe;
-mod xml;
+pub(crate) mod xml;
 
 pub use autodiscover::{
     build_get_user_settings, parse_get_user_settings_response, GetUserSettingsRequest, Redirect,
