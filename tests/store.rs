@@ -384,7 +384,7 @@ async fn concurrent_appends_share_commits() {
 /// Appends with a lone caller and with many, 4 KB bodies, and prints the rates. Run with
 /// `cargo test --release --test store -- --ignored --nocapture bench_append`; the directory is
 /// `$EWS_RELAY_BENCH_DIR` or a temporary one (which must be on a real disk, not tmpfs, to mean
-/// anything).
+/// anything); `$EWS_RELAY_BENCH_LINGER_MS` sets [`WriterConfig::linger`].
 #[test]
 #[ignore]
 fn bench_append_4k() {
@@ -410,8 +410,17 @@ fn bench_append_4k() {
         .worker_threads(4)
         .build()
         .unwrap();
+    let linger = std::env::var("EWS_RELAY_BENCH_LINGER_MS")
+        .ok()
+        .map_or(Duration::ZERO, |ms| {
+            Duration::from_millis(ms.parse().unwrap())
+        });
     for concurrency in [1usize, 16, 64, 256] {
-        let writer = Arc::new(StoreWriter::start(store.clone(), WriterConfig::default()));
+        let config = WriterConfig {
+            linger,
+            ..WriterConfig::default()
+        };
+        let writer = Arc::new(StoreWriter::start(store.clone(), config));
         let per_task = 6_000 / concurrency;
         let total = per_task * concurrency;
         let commits = store.commits();
@@ -443,7 +452,7 @@ fn bench_append_4k() {
         let rate = total as f64 / start.elapsed().as_secs_f64();
         let commits = store.commits() - commits;
         println!(
-            "writer, {concurrency} concurrent callers: {total} appends in {commits} commits: {rate:.0}/s"
+            "writer (linger {linger:?}), {concurrency} concurrent callers: {total} appends in {commits} commits: {rate:.0}/s"
         );
         rt.block_on(Arc::into_inner(writer).unwrap().shutdown());
     }

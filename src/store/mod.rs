@@ -34,7 +34,7 @@
 
 mod writer;
 
-pub use writer::{StoreWriter, WriterConfig};
+pub use writer::{StoreWriter, WriterConfig, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_WRITES};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
