@@ -108,8 +108,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
             r
         }
         "/metrics" => {
-            // Fresh per-state counts for the scrape.
+            // Fresh per-state counts and certificate expiry for the scrape.
             state.metrics.set_subscriptions(state.tracker.sweep());
+            state
+                .metrics
+                .set_cert_expiry(state.certs.current().info.not_after);
             let mut r = text(StatusCode::OK, state.metrics.encode());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -539,6 +539,9 @@ pub struct Config {
     pub tls: TlsSource,
     /// Admitted source networks.
     pub allow: AllowList,
+    /// What the allow-list was built from, to rebuild it when `--allow-file` changes:
+    /// `--allow` values, `--allow-file`, `--allow-preset` names.
+    pub allow_sources: (Vec<String>, Option<PathBuf>, Vec<String>),
     /// Normalised path prefix: `/` or `/something` without a trailing slash.
     pub path_prefix: String,
     /// Largest accepted request body in bytes.
@@ -582,6 +585,11 @@ impl Config {
                 return Err(ConfigError::new("--tls-cert", "required with --tls-key"))
             }
         };
+        let allow_sources = (
+            args.allow.clone(),
+            args.allow_file.clone(),
+            args.allow_preset.clone(),
+        );
         let allow = AllowList::build(&args.allow, args.allow_file.as_deref(), &args.allow_preset)
             .map_err(|e| match e {
             AllowListError::Cidr(m) => ConfigError::new("--allow", m),
@@ -601,6 +609,7 @@ impl Config {
             upstream,
             tls,
             allow,
+            allow_sources,
             path_prefix,
             max_body: args.max_body,
             max_connections: args.max_connections,

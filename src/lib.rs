@@ -11,6 +11,7 @@ pub mod ews;
 pub mod filter;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod subscriptions;
@@ -169,9 +170,10 @@ pub async fn run(
         manager.clone(),
         metrics.clone(),
     ));
+    let allow = Arc::new(arc_swap::ArcSwap::from_pointee(config.allow.clone()));
     let edge = Arc::new(server::Edge {
         acceptor: tokio_rustls::TlsAcceptor::from(server_config),
-        allow: config.allow.clone(),
+        allow: allow.clone(),
         denied: filter::DeniedLog::default(),
         proxy,
         metrics: metrics.clone(),
@@ -180,6 +182,26 @@ pub async fn run(
         header_timeout: config.timeouts.header,
         idle_timeout: config.timeouts.idle,
     });
+    // Live reloads: the certificate pair (operator files only) and the allow-list file.
+    let mut reloaders = Vec::new();
+    reload::report_expiry(&certs.current(), &metrics);
+    if let TlsSource::Files { cert, key } = &config.tls {
+        reloaders.push(tokio::spawn(reload::watch_certificate(
+            certs.clone(),
+            cert.clone(),
+            key.clone(),
+            metrics.clone(),
+        )));
+    }
+    if let (cidrs, Some(file), presets) = &config.allow_sources {
+        reloaders.push(tokio::spawn(reload::watch_allow_list(
+            allow.clone(),
+            cidrs.clone(),
+            file.clone(),
+            presets.clone(),
+            metrics.clone(),
+        )));
+    }
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
         tracker: tracker.clone(),
@@ -254,6 +276,9 @@ pub async fn run(
     admin_state.listening.store(false, Ordering::Relaxed);
     reaper.abort();
     sweeper.abort();
+    for t in reloaders {
+        t.abort();
+    }
     for t in managed_tasks {
         t.abort();
     }

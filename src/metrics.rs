@@ -101,6 +101,10 @@ pub struct Metrics {
     spool_depth: Gauge,
     /// Managed mode: age of the oldest spooled notification, seconds.
     spool_oldest_age: Gauge,
+    /// Seconds until the served certificate expires (negative once expired).
+    cert_expiry: Gauge,
+    /// Reloads of the certificate and the allow-list, by outcome.
+    reloads: Family<[(&'static str, &'static str); 2], Counter>,
 }
 
 impl Default for Metrics {
@@ -228,6 +232,18 @@ impl Metrics {
             "Managed mode: age of the oldest spooled notification",
             spool_oldest_age.clone(),
         );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds until the served TLS certificate expires",
+            cert_expiry.clone(),
+        );
+        let reloads = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "reloads",
+            "Reloads of the certificate and the allow-list, by outcome",
+            reloads.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -259,7 +275,26 @@ impl Metrics {
             mailboxes,
             spool_depth,
             spool_oldest_age,
+            cert_expiry,
+            reloads,
         }
+    }
+
+    /// Publish the served certificate's expiry.
+    pub fn set_cert_expiry(&self, not_after: std::time::SystemTime) {
+        let secs = match not_after.duration_since(std::time::SystemTime::now()) {
+            Ok(left) => left.as_secs() as i64,
+            Err(past) => -(past.duration().as_secs() as i64),
+        };
+        self.cert_expiry.set(secs);
+    }
+
+    /// Count a reload of `what` (certificate, allow_list).
+    pub fn reload(&self, what: &'static str, ok: bool) {
+        let outcome = if ok { "applied" } else { "refused" };
+        self.reloads
+            .get_or_create(&[("what", what), ("outcome", outcome)])
+            .inc();
     }
 
     /// Count a Subscribe call's outcome.

@@ -38,8 +38,8 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct Edge {
     /// TLS server side.
     pub acceptor: TlsAcceptor,
-    /// Source filter.
-    pub allow: AllowList,
+    /// Source filter, swapped whole when `--allow-file` changes.
+    pub allow: Arc<arc_swap::ArcSwap<AllowList>>,
     /// Denied-address log limiter.
     pub denied: DeniedLog,
     /// The request handler.
@@ -100,7 +100,7 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         // Cheap check first: no TLS work, not a byte read, for a peer outside the allow-list.
-        if !edge.allow.allows(peer.ip()) {
+        if !edge.allow.load().allows(peer.ip()) {
             edge.metrics.denied(DenyReason::Source);
             if edge.denied.record(peer.ip()) {
                 tracing::info!(peer = %peer.ip(), "connection from a source outside the allow-list closed (logged at most once a minute per address)");
@@ -136,7 +136,7 @@ pub async fn serve(
 impl std::fmt::Debug for Edge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Edge")
-            .field("allow", &self.allow.describe())
+            .field("allow", &self.allow.load().describe())
             .field("max_connections", &self.max_connections)
             .finish_non_exhaustive()
     }
