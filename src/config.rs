@@ -194,6 +194,23 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_STALE_AFTER", default_value = "2m", value_name = "DUR", value_parser = parse_duration)]
     pub stale_after: Duration,
 
+    /// Expect a PROXY protocol v1/v2 header from --trusted-proxy peers (load balancer).
+    #[arg(long, env = "EWS_RELAY_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
+    /// Load balancer or CDN allowed to state the client address: CIDR or preset (repeatable).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TRUSTED_PROXY",
+        value_name = "CIDR|PRESET",
+        value_delimiter = ','
+    )]
+    pub trusted_proxy: Vec<String>,
+
+    /// Header carrying the client address from a --trusted-proxy (e.g. CF-Connecting-IP).
+    #[arg(long, env = "EWS_RELAY_CLIENT_IP_HEADER", value_name = "NAME")]
+    pub client_ip_header: Option<String>,
+
     /// Managed mode: the EWS endpoint, e.g. https://outlook.office365.com/EWS/Exchange.asmx.
     #[arg(
         long,
@@ -539,6 +556,12 @@ pub struct Config {
     pub tls: TlsSource,
     /// Admitted source networks.
     pub allow: AllowList,
+    /// Peers allowed to state the client address (`--trusted-proxy`).
+    pub trusted_proxies: Option<AllowList>,
+    /// Read PROXY protocol headers from trusted peers.
+    pub proxy_protocol: bool,
+    /// Header naming the client behind a trusted proxy.
+    pub client_ip_header: Option<http::HeaderName>,
     /// What the allow-list was built from, to rebuild it when `--allow-file` changes:
     /// `--allow` values, `--allow-file`, `--allow-preset` names.
     pub allow_sources: (Vec<String>, Option<PathBuf>, Vec<String>),
@@ -597,6 +620,27 @@ impl Config {
             AllowListError::Preset(m) => ConfigError::new("--allow-preset", m),
         })?;
         let path_prefix = normalise_prefix(&args.path_prefix)?;
+        let trusted_proxies = trusted_proxies(&args.trusted_proxy)?;
+        let client_ip_header = match &args.client_ip_header {
+            None => None,
+            Some(h) => Some(
+                http::HeaderName::from_bytes(h.trim().as_bytes()).map_err(|_| {
+                    ConfigError::new("--client-ip-header", format!("'{h}' is not a header name"))
+                })?,
+            ),
+        };
+        if (args.proxy_protocol || client_ip_header.is_some()) && trusted_proxies.is_none() {
+            return Err(ConfigError::new(
+                "--trusted-proxy",
+                "--proxy-protocol and --client-ip-header need the proxies trusted to state the client address (e.g. --trusted-proxy cloudflare)",
+            ));
+        }
+        if trusted_proxies.is_some() && !args.proxy_protocol && client_ip_header.is_none() {
+            return Err(ConfigError::new(
+                "--trusted-proxy",
+                "only used with --proxy-protocol or --client-ip-header",
+            ));
+        }
         if args.max_body == 0 {
             return Err(ConfigError::new("--max-body", "must be at least 1 byte"));
         }
@@ -609,6 +653,9 @@ impl Config {
             upstream,
             tls,
             allow,
+            trusted_proxies,
+            proxy_protocol: args.proxy_protocol,
+            client_ip_header,
             allow_sources,
             path_prefix,
             max_body: args.max_body,
@@ -651,6 +698,47 @@ pub enum CliError {
     /// From validation.
     #[error("{0}")]
     Config(ConfigError),
+}
+
+/// `--trusted-proxy` values: CIDRs and preset names; `None` when none are given.
+fn trusted_proxies(values: &[String]) -> Result<Option<AllowList>, ConfigError> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let (presets, cidrs): (Vec<String>, Vec<String>) = values
+        .iter()
+        .map(|v| v.trim().to_owned())
+        .partition(|v| crate::filter::presets::by_name(v).is_some());
+    let mut nets = Vec::new();
+    for c in &cidrs {
+        let net = c
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+            .map_err(|_| {
+                ConfigError::new(
+                    "--trusted-proxy",
+                    format!(
+                        "'{c}' is not a CIDR, an address or a preset (cloudflare, exchange-online)"
+                    ),
+                )
+            })?;
+        nets.push(net);
+    }
+    for p in &presets {
+        if let Some(preset) = crate::filter::presets::by_name(p) {
+            for c in preset.cidrs {
+                if let Ok(n) = c.parse() {
+                    nets.push(n);
+                }
+            }
+        }
+    }
+    let mut sources = Vec::new();
+    if !cidrs.is_empty() {
+        sources.push(format!("{} networks", cidrs.len()));
+    }
+    sources.extend(presets.iter().map(|p| format!("preset {p}")));
+    Ok(Some(AllowList::from_networks(&nets, sources)))
 }
 
 /// Every DistinguishedFolderIdNameType value in Microsoft's types.xsd.

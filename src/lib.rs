@@ -163,18 +163,22 @@ pub async fn run(
         Some(m) => Some(managed_mode(m, &config, receiver.clone(), metrics.clone()).await?),
         None => None,
     };
+    let allow = Arc::new(arc_swap::ArcSwap::from_pointee(config.allow.clone()));
     let proxy = Arc::new(proxy::Proxy::new(
         &config,
         receiver.clone(),
         tracker.clone(),
         manager.clone(),
+        allow.clone(),
         metrics.clone(),
     ));
-    let allow = Arc::new(arc_swap::ArcSwap::from_pointee(config.allow.clone()));
     let edge = Arc::new(server::Edge {
         acceptor: tokio_rustls::TlsAcceptor::from(server_config),
         allow: allow.clone(),
         denied: filter::DeniedLog::default(),
+        trusted: config.trusted_proxies.clone(),
+        proxy_protocol: config.proxy_protocol,
+        client_ip_header: config.client_ip_header.is_some(),
         proxy,
         metrics: metrics.clone(),
         max_connections: config.max_connections,

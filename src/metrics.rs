@@ -17,6 +17,12 @@ type Labels = [(&'static str, &'static str); 1];
 pub enum DenyReason {
     /// Peer address outside the allow-list.
     Source,
+    /// PROXY protocol expected but the peer is not a trusted proxy.
+    UntrustedProxy,
+    /// A trusted proxy sent no valid PROXY header.
+    ProxyHeader,
+    /// The client address from a trusted proxy's header is outside the allow-list (or absent).
+    ClientIpHeader,
 }
 
 /// Which way a TLS handshake failed.
@@ -71,6 +77,9 @@ pub struct Metrics {
     /// Connections that passed the source filter.
     pub accepted: Counter,
     denied_source: Counter,
+    denied_untrusted_proxy: Counter,
+    denied_proxy_header: Counter,
+    denied_client_ip_header: Counter,
     handshake_timeout: Counter,
     handshake_error: Counter,
     /// Client connections currently open (after the filter).
@@ -258,6 +267,9 @@ impl Metrics {
             registry,
             accepted,
             denied_source: denied.get_or_create_owned(&[("reason", "source")]),
+            denied_untrusted_proxy: denied.get_or_create_owned(&[("reason", "untrusted_proxy")]),
+            denied_proxy_header: denied.get_or_create_owned(&[("reason", "proxy_header")]),
+            denied_client_ip_header: denied.get_or_create_owned(&[("reason", "client_ip_header")]),
             handshake_timeout: handshakes.get_or_create_owned(&[("reason", "timeout")]),
             handshake_error: handshakes.get_or_create_owned(&[("reason", "error")]),
             open_connections,
@@ -350,6 +362,9 @@ impl Metrics {
     pub fn denied(&self, reason: DenyReason) {
         match reason {
             DenyReason::Source => self.denied_source.inc(),
+            DenyReason::UntrustedProxy => self.denied_untrusted_proxy.inc(),
+            DenyReason::ProxyHeader => self.denied_proxy_header.inc(),
+            DenyReason::ClientIpHeader => self.denied_client_ip_header.inc(),
         };
     }
 

@@ -24,6 +24,8 @@ pub struct ConnInfo {
     pub peer_ip: std::net::IpAddr,
     /// The client address as written in logs and `X-Forwarded-For`.
     pub peer: String,
+    /// The TCP peer is a trusted proxy that names the client in `--client-ip-header`.
+    pub via_trusted_proxy: bool,
 }
 
 impl ConnInfo {
@@ -33,6 +35,7 @@ impl ConnInfo {
         Self {
             peer_ip: ip,
             peer: ip.to_string(),
+            via_trusted_proxy: false,
         }
     }
 }
@@ -48,6 +51,10 @@ pub struct Proxy {
     tracker: Arc<Tracker>,
     /// Managed mode: the relay answers Exchange itself for the subscriptions it owns.
     manager: Option<Arc<crate::subscriptions::Manager>>,
+    /// `--client-ip-header`: where a trusted proxy names the client.
+    client_ip_header: Option<HeaderName>,
+    /// The allow-list, applied per request to the client named by a trusted proxy.
+    allow: Arc<arc_swap::ArcSwap<crate::filter::AllowList>>,
     metrics: Arc<Metrics>,
 }
 
@@ -89,6 +96,7 @@ impl Proxy {
         receiver: Arc<Receiver>,
         tracker: Arc<Tracker>,
         manager: Option<Arc<crate::subscriptions::Manager>>,
+        allow: Arc<arc_swap::ArcSwap<crate::filter::AllowList>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -99,6 +107,8 @@ impl Proxy {
             receiver,
             tracker,
             manager,
+            client_ip_header: config.client_ip_header.clone(),
+            allow,
             metrics,
         }
     }
@@ -108,6 +118,26 @@ impl Proxy {
         let start = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
+        // Behind a trusted CDN, the client is the one its header names, and the allow-list
+        // applies to that address.
+        let named;
+        let conn = match (&self.client_ip_header, conn.via_trusted_proxy) {
+            (Some(name), true) => match client_from_header(req.headers(), name) {
+                Some(ip) if self.allow.load().allows(ip) => {
+                    named = ConnInfo::new(ip);
+                    &named
+                }
+                found => {
+                    self.metrics
+                        .denied(crate::metrics::DenyReason::ClientIpHeader);
+                    tracing::info!(proxy = %conn.peer, client = ?found, header = %name, "client named by the trusted proxy is missing or outside the allow-list");
+                    let reply = Refusal::Forbidden.reply();
+                    self.metrics.request(reply.status());
+                    return reply;
+                }
+            },
+            _ => conn,
+        };
         let (reply, bytes_in, upstream_ms) = match self.forward(req, conn).await {
             Ok(f) => (f.reply, f.bytes_in, Some(f.upstream_ms)),
             Err(refusal) => (refusal.reply(), 0, None),
@@ -373,6 +403,8 @@ pub enum Refusal {
     BadBody,
     /// The body is not an EWS SendNotification SOAP message.
     NotNotification,
+    /// Behind a trusted proxy, the client it names is missing or not admitted.
+    Forbidden,
 }
 
 impl Refusal {
@@ -390,6 +422,7 @@ impl Refusal {
                 "request body not received within --body-timeout\n",
             ),
             Refusal::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
+            Refusal::Forbidden => (StatusCode::FORBIDDEN, "client not admitted\n"),
             Refusal::NotNotification => (
                 StatusCode::BAD_REQUEST,
                 "not an EWS SendNotification SOAP message\n",
@@ -424,6 +457,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+}
+
+/// The address in `--client-ip-header` (its first value if a list).
+fn client_from_header(headers: &HeaderMap, name: &HeaderName) -> Option<std::net::IpAddr> {
+    let v = headers.get(name)?.to_str().ok()?;
+    let first = v.split(',').next()?.trim();
+    first
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 /// Whether `path` is `prefix` or lies below it (`/ews` admits `/ews` and `/ews/x`, not `/ewsx`).

@@ -42,6 +42,13 @@ pub struct Edge {
     pub allow: Arc<arc_swap::ArcSwap<AllowList>>,
     /// Denied-address log limiter.
     pub denied: DeniedLog,
+    /// Peers trusted to state the client address (`--trusted-proxy`).
+    pub trusted: Option<AllowList>,
+    /// Read a PROXY protocol header first (`--proxy-protocol`).
+    pub proxy_protocol: bool,
+    /// A trusted proxy names the client in a request header (`--client-ip-header`): the
+    /// allow-list is then applied per request to that address.
+    pub client_ip_header: bool,
     /// The request handler.
     pub proxy: Arc<Proxy>,
     /// Metrics.
@@ -100,11 +107,16 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         // Cheap check first: no TLS work, not a byte read, for a peer outside the allow-list.
-        if !edge.allow.load().allows(peer.ip()) {
-            edge.metrics.denied(DenyReason::Source);
-            if edge.denied.record(peer.ip()) {
-                tracing::info!(peer = %peer.ip(), "connection from a source outside the allow-list closed (logged at most once a minute per address)");
+        let ip = peer.ip().to_canonical();
+        let trusted = edge.trusted.as_ref().is_some_and(|t| t.allows(ip));
+        if edge.proxy_protocol {
+            // The client's address comes in the PROXY header, read in the connection task.
+            if !trusted {
+                edge.deny(DenyReason::UntrustedProxy, ip);
+                continue;
             }
+        } else if !edge.admits(ip, trusted) {
+            edge.deny(DenyReason::Source, ip);
             drop(stream);
             continue;
         }
@@ -142,15 +154,50 @@ impl std::fmt::Debug for Edge {
     }
 }
 
+impl Edge {
+    /// Whether a connection from `ip` may go on to TLS: it is admitted, or it is a trusted proxy
+    /// that names the client per request (the allow-list then applies to that name).
+    fn admits(&self, ip: std::net::IpAddr, trusted: bool) -> bool {
+        (trusted && self.client_ip_header) || self.allow.load().allows(ip)
+    }
+
+    /// Count and (rate-limited) log a refused connection.
+    fn deny(&self, reason: DenyReason, ip: std::net::IpAddr) {
+        self.metrics.denied(reason);
+        if self.denied.record(ip) {
+            tracing::info!(peer = %ip, ?reason, "connection refused before TLS (logged at most once a minute per address)");
+        }
+    }
+}
+
 async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     edge: &Edge,
     builder: &auto::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _open = OpenGuard::new(&edge.metrics);
     let _ = stream.set_nodelay(true);
+    if edge.proxy_protocol {
+        use crate::filter::proxy_protocol::{self, Header};
+        match proxy_protocol::read(&mut stream).await {
+            Ok(Header::Proxied(client)) => peer = client,
+            // The load balancer's own connection (health check): keep its address.
+            Ok(Header::Local) => {}
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "PROXY header refused");
+                edge.deny(DenyReason::ProxyHeader, peer.ip());
+                return;
+            }
+        }
+        let ip = peer.ip().to_canonical();
+        let trusted = edge.trusted.as_ref().is_some_and(|t| t.allows(ip));
+        if !edge.admits(ip, trusted) {
+            edge.deny(DenyReason::Source, ip);
+            return;
+        }
+    }
     let tls = match tokio::time::timeout(edge.handshake_timeout, edge.acceptor.accept(stream)).await
     {
         Ok(Ok(tls)) => tls,
@@ -170,7 +217,13 @@ async fn serve_connection(
         inner: tls,
         activity: activity.clone(),
     });
-    let info = Arc::new(ConnInfo::new(peer.ip()));
+    let mut info = ConnInfo::new(peer.ip());
+    info.via_trusted_proxy = edge.client_ip_header
+        && edge
+            .trusted
+            .as_ref()
+            .is_some_and(|t| t.allows(info.peer_ip));
+    let info = Arc::new(info);
     let proxy = edge.proxy.clone();
     let svc_activity = activity.clone();
     let service = service_fn(move |req| {

@@ -4,6 +4,7 @@
 //! check is a binary search with no allocation or locking.
 
 pub mod presets;
+pub mod proxy_protocol;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
