@@ -39,6 +39,12 @@ pub struct AdminState {
     pub tracker: Arc<Tracker>,
     /// Managed mode's mailboxes.
     pub manager: Option<Arc<crate::subscriptions::Manager>>,
+    /// Recently denied source addresses.
+    pub denied: Arc<crate::filter::DeniedLog>,
+    /// The allow-list in force.
+    pub allow: Arc<arc_swap::ArcSwap<crate::filter::AllowList>>,
+    /// `--path-prefix`, for display.
+    pub path_prefix: String,
     /// The receiver, for readiness.
     pub receiver: Arc<Receiver>,
     /// The served certificate.

@@ -172,10 +172,11 @@ pub async fn run(
         allow.clone(),
         metrics.clone(),
     ));
+    let denied = Arc::new(filter::DeniedLog::default());
     let edge = Arc::new(server::Edge {
         acceptor: tokio_rustls::TlsAcceptor::from(server_config),
         allow: allow.clone(),
-        denied: filter::DeniedLog::default(),
+        denied: denied.clone(),
         trusted: config.trusted_proxies.clone(),
         proxy_protocol: config.proxy_protocol,
         client_ip_header: config.client_ip_header.is_some(),
@@ -210,6 +211,9 @@ pub async fn run(
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         manager: manager.clone(),
+        denied,
+        allow: allow.clone(),
+        path_prefix: config.path_prefix.clone(),
         receiver: receiver.clone(),
         certs,
         listening: Default::default(),

@@ -40,8 +40,8 @@ pub struct Edge {
     pub acceptor: TlsAcceptor,
     /// Source filter, swapped whole when `--allow-file` changes.
     pub allow: Arc<arc_swap::ArcSwap<AllowList>>,
-    /// Denied-address log limiter.
-    pub denied: DeniedLog,
+    /// Denied-address log limiter and recent denied addresses (shared with the status page).
+    pub denied: Arc<DeniedLog>,
     /// Peers trusted to state the client address (`--trusted-proxy`).
     pub trusted: Option<AllowList>,
     /// Read a PROXY protocol header first (`--proxy-protocol`).
