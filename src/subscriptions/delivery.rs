@@ -51,7 +51,13 @@ pub enum Accepted {
 struct Queue {
     /// Entries waiting in the spool for this mailbox.
     waiting: u64,
+    /// Of those, resync signals queued by this process (ones spooled before a restart are
+    /// older, so delivered first: counting from zero still ends at zero).
+    resyncs: u64,
 }
+
+/// Told, under the mailbox's queue lock, whether a resync signal is still waiting for it.
+type ResyncHook = Box<dyn Fn(&str, bool) + Send + Sync>;
 
 /// The delivery side of managed mode.
 pub struct Delivery {
@@ -63,6 +69,7 @@ pub struct Delivery {
     queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Queue>>>>,
     wake: tokio::sync::Notify,
     metrics: Arc<Metrics>,
+    resync_hook: std::sync::OnceLock<ResyncHook>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -85,7 +92,13 @@ impl Delivery {
         let queues = depth
             .per_mailbox
             .into_iter()
-            .map(|(m, n)| (m, Arc::new(tokio::sync::Mutex::new(Queue { waiting: n }))))
+            .map(|(m, n)| {
+                let q = Queue {
+                    waiting: n,
+                    resyncs: 0,
+                };
+                (m, Arc::new(tokio::sync::Mutex::new(q)))
+            })
             .collect();
         Ok(Arc::new(Self {
             receiver,
@@ -95,7 +108,20 @@ impl Delivery {
             queues: Mutex::new(queues),
             wake: tokio::sync::Notify::new(),
             metrics,
+            resync_hook: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Call `hook(mailbox, pending)` whenever a resync signal is queued or delivered, so the
+    /// status page can show whether the receiver still has to hear it.
+    pub fn on_resync(&self, hook: impl Fn(&str, bool) + Send + Sync + 'static) {
+        let _ = self.resync_hook.set(Box::new(hook));
+    }
+
+    fn resync_changed(&self, mailbox: &str, q: &Queue) {
+        if let Some(hook) = self.resync_hook.get() {
+            hook(mailbox, q.resyncs > 0);
+        }
     }
 
     fn queue(&self, mailbox: &str) -> Arc<tokio::sync::Mutex<Queue>> {
@@ -151,6 +177,8 @@ impl Delivery {
             })
             .await?;
         q.waiting += 1;
+        q.resyncs += 1;
+        self.resync_changed(mailbox, &q);
         drop(q);
         self.wake.notify_one();
         Ok(())
@@ -267,6 +295,10 @@ impl Delivery {
                 return Err(());
             }
             q.waiting = q.waiting.saturating_sub(1);
+            if resync {
+                q.resyncs = q.resyncs.saturating_sub(1);
+                self.resync_changed(mailbox, q);
+            }
             done += 1;
             self.metrics
                 .delivery(if resync { "resync" } else { "replayed" });

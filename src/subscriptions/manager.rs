@@ -167,7 +167,7 @@ impl Manager {
         store
             .blocking(move |s| s.prune_retired(RETIRED_ID_TTL, now))
             .await?;
-        Ok(Arc::new(Self {
+        let manager = Arc::new(Self {
             cfg,
             client,
             writer,
@@ -178,7 +178,20 @@ impl Manager {
             groups: Mutex::new(Default::default()),
             subscribing: Default::default(),
             subscribed: tokio::sync::Notify::new(),
-        }))
+        });
+        // `resync_pending` ends when the receiver has acknowledged the resync signal.
+        let weak = Arc::downgrade(&manager);
+        manager.delivery.on_resync(move |mailbox, pending| {
+            let Some(m) = weak.upgrade().and_then(|me| me.mailbox(mailbox)) else {
+                return;
+            };
+            m.record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .resync_pending = pending;
+            m.dirty.store(true, Ordering::Relaxed);
+        });
+        Ok(manager)
     }
 
     /// Subscribe the configured mailboxes (call once the TLS listener is up: Exchange calls
