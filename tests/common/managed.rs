@@ -349,11 +349,20 @@ pub struct Lab {
     pub port: u16,
     pub setup: Setup,
     pub relay: Option<ManagedRelay>,
+    listener: Option<TcpListener>,
 }
 
 impl Lab {
     /// Start the simulator (with `sim_config` adjusted by `tune`), the receiver, and a relay.
     pub async fn start(hosted: &[&str], tune: impl FnOnce(&mut SimConfig), setup: Setup) -> Lab {
+        let mut lab = Lab::prepare(hosted, tune, setup).await;
+        lab.launch().await;
+        lab
+    }
+
+    /// Like [`Lab::start`] but without the relay, so faults can be armed before it subscribes;
+    /// the relay's port is already reserved. Start it with [`Lab::launch`].
+    pub async fn prepare(hosted: &[&str], tune: impl FnOnce(&mut SimConfig), setup: Setup) -> Lab {
         let cert = test_cert();
         let mut config = sim_config(hosted, &cert.der);
         tune(&mut config);
@@ -362,7 +371,7 @@ impl Lab {
         let state = tempfile::tempdir().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mut lab = Lab {
+        Lab {
             sim,
             receiver,
             cert,
@@ -370,9 +379,14 @@ impl Lab {
             port,
             setup,
             relay: None,
-        };
-        lab.relay = Some(lab.start_relay(listener).await);
-        lab
+            listener: Some(listener),
+        }
+    }
+
+    /// Start the relay on the reserved port.
+    pub async fn launch(&mut self) {
+        let listener = self.listener.take().expect("prepared, not launched");
+        self.relay = Some(self.start_relay(listener).await);
     }
 
     pub fn callback_url(&self) -> String {
