@@ -194,6 +194,18 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_STALE_AFTER", default_value = "2m", value_name = "DUR", value_parser = parse_duration)]
     pub stale_after: Duration,
 
+    /// Keep the exchange-online preset current from Microsoft 365's endpoint web service.
+    #[arg(long, env = "EWS_RELAY_REFRESH_RANGES")]
+    pub refresh_ranges: bool,
+
+    /// The endpoint web service (override for sovereign clouds and tests).
+    #[arg(long, env = "EWS_RELAY_RANGES_URL", value_name = "URL", default_value = crate::filter::ranges::DEFAULT_SERVICE)]
+    pub ranges_url: String,
+
+    /// How often the service's version is checked (at least 1h against Microsoft's service).
+    #[arg(long, env = "EWS_RELAY_RANGES_INTERVAL", value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+    pub ranges_interval: Duration,
+
     /// Expect a PROXY protocol v1/v2 header from --trusted-proxy peers (load balancer).
     #[arg(long, env = "EWS_RELAY_PROXY_PROTOCOL")]
     pub proxy_protocol: bool,
@@ -556,6 +568,8 @@ pub struct Config {
     pub tls: TlsSource,
     /// Admitted source networks.
     pub allow: AllowList,
+    /// `--refresh-ranges`: the endpoint service and how often to ask it.
+    pub refresh_ranges: Option<(String, Duration)>,
     /// Peers allowed to state the client address (`--trusted-proxy`).
     pub trusted_proxies: Option<AllowList>,
     /// Read PROXY protocol headers from trusted peers.
@@ -621,6 +635,31 @@ impl Config {
         })?;
         let path_prefix = normalise_prefix(&args.path_prefix)?;
         let trusted_proxies = trusted_proxies(&args.trusted_proxy)?;
+        let refresh_ranges = if args.refresh_ranges {
+            let url = parse_https_url("--ranges-url", &args.ranges_url, true)?;
+            let microsoft = url.trim_end_matches('/') == crate::filter::ranges::DEFAULT_SERVICE;
+            if microsoft && args.ranges_interval < crate::filter::ranges::MIN_INTERVAL_MICROSOFT {
+                return Err(ConfigError::new(
+                    "--ranges-interval",
+                    "Microsoft asks clients to check at most hourly: use 1h or more",
+                ));
+            }
+            let source = crate::filter::AllowSource {
+                cidrs: args.allow.clone(),
+                file: args.allow_file.clone(),
+                presets: args.allow_preset.clone(),
+                exchange_online: Default::default(),
+            };
+            if !source.uses_exchange_online() {
+                return Err(ConfigError::new(
+                    "--refresh-ranges",
+                    "refreshes the exchange-online preset, which is not in use (add --allow-preset exchange-online)",
+                ));
+            }
+            Some((url, args.ranges_interval))
+        } else {
+            None
+        };
         let client_ip_header = match &args.client_ip_header {
             None => None,
             Some(h) => Some(
@@ -654,6 +693,7 @@ impl Config {
             tls,
             allow,
             trusted_proxies,
+            refresh_ranges,
             proxy_protocol: args.proxy_protocol,
             client_ip_header,
             allow_sources,

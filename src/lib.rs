@@ -198,12 +198,28 @@ pub async fn run(
             metrics.clone(),
         )));
     }
-    if let (cidrs, Some(file), presets) = &config.allow_sources {
+    let allow_source = Arc::new(filter::AllowSource {
+        cidrs: config.allow_sources.0.clone(),
+        file: config.allow_sources.1.clone(),
+        presets: config.allow_sources.2.clone(),
+        exchange_online: Default::default(),
+    });
+    if let Some(file) = &config.allow_sources.1 {
         reloaders.push(tokio::spawn(reload::watch_allow_list(
             allow.clone(),
-            cidrs.clone(),
+            allow_source.clone(),
             file.clone(),
-            presets.clone(),
+            metrics.clone(),
+        )));
+    }
+    if let Some((url, interval)) = &config.refresh_ranges {
+        let http = auth::http_client(None).map_err(StartError::Outbound)?;
+        reloaders.push(tokio::spawn(reload::refresh_ranges(
+            allow.clone(),
+            allow_source.clone(),
+            filter::ranges::Service::new(http, url),
+            config.state_dir.clone(),
+            *interval,
             metrics.clone(),
         )));
     }

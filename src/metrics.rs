@@ -114,6 +114,10 @@ pub struct Metrics {
     cert_expiry: Gauge,
     /// Reloads of the certificate and the allow-list, by outcome.
     reloads: Family<[(&'static str, &'static str); 2], Counter>,
+    /// Version of the refreshed exchange-online list (the service's numeric version).
+    ranges_version: Gauge,
+    /// Age of the refreshed exchange-online list.
+    ranges_age: Gauge,
 }
 
 impl Default for Metrics {
@@ -253,6 +257,18 @@ impl Metrics {
             "Reloads of the certificate and the allow-list, by outcome",
             reloads.clone(),
         );
+        let ranges_version = Gauge::default();
+        registry.register(
+            "ranges_version",
+            "Version of the exchange-online list from the endpoint service (0: built-in snapshot)",
+            ranges_version.clone(),
+        );
+        let ranges_age = Gauge::default();
+        registry.register(
+            "ranges_age_seconds",
+            "Age of the exchange-online list from the endpoint service",
+            ranges_age.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -289,7 +305,15 @@ impl Metrics {
             spool_oldest_age,
             cert_expiry,
             reloads,
+            ranges_version,
+            ranges_age,
         }
+    }
+
+    /// Publish the refreshed list's version and age.
+    pub fn set_ranges(&self, version: &str, age: std::time::Duration) {
+        self.ranges_version.set(version.parse().unwrap_or(0));
+        self.ranges_age.set(age.as_secs() as i64);
     }
 
     /// Publish the served certificate's expiry.

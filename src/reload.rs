@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::filter::AllowList;
+use crate::filter::ranges::{self, Ranges, Service};
+use crate::filter::{AllowList, AllowSource};
 use crate::metrics::Metrics;
 use crate::tls::{CertResolver, LoadedCert};
 
@@ -146,17 +147,14 @@ pub fn report_expiry(cert: &LoadedCert, metrics: &Metrics) {
 /// Keep the allow-list in step with `--allow-file` (plus the fixed `--allow`/presets).
 pub async fn watch_allow_list(
     current: Arc<ArcSwap<AllowList>>,
-    cidrs: Vec<String>,
+    source: Arc<AllowSource>,
     file: PathBuf,
-    presets: Vec<String>,
     metrics: Arc<Metrics>,
 ) {
-    watch(vec![file.clone()], "allow-list", || {
-        let (current, cidrs, file, presets, metrics) =
-            (current.clone(), cidrs.clone(), file.clone(), presets.clone(), metrics.clone());
+    watch(vec![file], "allow-list", || {
+        let (current, source, metrics) = (current.clone(), source.clone(), metrics.clone());
         async move {
-            let built =
-                tokio::task::spawn_blocking(move || AllowList::build(&cidrs, Some(&file), &presets)).await;
+            let built = tokio::task::spawn_blocking(move || source.build()).await;
             match built {
                 Ok(Ok(list)) => {
                     tracing::info!(admitted = %list.describe(), "allow-list reloaded");
@@ -172,4 +170,95 @@ pub async fn watch_allow_list(
         }
     })
     .await;
+}
+
+/// `--refresh-ranges`: start from the cached list, then check the service's version every
+/// `interval` and download the list only when it changed. Any failure keeps what is in force.
+pub async fn refresh_ranges(
+    current: Arc<ArcSwap<AllowList>>,
+    source: Arc<AllowSource>,
+    service: Service,
+    state_dir: PathBuf,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+) {
+    let dir = state_dir.clone();
+    if let Ok(Some(cached)) = tokio::task::spawn_blocking(move || ranges::load_cache(&dir)).await {
+        tracing::info!(version = %cached.version, networks = cached.networks.len(), "exchange-online ranges from the cache");
+        apply_ranges(&current, &source, cached, &metrics);
+    } else {
+        tracing::info!("no cached exchange-online ranges: the built-in snapshot applies until the service answers");
+    }
+    loop {
+        let known = source
+            .exchange_online
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| r.version.clone());
+        match service.version().await {
+            Ok(v) if Some(&v) == known.as_ref() => {
+                tracing::debug!(version = %v, "exchange-online ranges unchanged");
+            }
+            Ok(v) => match service.fetch(&v).await {
+                Ok(fresh) => {
+                    tracing::info!(version = %v, networks = fresh.networks.len(), "new exchange-online ranges from the endpoint service");
+                    let (dir, copy) = (state_dir.clone(), fresh.clone());
+                    if let Ok(Err(e)) =
+                        tokio::task::spawn_blocking(move || ranges::save_cache(&dir, &copy)).await
+                    {
+                        tracing::warn!(error = %e, "cannot cache the ranges");
+                    }
+                    apply_ranges(&current, &source, fresh, &metrics);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the exchange-online ranges in force");
+                    metrics.reload("ranges", false);
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "keeping the exchange-online ranges in force");
+                metrics.reload("ranges", false);
+            }
+        }
+        if let Some(r) = source
+            .exchange_online
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            metrics.set_ranges(&r.version, r.age());
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn apply_ranges(
+    current: &ArcSwap<AllowList>,
+    source: &AllowSource,
+    fresh: Ranges,
+    metrics: &Metrics,
+) {
+    let previous = source
+        .exchange_online
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .replace(fresh.clone());
+    match source.build() {
+        Ok(list) => {
+            tracing::info!(admitted = %list.describe(), "allow-list updated");
+            current.store(Arc::new(list));
+            metrics.set_ranges(&fresh.version, fresh.age());
+            metrics.reload("ranges", true);
+        }
+        Err(e) => {
+            // Cannot happen with a validated list, but never leave a half-applied state.
+            *source
+                .exchange_online
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = previous;
+            tracing::error!(error = %e, "new ranges refused");
+            metrics.reload("ranges", false);
+        }
+    }
 }

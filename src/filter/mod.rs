@@ -5,6 +5,7 @@
 
 pub mod presets;
 pub mod proxy_protocol;
+pub mod ranges;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -49,6 +50,17 @@ impl AllowList {
         file: Option<&Path>,
         preset_names: &[String],
     ) -> Result<Self, AllowListError> {
+        Self::build_with(cidrs, file, preset_names, None)
+    }
+
+    /// As [`AllowList::build`], with a fresher `exchange-online` list (from Microsoft's endpoint
+    /// web service) in place of the built-in snapshot when given.
+    pub fn build_with(
+        cidrs: &[String],
+        file: Option<&Path>,
+        preset_names: &[String],
+        exchange_online: Option<&ranges::Ranges>,
+    ) -> Result<Self, AllowListError> {
         let mut nets = Vec::new();
         let mut sources = Vec::new();
         for c in cidrs {
@@ -89,6 +101,23 @@ impl AllowList {
                     known.join(", ")
                 ))
             })?;
+            if let (Some(r), true) = (
+                exchange_online,
+                preset.name == presets::EXCHANGE_ONLINE.name,
+            ) {
+                nets.extend_from_slice(&r.networks);
+                sources.push(format!(
+                    "preset {} ({} networks, version {} from the endpoint service via {}, fetched {})",
+                    preset.name,
+                    r.networks.len(),
+                    r.version,
+                    r.origin,
+                    humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(r.fetched_at)
+                    )
+                ));
+                continue;
+            }
             for c in preset.cidrs {
                 nets.push(parse_net(c).map_err(AllowListError::Preset)?);
             }
@@ -180,6 +209,45 @@ mod num_like {
         fn succ_saturating(self) -> Self {
             self.saturating_add(1)
         }
+    }
+}
+
+/// What an allow-list is built from, kept so it can be rebuilt when one input changes (the
+/// allow file, or a fresher Exchange Online list) without losing the others.
+#[derive(Debug)]
+pub struct AllowSource {
+    /// `--allow` values.
+    pub cidrs: Vec<String>,
+    /// `--allow-file`.
+    pub file: Option<std::path::PathBuf>,
+    /// `--allow-preset` names.
+    pub presets: Vec<String>,
+    /// The latest good Exchange Online list, when refreshed.
+    pub exchange_online: Mutex<Option<ranges::Ranges>>,
+}
+
+impl AllowSource {
+    /// Build the allow-list from the current inputs.
+    pub fn build(&self) -> Result<AllowList, AllowListError> {
+        let eo = self
+            .exchange_online
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        AllowList::build_with(
+            &self.cidrs,
+            self.file.as_deref(),
+            &self.presets,
+            eo.as_ref(),
+        )
+    }
+
+    /// Whether the `exchange-online` preset is part of the list (explicitly or by default).
+    pub fn uses_exchange_online(&self) -> bool {
+        self.presets
+            .iter()
+            .any(|p| p == presets::EXCHANGE_ONLINE.name)
+            || (self.cidrs.is_empty() && self.file.is_none() && self.presets.is_empty())
     }
 }
 
