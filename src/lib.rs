@@ -307,7 +307,7 @@ pub async fn run(
         t.abort();
     }
     if let Some(m) = &manager {
-        m.flush().await;
+        m.shutdown().await;
     }
     admin_task.abort();
     tracing::info!("ews-relay stopped");

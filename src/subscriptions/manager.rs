@@ -111,6 +111,8 @@ pub struct Manager {
     /// Subscribe calls in flight, and a signal when one finishes (see [`UNKNOWN_ID_GRACE`]).
     subscribing: std::sync::atomic::AtomicUsize,
     subscribed: tokio::sync::Notify,
+    /// The mailbox tasks and the flusher, ended by [`Manager::shutdown`].
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -178,6 +180,7 @@ impl Manager {
             groups: Mutex::new(Default::default()),
             subscribing: Default::default(),
             subscribed: tokio::sync::Notify::new(),
+            tasks: Mutex::new(Vec::new()),
         });
         // `resync_pending` ends when the receiver has acknowledged the resync signal.
         let weak = Arc::downgrade(&manager);
@@ -200,7 +203,7 @@ impl Manager {
         let wanted = self.configured_mailboxes();
         self.apply_mailbox_set(&wanted).await?;
         let me = self.clone();
-        tokio::spawn(async move {
+        let flusher = tokio::spawn(async move {
             let mut tick = tokio::time::interval(FLUSH_INTERVAL);
             loop {
                 tick.tick().await;
@@ -208,7 +211,28 @@ impl Manager {
                 me.publish_gauges();
             }
         });
+        self.track(flusher);
         Ok(())
+    }
+
+    fn track(&self, task: tokio::task::JoinHandle<()>) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// Stop subscribing: end every mailbox task and the flusher, then write what changed.
+    /// Without this the tasks outlive the relay's `run`, keep calling Exchange and keep the
+    /// store open.
+    pub async fn shutdown(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+        self.flush().await;
     }
 
     /// The mailboxes from `--mailbox` and `--mailboxes-file` now.
@@ -297,7 +321,9 @@ impl Manager {
             .unwrap_or_else(|e| e.into_inner())
             .insert(address.clone(), mailbox.clone());
         let me = self.clone();
-        tokio::spawn(async move { me.run_mailbox(address, mailbox, rx).await });
+        self.track(tokio::spawn(async move {
+            me.run_mailbox(address, mailbox, rx).await
+        }));
     }
 
     async fn remove(&self, address: &str) -> Result<(), StoreError> {
