@@ -501,3 +501,426 @@ async fn permanent_error_fails_the_mailbox_and_is_not_retried_at_full_rate() {
     assert_eq!(mailbox_view(&v, GHOST).unwrap()["state"], "failed");
     assert_eq!(mailbox_view(&v, ROOM_A).unwrap()["state"], "active");
 }
+
+// ---------------------------------------------------------------------------------------
+// 5. and 6. The spool
+// ---------------------------------------------------------------------------------------
+
+/// Creates `count` events in `mailbox` and waits until the simulator got an answer for them
+/// (the relay spooled or delivered them); returns their watermarks.
+async fn pushed(lab: &Lab, mailbox: &str, count: usize) -> Vec<String> {
+    let before: u64 = lab
+        .sim
+        .subscriptions()
+        .iter()
+        .filter(|s| s.mailbox == mailbox)
+        .map(|s| s.counters.events_delivered)
+        .sum();
+    let created = lab
+        .sim
+        .create_events(mailbox, EventType::Created, count)
+        .unwrap();
+    let want = before + count as u64;
+    sim_wait(&lab.sim, WAIT, "the events pushed and answered", |h| {
+        let done: u64 = h
+            .subscriptions()
+            .iter()
+            .filter(|s| s.mailbox == mailbox)
+            .map(|s| s.counters.events_delivered)
+            .sum();
+        (done >= want).then_some(())
+    })
+    .await;
+    created
+}
+
+/// Promise: while the receiver is down, notifications are spooled and Exchange still hears
+/// `OK` (its subscriptions stay alive); once the receiver is back, everything is delivered in
+/// order per mailbox, marked `X-EWS-Received-At`, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiver_outage_is_spooled_and_replayed_in_order() {
+    let rooms = [ROOM_A, ROOM_B];
+    let lab = Lab::start(&rooms, |_| {}, Setup::new(&rooms)).await;
+    let ids = lab.wait_active(&rooms).await;
+    let first = pushed(&lab, ROOM_A, 1).await;
+
+    lab.receiver.set_down(true);
+    let mut created_a = first.clone();
+    for _ in 0..3 {
+        created_a.extend(pushed(&lab, ROOM_A, 2).await);
+    }
+    let created_b = pushed(&lab, ROOM_B, 2).await;
+    let v = lab
+        .wait_relay(WAIT, "four notifications spooled", |v| {
+            (v["spool_depth"].as_u64()? == 4).then(|| v.clone())
+        })
+        .await;
+    assert_eq!(mailbox_view(&v, ROOM_A).unwrap()["spool_depth"], 3);
+    assert_eq!(mailbox_view(&v, ROOM_B).unwrap()["spool_depth"], 1);
+    for id in &ids {
+        let sub = lab.sim.subscription(id).unwrap();
+        assert_eq!(sub.state, SubscriptionState::Active, "Exchange heard OK");
+        assert_eq!(
+            sub.counters.pushes_failed, 0,
+            "Exchange heard OK every time"
+        );
+    }
+    assert!(
+        lab.receiver.all().len() > 1,
+        "the relay did try the receiver"
+    );
+
+    lab.receiver.set_down(false);
+    let got_a = lab.receiver.wait_events(ROOM_A, &created_a, WAIT).await;
+    let got_b = lab.receiver.wait_events(ROOM_B, &created_b, WAIT).await;
+    assert_in_order_none_lost(&created_a, &got_a);
+    assert_in_order_none_lost(&created_b, &got_b);
+    let replayed: Vec<_> = lab
+        .receiver
+        .accepted()
+        .into_iter()
+        .filter(|s| header(s, "x-ews-received-at").is_some())
+        .collect();
+    assert_eq!(
+        replayed.len(),
+        4,
+        "the spooled ones carry X-EWS-Received-At"
+    );
+    for s in &replayed {
+        humantime::parse_rfc3339(header(s, "x-ews-received-at").unwrap()).unwrap();
+    }
+    lab.wait_relay(WAIT, "an empty spool", |v| {
+        (v["spool_depth"].as_u64()? == 0).then_some(())
+    })
+    .await;
+}
+
+/// The simulator for restart tests: Exchange's retry schedule scaled so a push that fails
+/// during the restart is retried after 1.5 s, and the subscription lives 3 s without answers.
+fn slow_retries(c: &mut ews_relay::sim::SimConfig) {
+    c.time_factor = 0.05;
+}
+
+/// Promise: spooled notifications survive a restart of the relay (shutdown while the
+/// receiver is down), and the restarted relay answers its stored subscription instead of
+/// making a new one; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_and_subscriptions_survive_a_restart() {
+    let mut setup = Setup::new(&[ROOM_A]);
+    setup.heartbeat = Duration::from_secs(4);
+    let mut lab = Lab::start(&[ROOM_A], slow_retries, setup).await;
+    let ids = lab.wait_active(&[ROOM_A]).await;
+    lab.receiver.set_down(true);
+    let mut created = pushed(&lab, ROOM_A, 2).await;
+    created.extend(pushed(&lab, ROOM_A, 1).await);
+    lab.wait_relay(WAIT, "two notifications spooled", |v| {
+        (v["spool_depth"].as_u64()? == 2).then_some(())
+    })
+    .await;
+
+    lab.stop_relay().await;
+    // While no relay listens: Exchange's push fails and is retried.
+    created.extend(
+        lab.sim
+            .create_events(ROOM_A, EventType::Modified, 1)
+            .unwrap(),
+    );
+    lab.start_again().await;
+
+    lab.receiver.set_down(false);
+    let got = lab.receiver.wait_events(ROOM_A, &created, WAIT).await;
+    assert_in_order_none_lost(&created, &got);
+    let v = lab.api().await;
+    assert_eq!(
+        mailbox_view(&v, ROOM_A).unwrap()["subscription_id"],
+        ids[0].as_str(),
+        "the restarted relay kept its stored subscription"
+    );
+    assert_eq!(
+        subscribes_for(&lab.sim, ROOM_A).len(),
+        1,
+        "no new Subscribe"
+    );
+    let sub = lab.sim.subscription(&ids[0]).unwrap();
+    assert!(
+        sub.is_live(),
+        "the stored subscription was answered OK: {sub:?}"
+    );
+}
+
+/// Promise: the same after `kill -9` of the real binary: the spool and the subscription ids
+/// are durable without any shutdown path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_and_subscriptions_survive_kill_9() {
+    let mut setup = Setup::new(&[ROOM_A]);
+    setup.heartbeat = Duration::from_secs(4);
+    let mut lab = Lab::prepare(&[ROOM_A], slow_retries, setup).await;
+    let mut binary = lab.spawn_binary().await;
+    let admin = binary.admin;
+    let sim = lab.sim.handle.clone();
+    let id = wait_api(admin, WAIT, "room A active", |v| {
+        let m = mailbox_view(v, ROOM_A)?;
+        let id = m["subscription_id"].as_str()?;
+        (m["state"] == "active" && live_subscription(&sim, ROOM_A)?.id == id).then(|| id.to_owned())
+    })
+    .await;
+    lab.receiver.set_down(true);
+    let mut created = pushed(&lab, ROOM_A, 2).await;
+    created.extend(pushed(&lab, ROOM_A, 1).await);
+    wait_api(admin, WAIT, "two notifications spooled", |v| {
+        (v["spool_depth"].as_u64()? == 2).then_some(())
+    })
+    .await;
+
+    binary.kill_9();
+    created.extend(
+        lab.sim
+            .create_events(ROOM_A, EventType::Modified, 1)
+            .unwrap(),
+    );
+    lab.start_again().await;
+
+    lab.receiver.set_down(false);
+    let got = lab.receiver.wait_events(ROOM_A, &created, WAIT).await;
+    assert_in_order_none_lost(&created, &got);
+    let v = lab.api().await;
+    assert_eq!(
+        mailbox_view(&v, ROOM_A).unwrap()["subscription_id"],
+        id.as_str(),
+        "the restarted relay kept its stored subscription"
+    );
+    assert_eq!(
+        subscribes_for(&lab.sim, ROOM_A).len(),
+        1,
+        "no new Subscribe"
+    );
+    assert!(lab.sim.subscription(&id).unwrap().is_live());
+}
+
+// ---------------------------------------------------------------------------------------
+// 7. Ending subscriptions
+// ---------------------------------------------------------------------------------------
+
+/// Promise: a mailbox removed from `--mailboxes-file` is ended (its subscription answered
+/// `Unsubscribe`) and one added is subscribed, without touching the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailboxes_file_changes_unsubscribe_removed_and_subscribe_added() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailboxes.txt");
+    write_mailboxes(&file, &[ROOM_A, ROOM_B]);
+    let mut setup = Setup::new(&[]);
+    setup.mailboxes_file = Some(file.clone());
+    let rooms = [ROOM_A, ROOM_B, ROOM_C];
+    let lab = Lab::start(&rooms, |_| {}, setup).await;
+    let ids = lab.wait_active(&[ROOM_A, ROOM_B]).await;
+
+    write_mailboxes(&file, &[ROOM_A, ROOM_C]);
+    let removed = ids[1].clone();
+    sim_wait(
+        &lab.sim,
+        WAIT,
+        "room B's subscription ended by Unsubscribe",
+        |h| {
+            (h.subscription(&removed)?.state == SubscriptionState::Ended(EndReason::Unsubscribed))
+                .then_some(())
+        },
+    )
+    .await;
+    lab.wait_active(&[ROOM_C]).await;
+    let v = lab.api().await;
+    assert!(mailbox_view(&v, ROOM_B).is_none(), "room B still listed");
+    assert_eq!(
+        mailbox_view(&v, ROOM_A).unwrap()["subscription_id"],
+        ids[0].as_str()
+    );
+    assert!(lab.sim.subscription(&ids[0]).unwrap().is_live());
+    assert_eq!(
+        subscribes_for(&lab.sim, ROOM_B).len(),
+        1,
+        "room B not resubscribed"
+    );
+}
+
+/// Promise: a subscription the relay replaced is answered `Unsubscribe` when Exchange next
+/// pushes to it (Exchange Online allows only 20 per mailbox). Here keep-alives come every
+/// 2.5 s but the relay gives up after 1 s of silence, so each subscription is replaced while
+/// Exchange still has it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_subscription_is_answered_unsubscribe() {
+    let mut setup = Setup::new(&[ROOM_A]);
+    setup.heartbeat = Duration::from_secs(1);
+    let lab = Lab::start(
+        &[ROOM_A],
+        |c| c.status_period = Duration::from_millis(2500),
+        setup,
+    )
+    .await;
+    let first = sim_wait(&lab.sim, WAIT, "a first subscription", |h| {
+        live_subscription(h, ROOM_A).map(|s| s.id)
+    })
+    .await;
+    sim_wait(
+        &lab.sim,
+        WAIT,
+        "the first subscription ended by Unsubscribe",
+        |h| {
+            (h.subscription(&first)?.state == SubscriptionState::Ended(EndReason::Unsubscribed))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        subscribes_for(&lab.sim, ROOM_A).len() >= 2,
+        "it was replaced"
+    );
+    let v = lab.api().await;
+    assert_ne!(
+        mailbox_view(&v, ROOM_A).unwrap()["subscription_id"],
+        first.as_str()
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. OAuth
+// ---------------------------------------------------------------------------------------
+
+/// The relay flags for the simulator's OAuth (see [`sim_oauth`]).
+fn oauth(lab: &mut Lab) {
+    let secret = lab.cert.dir.path().join("client-secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    lab.setup.auth = vec![
+        "--auth".into(),
+        "oauth".into(),
+        "--oauth-token-url".into(),
+        lab.sim.token_url(),
+        "--client-id".into(),
+        "relay-app".into(),
+        "--client-secret-file".into(),
+        secret.display().to_string(),
+    ];
+}
+
+fn sim_oauth(lifetime: Duration) -> impl FnOnce(&mut ews_relay::sim::SimConfig) {
+    move |c| {
+        c.auth = Auth::OAuth {
+            client_id: "relay-app".into(),
+            client_secret: "s3cret-value".into(),
+            token_lifetime: lifetime,
+        }
+    }
+}
+
+fn token_requests(lab: &Lab) -> Vec<ews_relay::sim::RecordedRequest> {
+    lab.sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/oauth2/v2.0/token"))
+        .collect()
+}
+
+/// Promise: one token is fetched and reused for every mailbox, and fetched again once it
+/// nears expiry (before EWS would refuse it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_token_is_reused_and_renewed_before_expiry() {
+    let rooms = [ROOM_A, ROOM_B, ROOM_C];
+    let lifetime = Duration::from_secs(3);
+    let mut lab = Lab::prepare(&rooms, sim_oauth(lifetime), Setup::new(&rooms)).await;
+    oauth(&mut lab);
+    lab.launch().await;
+    let ids = lab.wait_active(&rooms).await;
+    let tokens = token_requests(&lab);
+    assert_eq!(tokens.len(), 1, "one token for three Subscribes");
+    assert!(tokens[0].body.contains("grant_type=client_credentials"));
+    assert!(tokens[0].body.contains("client_id=relay-app"));
+    for (req, _) in subscribes(&lab.sim) {
+        assert!(
+            req_header(&req, "authorization").is_some_and(|a| a.starts_with("Bearer ")),
+            "Subscribe without a Bearer token"
+        );
+    }
+
+    // The resubscribe comes after the heartbeat timeout (1.5 s), past the token's half-life.
+    lab.sim.stop_keepalives(&ids[0]).unwrap();
+    let old = ids[0].clone();
+    lab.wait_relay(WAIT, "room A on a new subscription", |v| {
+        let m = mailbox_view(v, ROOM_A)?;
+        (m["state"] == "active" && m["subscription_id"].as_str()? != old).then_some(())
+    })
+    .await;
+    assert_eq!(token_requests(&lab).len(), 2, "renewed");
+    assert!(
+        lab.sim.requests().iter().all(|r| r.status != 401),
+        "a request went out with an expired token"
+    );
+}
+
+/// Promise: when EWS answers 401 (token revoked), the relay fetches a fresh token once and
+/// retries, and the Subscribe succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_token_is_refreshed_on_401() {
+    let lifetime = Duration::from_secs(3600);
+    let mut lab = Lab::prepare(&[ROOM_A], sim_oauth(lifetime), Setup::new(&[ROOM_A])).await;
+    oauth(&mut lab);
+    lab.launch().await;
+    let ids = lab.wait_active(&[ROOM_A]).await;
+    assert_eq!(token_requests(&lab).len(), 1);
+
+    assert_eq!(lab.sim.revoke_tokens(), 1);
+    let mark = lab.sim.requests().last().unwrap().seq;
+    lab.sim.stop_keepalives(&ids[0]).unwrap();
+    let old = ids[0].clone();
+    lab.wait_relay(WAIT, "room A on a new subscription", |v| {
+        let m = mailbox_view(v, ROOM_A)?;
+        (m["state"] == "active" && m["subscription_id"].as_str()? != old).then_some(())
+    })
+    .await;
+    let after: Vec<_> = lab
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.seq > mark)
+        .collect();
+    let kinds: Vec<String> = after
+        .iter()
+        .map(|r| {
+            if r.path.ends_with("/oauth2/v2.0/token") {
+                "token".to_owned()
+            } else {
+                r.status.to_string()
+            }
+        })
+        .collect();
+    assert_eq!(kinds, ["401", "token", "200"], "{after:#?}");
+    assert_eq!(lab.sim.snapshot().tokens_issued, 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Someone else's subscriptions
+// ---------------------------------------------------------------------------------------
+
+/// Promise: notifications for subscription ids the relay did not create pass through to the
+/// receiver as in passthrough mode: same body, no `X-EWS-Mailbox`, the receiver's answer
+/// returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_subscription_ids_pass_through() {
+    let lab = Lab::start(&[ROOM_A], |_| {}, Setup::new(&[ROOM_A])).await;
+    lab.wait_active(&[ROOM_A]).await;
+    let body = common::fixture("send-notification-events.xml");
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", lab.port).parse().unwrap();
+    let mut client = common::https_client(addr, &lab.cert.der, None)
+        .await
+        .unwrap();
+    let (status, _, answer) =
+        common::send(&mut client, common::post(CALLBACK_PATH, body.clone())).await;
+    assert_eq!(status, 200);
+    assert!(
+        String::from_utf8_lossy(&answer).contains(">OK<"),
+        "the receiver's answer is returned"
+    );
+    let seen = lab.receiver.accepted();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, body, "forwarded unchanged");
+    assert!(header(&seen[0], "x-ews-mailbox").is_none());
+    assert!(header(&seen[0], "x-ews-subscription-id").is_none());
+    assert_eq!(header(&seen[0], "x-forwarded-for"), Some("127.0.0.1"));
+}

@@ -455,13 +455,22 @@ impl Lab {
                 let _ = rx.await;
             },
         ));
-        let relay = ManagedRelay {
+        let deadline = Instant::now() + WAIT;
+        while !matches!(
+            admin_get(admin_addr, "/healthz").await,
+            Ok((StatusCode::OK, _))
+        ) {
+            if handle.is_finished() {
+                panic!("the relay stopped while starting: {:?}", handle.await);
+            }
+            assert!(Instant::now() < deadline, "relay never became healthy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ManagedRelay {
             admin: admin_addr,
             stop: Some(tx),
             handle: Some(handle),
-        };
-        wait_healthy(admin_addr).await;
-        relay
+        }
     }
 
     /// Stop the relay through its shutdown future.
@@ -474,8 +483,49 @@ impl Lab {
     /// Start a relay again on the same port, state directory and command line.
     pub async fn start_again(&mut self) {
         assert!(self.relay.is_none(), "stop the relay first");
+        // `run` has returned, but the old store writer thread lets go of the file a moment
+        // later (a new process would not meet it: the old one is gone).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Err(e) = ews_relay::store::Store::open(self.state.path()) {
+            assert!(Instant::now() < deadline, "state dir still in use: {e}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let listener = bind_port(self.port).await;
         self.relay = Some(self.start_relay(listener).await);
+    }
+
+    /// Start the real binary (`ews-relay`) on the reserved port instead of `run` in-process,
+    /// logging to `relay.log` in the certificate's directory; for `kill -9`.
+    pub async fn spawn_binary(&mut self) -> BinaryRelay {
+        // Free the reserved port just before the child binds it.
+        drop(self.listener.take());
+        let admin = crate::common::closed_port().await;
+        let log_path = self.cert.dir.path().join("relay.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ews-relay"))
+            .args(&self.words()[1..])
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args(["--admin-listen", &admin.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the ews-relay binary");
+        let relay = BinaryRelay {
+            child,
+            admin,
+            log: log_path,
+        };
+        let deadline = Instant::now() + WAIT;
+        while admin_get(admin, "/healthz").await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "binary never healthy:\n{}",
+                relay.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        relay
     }
 
     pub fn admin(&self) -> SocketAddr {
@@ -516,6 +566,33 @@ impl Lab {
     }
 }
 
+/// The relay binary running as a child process.
+pub struct BinaryRelay {
+    pub child: std::process::Child,
+    pub admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl BinaryRelay {
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no shutdown path runs, nothing is flushed.
+    pub fn kill_9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("reap");
+    }
+}
+
+impl Drop for BinaryRelay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Binds `127.0.0.1:port` again, retrying briefly while the old socket lets go.
 pub async fn bind_port(port: u16) -> TcpListener {
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -529,18 +606,6 @@ pub async fn bind_port(port: u16) -> TcpListener {
             Err(e) => panic!("cannot bind port {port} again: {e}"),
         }
     }
-}
-
-/// Waits until the admin endpoint answers /healthz.
-pub async fn wait_healthy(admin: SocketAddr) {
-    let deadline = Instant::now() + WAIT;
-    while Instant::now() < deadline {
-        if let Ok((StatusCode::OK, _)) = admin_get(admin, "/healthz").await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("relay admin endpoint {admin} never became healthy");
 }
 
 /// `GET /api/subscriptions` as JSON.
