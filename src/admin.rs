@@ -1,4 +1,5 @@
-//! The plain-HTTP admin endpoint: `/healthz`, `/readyz`, `/metrics`.
+//! The plain-HTTP admin endpoint: `/healthz`, `/readyz`, `/metrics`, `/api/subscriptions`, and
+//! the human-readable `/status` page (see [`crate::status`]).
 //!
 //! Meant for the container runtime and the monitoring system on the inside network; it never
 //! relays anything and is bound to loopback by default.
@@ -102,6 +103,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => readyz(state).await,
+        "/status" => status_page(state).await,
         "/api/subscriptions" => {
             let mut r = text(
                 StatusCode::OK,
@@ -130,7 +132,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz, /metrics, /api/subscriptions\n".into(),
+            "not found: try /status, /healthz, /readyz, /metrics, /api/subscriptions\n".into(),
         ),
     }
 }
@@ -142,11 +144,7 @@ async fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
             "not listening yet\n".into(),
         );
     }
-    let recent = state
-        .receiver
-        .since_reachable()
-        .is_some_and(|d| d < READY_WINDOW);
-    if recent || state.receiver.probe().await {
+    if receiver_reachable(state).await {
         text(StatusCode::OK, "ready\n".into())
     } else {
         text(
@@ -157,6 +155,43 @@ async fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
             ),
         )
     }
+}
+
+/// Whether the receiver accepted a connection or answered within [`READY_WINDOW`], or accepts
+/// a fresh TCP connection now.
+async fn receiver_reachable(state: &AdminState) -> bool {
+    let recent = state
+        .receiver
+        .since_reachable()
+        .is_some_and(|d| d < READY_WINDOW);
+    recent || state.receiver.probe().await
+}
+
+/// `GET /status`: the HTML status page, never cached, under a policy that lets nothing but its
+/// own inline style and script apply.
+async fn status_page(state: &AdminState) -> Response<Full<Bytes>> {
+    let reachable = receiver_reachable(state).await;
+    let page = crate::status::StatusPage::collect(state, reachable);
+    let mut r = text(StatusCode::OK, page.render());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(crate::status::content_security_policy()),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
 }
 
 /// One tracked subscription as `/api/subscriptions` shows it.

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod subscriptions;
 pub mod tls;
