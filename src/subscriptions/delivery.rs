@@ -230,11 +230,16 @@ impl Delivery {
             }
             self.update_gauges().await;
             if failed && !progressed {
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = self.wake.notified() => {}
+                let waited = tokio::select! {
+                    _ = tokio::time::sleep(backoff) => true,
+                    _ = self.wake.notified() => false,
+                };
+                // Only time spent waiting grows the back-off: notifications spooled during an
+                // outage (each one a wake-up and a failed retry) must not push the next
+                // attempt out to the cap, or a brief outage costs 30 s of replay delay.
+                if waited {
+                    backoff = (backoff * 2).min(REPLAY_BACKOFF_MAX);
                 }
-                backoff = (backoff * 2).min(REPLAY_BACKOFF_MAX);
             } else if !progressed {
                 backoff = REPLAY_BACKOFF_MIN;
                 // Nothing waiting: sleep until something is spooled (or a periodic recheck).
