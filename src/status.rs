@@ -565,9 +565,11 @@ impl StatusPage {
         escape_into(out, &self.path_prefix);
         out.push_str("</code></dd>\n");
         if let Some(s) = self.stale_after {
-            out.push_str("<dt>Stale after</dt><dd>");
-            push_duration(out, s.as_secs());
-            out.push_str(" without a notification</dd>\n");
+            let _ = writeln!(
+                out,
+                "<dt>Stale after</dt><dd>{} without a notification</dd>",
+                humantime::format_duration(s)
+            );
         }
         out.push_str("<dt>Version</dt><dd>");
         escape_into(out, self.version);
@@ -952,7 +954,9 @@ function refresh(){
       if(fresh&&old){old.replaceWith(document.importNode(fresh,true));}
     });
     document.title=doc.title;
-    document.documentElement.removeAttribute("data-stale");
+    var root=document.documentElement;
+    root.removeAttribute("data-stale");
+    root.setAttribute("data-refreshes",String(+(root.getAttribute("data-refreshes")||0)+1));
     index();apply();
   }).catch(function(){document.documentElement.setAttribute("data-stale","");});
 }
