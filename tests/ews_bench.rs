@@ -4,7 +4,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use ews_relay::ews::{is_send_notification, parse_send_notification};
+use ews_relay::ews::{
+    is_send_notification, parse_send_notification, parse_send_notification_result,
+};
 
 fn fixture(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -47,4 +49,23 @@ fn parse_cost() {
         });
         eprintln!("is_send_notification({name}): {ns:.0} ns");
     }
+    let body = fixture("send-notification-result-ok.xml");
+    let ns = ns_per_call(|| {
+        black_box(parse_send_notification_result(black_box(&body)).expect("parses"));
+    });
+    eprintln!(
+        "parse_send_notification_result(send-notification-result-ok.xml, {} bytes): {ns:.0} ns",
+        body.len()
+    );
+    // The floor: quick-xml's namespace-aware reader alone, doing nothing with the events.
+    let body = fixture("send-notification-events.xml");
+    let ns = ns_per_call(|| {
+        let mut reader = quick_xml::NsReader::from_reader(black_box(&body[..]));
+        reader.config_mut().expand_empty_elements = true;
+        while !matches!(
+            reader.read_resolved_event(),
+            Ok((_, quick_xml::events::Event::Eof)) | Err(_)
+        ) {}
+    });
+    eprintln!("bare NsReader loop(send-notification-events.xml): {ns:.0} ns");
 }
