@@ -1,5 +1,9 @@
 //! Parse cost on the relay's hot path, measured rather than guessed. Ignored by default:
 //! `cargo test --release --test ews_bench -- --ignored --nocapture`.
+//!
+//! The timings are wall clock, best of five rounds, and swing by ±30% on a busy machine. For a
+//! steady count, run the test binary under `valgrind --tool=callgrind` with
+//! `EWS_BENCH_CALLS=200` and compare the inclusive instruction counts of the functions.
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -13,16 +17,22 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// Calls per round unless `EWS_BENCH_CALLS` says otherwise.
+const CALLS: u32 = 20_000;
+
 /// Best of five rounds, in nanoseconds per call.
 fn ns_per_call(mut f: impl FnMut()) -> f64 {
-    const CALLS: u32 = 20_000;
+    let calls = std::env::var("EWS_BENCH_CALLS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(CALLS);
     (0..5)
         .map(|_| {
             let started = Instant::now();
-            for _ in 0..CALLS {
+            for _ in 0..calls {
                 f();
             }
-            started.elapsed().as_nanos() as f64 / f64::from(CALLS)
+            started.elapsed().as_nanos() as f64 / f64::from(calls)
         })
         .fold(f64::INFINITY, f64::min)
 }

@@ -160,7 +160,7 @@ pub struct SendNotification<'a> {
 /// Any error means the body is not a usable SendNotification (the relay answers 400); see
 /// [`EwsError`] for why. Unknown elements, event types included, are ignored.
 pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     open_message(&mut xml, Ns::Messages, "SendNotification")?;
     let (mut messages_left, mut events_left) = (MAX_EVENTS, MAX_EVENTS);
     let mut messages = Vec::new();
@@ -189,7 +189,7 @@ pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsE
 /// than that start tag: a cheap routing check. [`parse_send_notification`] gives the verdict
 /// on the whole body.
 pub fn is_send_notification(body: &[u8]) -> bool {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::prefix(body);
     matches!(xml.open_body(), Ok(m) if m.is(Ns::Messages, "SendNotification"))
 }
 
@@ -354,7 +354,7 @@ pub fn send_notification_result(status: SubscriptionStatus) -> &'static str {
 /// Parses a `SendNotificationResult`: what a receiver answered Exchange, which the relay
 /// watches in passthrough mode to learn that a subscription is being ended.
 pub fn parse_send_notification_result(body: &[u8]) -> Result<SubscriptionStatus, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     open_message(&mut xml, Ns::Messages, "SendNotificationResult")?;
     let mut status = None;
     while let Some(child) = xml.child()? {
