@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use ews_relay::ews::{
     is_send_notification, parse_fault, parse_get_user_settings_response, parse_send_notification,
-    parse_send_notification_result, parse_subscribe_response, EwsError, MAX_ATTRIBUTES, MAX_EVENTS,
+    parse_send_notification_result, parse_subscribe_response, summarize_send_notification,
+    EwsError, MAX_ATTRIBUTES, MAX_EVENTS,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -13,8 +14,17 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// `parse_send_notification`, checking on the way that `summarize_send_notification` comes to
+/// the same verdict: the same summary, or the same error.
 fn parse(body: &[u8]) -> Result<(), EwsError> {
-    parse_send_notification(body).map(drop)
+    let full = parse_send_notification(body);
+    let summary = summarize_send_notification(body);
+    match (&full, &summary) {
+        (Ok(full), Ok(summary)) => assert_eq!(&full.summary(), summary),
+        (Err(full), Err(summary)) => assert_eq!(format!("{full:?}"), format!("{summary:?}")),
+        _ => panic!("parse and summary disagree: {full:?} vs {summary:?}"),
+    }
+    full.map(drop)
 }
 
 const ENVELOPE_OPEN: &str =
@@ -49,7 +59,7 @@ fn the_helper_builds_a_valid_notification() {
 #[test]
 fn truncated_at_every_offset() {
     type Parser = fn(&[u8]) -> bool;
-    let notification: Parser = |b| parse_send_notification(b).is_ok();
+    let notification: Parser = |b| parse(b).is_ok();
     let result: Parser = |b| parse_send_notification_result(b).is_ok();
     let subscribe: Parser = |b| parse_subscribe_response(b).is_ok();
     let fault: Parser = |b| parse_fault(b).is_ok();

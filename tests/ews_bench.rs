@@ -55,6 +55,11 @@ fn parse_cost() {
             body.len()
         );
         let ns = ns_per_call(|| {
+            let summary = summarize_send_notification(black_box(&body)).expect("parses");
+            black_box(summary);
+        });
+        eprintln!("summarize_send_notification({name}): {ns:.0} ns");
+        let ns = ns_per_call(|| {
             black_box(is_send_notification(black_box(&body)));
         });
         eprintln!("is_send_notification({name}): {ns:.0} ns");

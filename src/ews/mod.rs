@@ -27,8 +27,9 @@ pub use error::EwsError;
 pub use fault::{parse_fault, Fault};
 pub use notification::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
-    send_notification_result, Event, EventType, Id, Notification, NotificationMessage, ObjectId,
-    SendNotification, SubscriptionStatus, MAX_EVENTS,
+    send_notification_result, summarize_send_notification, Event, EventType, Id, MessageSummary,
+    Notification, NotificationMessage, NotificationSummary, ObjectId, SendNotification,
+    SubscriptionStatus, MAX_EVENTS,
 };
 pub use response::{ResponseClass, ResponseStatus};
 pub use subscribe::{
