@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use ews_relay::ews::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
+    summarize_send_notification,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
