@@ -354,3 +354,49 @@ fn not_soap_at_all() {
         assert!(matches!(parse(body), Err(EwsError::NotSoapEnvelope)));
     }
 }
+
+/// Namespace declarations the Namespaces in XML recommendation forbids are refused, and a
+/// prefix declared on an inner element goes out of scope with it.
+#[test]
+fn namespace_declarations() {
+    for bad in [
+        r#"<t:StatusEvent xmlns:xml="urn:other"/>"#,
+        r#"<t:StatusEvent xmlns:xmlns="urn:other"/>"#,
+        r#"<t:StatusEvent xmlns:p="http://www.w3.org/XML/1998/namespace"/>"#,
+        r#"<t:StatusEvent xmlns:p="http://www.w3.org/2000/xmlns/"/>"#,
+    ] {
+        let body = notification_with(bad);
+        assert!(
+            matches!(parse(body.as_bytes()), Err(EwsError::Malformed(_))),
+            "{bad}"
+        );
+    }
+    // The xml prefix may be declared, to its own namespace.
+    let body =
+        notification_with(r#"<t:StatusEvent xmlns:xml="http://www.w3.org/XML/1998/namespace"/>"#);
+    assert!(parse(body.as_bytes()).is_ok());
+    // `t` rebound inside an unknown element: the events in there are not EWS events …
+    let body = notification_with(concat!(
+        r#"<x xmlns:t="urn:other"><t:StatusEvent><t:Watermark>in</t:Watermark></t:StatusEvent></x>"#,
+        r#"<t:StatusEvent><t:Watermark>out</t:Watermark></t:StatusEvent>"#,
+    ));
+    let parsed = parse_send_notification(body.as_bytes()).expect("parses");
+    let events = &parsed.messages[0]
+        .notification
+        .as_ref()
+        .expect("notification")
+        .events;
+    // … and after its end tag `t` is the types namespace again.
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].watermark.as_deref(), Some("out"));
+    parse(body.as_bytes()).expect("summary agrees");
+    // A prefix nobody declared is no namespace the parsers know.
+    let body = notification_with("").replace(
+        "<t:SubscriptionId>abc</t:SubscriptionId>",
+        "<u:SubscriptionId>abc</u:SubscriptionId>",
+    );
+    assert!(matches!(
+        parse(body.as_bytes()),
+        Err(EwsError::MissingElement("t:SubscriptionId"))
+    ));
+}

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use quick_xml::escape::resolve_xml_entity;
 use quick_xml::events::attributes::Attributes;
 use quick_xml::events::{BytesRef, BytesStart, Event};
-use quick_xml::name::ResolveResult;
-use quick_xml::NsReader;
+use quick_xml::name::{PrefixDeclaration, QName};
+use quick_xml::Reader;
 
 use super::EwsError;
 
@@ -46,12 +46,16 @@ pub(crate) enum Ns {
     Other,
 }
 
+/// The namespace the `xml` prefix is bound to, and the only one it may be bound to.
+const XML_NS: &[u8] = b"http://www.w3.org/XML/1998/namespace";
+/// The namespace of `xmlns` declarations, which no prefix may be bound to.
+const XMLNS_NS: &[u8] = b"http://www.w3.org/2000/xmlns/";
+
 impl Ns {
-    fn of(resolved: ResolveResult<'_>) -> Ns {
-        let ResolveResult::Bound(ns) = resolved else {
-            return Ns::Other;
-        };
-        match ns.into_inner() {
+    /// The namespace named by `uri`, as written in a declaration (quick-xml does not unescape
+    /// declarations either).
+    fn of(uri: &[u8]) -> Ns {
+        match uri {
             b"http://schemas.xmlsoap.org/soap/envelope/" => Ns::Soap,
             b"http://schemas.microsoft.com/exchange/services/2006/messages" => Ns::Messages,
             b"http://schemas.microsoft.com/exchange/services/2006/types" => Ns::Types,
@@ -205,10 +209,29 @@ pub(crate) enum Node<'i> {
     Eof,
 }
 
+/// One namespace declaration in scope.
+struct Binding {
+    /// Where its prefix is in [`XmlReader::prefixes`]; `None` for the default namespace.
+    prefix: Option<(usize, usize)>,
+    ns: Ns,
+    /// Depth of the element that declared it.
+    depth: usize,
+}
+
 /// A one-pass reader over a whole body that enforces the limits of this module.
+///
+/// It resolves namespaces itself rather than through quick-xml's `NsReader`: that one scans
+/// every tag's attributes for declarations in a pass of its own, copies every URI and resolves
+/// every tag, end tags included. Here declarations are picked up in the one pass that checks
+/// the attributes anyway, a URI is mapped to [`Ns`] once where it is declared, and only tags a
+/// parser looks at are resolved.
 pub(crate) struct XmlReader<'i> {
-    reader: NsReader<&'i [u8]>,
+    reader: Reader<&'i [u8]>,
     source: Source<'i>,
+    /// Declarations in scope, innermost last.
+    bindings: Vec<Binding>,
+    /// The prefixes of `bindings`, end to end.
+    prefixes: Vec<u8>,
     /// Elements currently open.
     depth: usize,
     /// Whether the root element has started, to refuse a second one.
@@ -238,12 +261,14 @@ impl<'i> XmlReader<'i> {
     }
 
     fn with_source(source: Source<'i>) -> Self {
-        let mut reader = NsReader::from_reader(source.bytes);
+        let mut reader = Reader::from_reader(source.bytes);
         // `<a/>` comes as Start + End, so parsers handle one shape.
         reader.config_mut().expand_empty_elements = true;
         Self {
             reader,
             source,
+            bindings: Vec::new(),
+            prefixes: Vec::new(),
             depth: 0,
             seen_root: false,
         }
@@ -270,7 +295,7 @@ impl<'i> XmlReader<'i> {
                     if self.depth > MAX_DEPTH {
                         return Err(EwsError::TooDeep);
                     }
-                    check_attributes(&start)?;
+                    self.check_attributes(&start)?;
                     return Ok(Node::Start(start));
                 }
                 // `expand_empty_elements` turns every `<a/>` into Start + End.
@@ -278,6 +303,7 @@ impl<'i> XmlReader<'i> {
                 Event::End(_) => {
                     // quick-xml checks that end tags match their start tags.
                     self.depth = self.depth.saturating_sub(1);
+                    self.end_scope();
                     return Ok(Node::End);
                 }
                 Event::Text(text) => Node::Raw(text.into_inner()),
@@ -321,9 +347,111 @@ impl<'i> XmlReader<'i> {
         }
     }
 
+    /// Counts and sizes the attributes of a start tag, rejects duplicates (the check is
+    /// quadratic, which the count keeps small), checks the references in every value (so a body
+    /// is refused alike whether or not a parser reads the attribute) and takes in its namespace
+    /// declarations: everything about attributes in one pass.
+    fn check_attributes(&mut self, start: &BytesStart<'_>) -> Result<(), EwsError> {
+        // Most EWS elements have none: skip the iterator for them.
+        if start.attributes_raw().trim_ascii().is_empty() {
+            return Ok(());
+        }
+        // Names seen so far, on the stack: quick-xml's own duplicate check allocates.
+        let mut keys: [&[u8]; MAX_ATTRIBUTES] = [&[]; MAX_ATTRIBUTES];
+        let mut attrs = start.attributes();
+        let decoder = attrs.decoder();
+        for (count, attr) in attrs.with_checks(false).enumerate() {
+            if count >= MAX_ATTRIBUTES {
+                return Err(EwsError::TooMany {
+                    what: "attributes on one element",
+                    limit: MAX_ATTRIBUTES,
+                });
+            }
+            let attr = attr?;
+            let key = attr.key.into_inner();
+            if keys[..count].contains(&key) {
+                return Err(EwsError::malformed(format_args!(
+                    "duplicate attribute {}",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+            keys[count] = key;
+            if attr.value.len() > MAX_VALUE_LEN {
+                return Err(EwsError::TooLarge);
+            }
+            if attr.value.contains(&b'&') {
+                attr.decode_and_unescape_value(decoder)?;
+            }
+            if let Some(declaration) = attr.key.as_namespace_binding() {
+                self.declare(declaration, &attr.value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a namespace declaration of the element just entered in scope, refusing what the
+    /// Namespaces in XML recommendation forbids (as quick-xml's resolver does).
+    fn declare(&mut self, declaration: PrefixDeclaration<'_>, uri: &[u8]) -> Result<(), EwsError> {
+        let prefix = match declaration {
+            PrefixDeclaration::Default => None,
+            PrefixDeclaration::Named(b"xml") if uri == XML_NS => return Ok(()),
+            PrefixDeclaration::Named(b"xml") => {
+                return Err(EwsError::malformed(
+                    "the xml prefix bound to another namespace",
+                ))
+            }
+            PrefixDeclaration::Named(b"xmlns") => {
+                return Err(EwsError::malformed("the xmlns prefix declared"))
+            }
+            PrefixDeclaration::Named(b"") => {
+                return Err(EwsError::malformed("an empty namespace prefix declared"))
+            }
+            PrefixDeclaration::Named(_) if uri == XML_NS || uri == XMLNS_NS => {
+                return Err(EwsError::malformed(
+                    "a prefix bound to a reserved namespace",
+                ))
+            }
+            PrefixDeclaration::Named(prefix) => {
+                let at = self.prefixes.len();
+                self.prefixes.extend_from_slice(prefix);
+                Some((at, prefix.len()))
+            }
+        };
+        self.bindings.push(Binding {
+            prefix,
+            ns: Ns::of(uri),
+            depth: self.depth,
+        });
+        Ok(())
+    }
+
+    /// Drops the declarations of the element just ended.
+    fn end_scope(&mut self) {
+        while let Some(binding) = self.bindings.last() {
+            if binding.depth <= self.depth {
+                break;
+            }
+            if let Some((at, _)) = binding.prefix {
+                self.prefixes.truncate(at);
+            }
+            self.bindings.pop();
+        }
+    }
+
+    /// The namespace of an element name: the innermost declaration of its prefix, or of the
+    /// default namespace; `Other` when there is none (quick-xml would say unbound or unknown).
+    fn resolve(&self, name: QName<'_>) -> Ns {
+        let prefix = name.prefix().map(|p| p.into_inner());
+        self.bindings
+            .iter()
+            .rev()
+            .find(|b| b.prefix.map(|(at, len)| &self.prefixes[at..at + len]) == prefix)
+            .map_or(Ns::Other, |b| b.ns)
+    }
+
     /// The start tag `start`, just read, with its namespace resolved.
     fn element(&self, start: BytesStart<'i>) -> Element<'i> {
-        let ns = Ns::of(self.reader.resolve_element(start.name()).0);
+        let ns = self.resolve(start.name());
         Element {
             ns,
             start,
@@ -410,44 +538,6 @@ impl<'i> XmlReader<'i> {
             }
         }
     }
-}
-
-/// Counts and sizes the attributes of every element, rejects duplicates (the check is
-/// quadratic, which the count keeps small) and checks the references in every value, so a
-/// body is refused alike whether or not a parser reads the attribute.
-fn check_attributes(start: &BytesStart<'_>) -> Result<(), EwsError> {
-    // Most EWS elements have none: skip the iterator for them.
-    if start.attributes_raw().trim_ascii().is_empty() {
-        return Ok(());
-    }
-    // Names seen so far, on the stack: quick-xml's own duplicate check allocates.
-    let mut keys: [&[u8]; MAX_ATTRIBUTES] = [&[]; MAX_ATTRIBUTES];
-    let mut attrs = start.attributes();
-    let decoder = attrs.decoder();
-    for (count, attr) in attrs.with_checks(false).enumerate() {
-        if count >= MAX_ATTRIBUTES {
-            return Err(EwsError::TooMany {
-                what: "attributes on one element",
-                limit: MAX_ATTRIBUTES,
-            });
-        }
-        let attr = attr?;
-        let key = attr.key.into_inner();
-        if keys[..count].contains(&key) {
-            return Err(EwsError::malformed(format_args!(
-                "duplicate attribute {}",
-                String::from_utf8_lossy(key)
-            )));
-        }
-        keys[count] = key;
-        if attr.value.len() > MAX_VALUE_LEN {
-            return Err(EwsError::TooLarge);
-        }
-        if attr.value.contains(&b'&') {
-            attr.decode_and_unescape_value(decoder)?;
-        }
-    }
-    Ok(())
 }
 
 /// `&amp;`, `&#65;` and the other predefined references; anything else would need a DTD.
