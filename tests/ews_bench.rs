@@ -4,6 +4,11 @@
 //! The timings are wall clock, best of five rounds, and swing by ±30% on a busy machine. For a
 //! steady count, run the test binary under `valgrind --tool=callgrind` with
 //! `EWS_BENCH_CALLS=200` and compare the inclusive instruction counts of the functions.
+//!
+//! Last measured (2-core VM, quiet, µs per call, before → after the parser-perf work):
+//! events fixture parse 15.0–16.1 → 9.7–10.5, summary 8.6–8.9; status fixture parse
+//! 5.0 → 3.2, summary 3.0–3.1; `is_send_notification` 1.7 → 1.0;
+//! `parse_send_notification_result` 1.6 → 0.96; bare `NsReader` loop 7.3–7.8.
 
 use std::hint::black_box;
 use std::time::Instant;
