@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 
 use crate::ews;
 use crate::metrics::Metrics;
-use crate::tracker::{event_index, ReceiverAnswer, Tracker};
+use crate::tracker::{ReceiverAnswer, Tracker};
 use crate::upstream::{Outgoing, Receiver};
 
 /// What the relay knows about the client connection, computed once per connection.
@@ -165,7 +165,7 @@ impl Proxy {
         self.route(req.method(), req.uri().path())?;
         let (parts, body) = self.read_body(req).await?;
         // Parsed once, borrowing from the body; the receiver gets the same bytes.
-        let notification = match ews::parse_send_notification(&body) {
+        let notification = match ews::summarize_send_notification(&body) {
             Ok(n) => Some(n),
             Err(_) if self.accept_any_body => None,
             Err(e) => {
@@ -214,8 +214,10 @@ impl Proxy {
             self.tracker.record(n, conn.peer_ip, answer);
             self.metrics.answer(answer);
             for m in &n.messages {
-                for e in m.notification.iter().flat_map(|n| &n.events) {
-                    self.metrics.events[event_index(e.kind)].inc();
+                for (counter, &count) in self.metrics.events.iter().zip(&m.event_counts) {
+                    if count > 0 {
+                        counter.inc_by(u64::from(count));
+                    }
                 }
             }
         }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::ews::{EventType, ResponseClass, SendNotification, SubscriptionStatus};
+use crate::ews::{EventType, NotificationSummary, ResponseClass, SubscriptionStatus};
 
 /// A subscription unseen for this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -155,17 +155,12 @@ impl Tracker {
     }
 
     /// Record one forwarded notification and the receiver's answer to it.
-    pub fn record(&self, msg: &SendNotification<'_>, peer: IpAddr, answer: ReceiverAnswer) {
+    pub fn record(&self, msg: &NotificationSummary<'_>, peer: IpAddr, answer: ReceiverAnswer) {
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
         for m in &msg.messages {
-            let Some(id) = m
-                .notification
-                .as_ref()
-                .map(|n| &*n.subscription_id)
-                .or(m.subscription_id.as_deref())
-            else {
+            let Some(id) = m.subscription_id.as_deref() else {
                 continue;
             };
             let sub = match subs.get_mut(id) {
@@ -180,7 +175,7 @@ impl Tracker {
                         last_seen_at: now,
                         last_watermark: None,
                         events: [0; 8],
-                        last_response_class: m.status.class,
+                        last_response_class: m.class,
                         last_response_code: None,
                         receiver_answer: None,
                         peer,
@@ -192,19 +187,17 @@ impl Tracker {
             sub.last_seen_at = now;
             sub.peer = peer;
             sub.stale_logged = false;
-            sub.last_response_class = m.status.class;
-            if sub.last_response_code.as_deref() != m.status.code.as_deref() {
-                sub.last_response_code = m.status.code.as_deref().map(str::to_owned);
+            sub.last_response_class = m.class;
+            if sub.last_response_code.as_deref() != m.code.as_deref() {
+                sub.last_response_code = m.code.as_deref().map(str::to_owned);
             }
             sub.receiver_answer = Some(answer);
-            if let Some(n) = &m.notification {
-                for e in &n.events {
-                    sub.events[event_index(e.kind)] += 1;
-                }
-                if let Some(w) = n.last_watermark() {
-                    if sub.last_watermark.as_deref() != Some(w) {
-                        sub.last_watermark = Some(w.to_owned());
-                    }
+            for (seen, &count) in sub.events.iter_mut().zip(&m.event_counts) {
+                *seen += u64::from(count);
+            }
+            if let Some(w) = m.last_watermark.as_deref() {
+                if sub.last_watermark.as_deref() != Some(w) {
+                    sub.last_watermark = Some(w.to_owned());
                 }
             }
         }

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use ews_relay::ews::{
     is_send_notification, parse_fault, parse_get_user_settings_response, parse_send_notification,
-    parse_send_notification_result, parse_subscribe_response, EwsError, MAX_ATTRIBUTES, MAX_EVENTS,
+    parse_send_notification_result, parse_subscribe_response, summarize_send_notification,
+    EwsError, MAX_ATTRIBUTES, MAX_EVENTS,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -13,8 +14,17 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// `parse_send_notification`, checking on the way that `summarize_send_notification` comes to
+/// the same verdict: the same summary, or the same error.
 fn parse(body: &[u8]) -> Result<(), EwsError> {
-    parse_send_notification(body).map(drop)
+    let full = parse_send_notification(body);
+    let summary = summarize_send_notification(body);
+    match (&full, &summary) {
+        (Ok(full), Ok(summary)) => assert_eq!(&full.summary(), summary),
+        (Err(full), Err(summary)) => assert_eq!(format!("{full:?}"), format!("{summary:?}")),
+        _ => panic!("parse and summary disagree: {full:?} vs {summary:?}"),
+    }
+    full.map(drop)
 }
 
 const ENVELOPE_OPEN: &str =
@@ -49,7 +59,7 @@ fn the_helper_builds_a_valid_notification() {
 #[test]
 fn truncated_at_every_offset() {
     type Parser = fn(&[u8]) -> bool;
-    let notification: Parser = |b| parse_send_notification(b).is_ok();
+    let notification: Parser = |b| parse(b).is_ok();
     let result: Parser = |b| parse_send_notification_result(b).is_ok();
     let subscribe: Parser = |b| parse_subscribe_response(b).is_ok();
     let fault: Parser = |b| parse_fault(b).is_ok();
@@ -343,4 +353,50 @@ fn not_soap_at_all() {
     for body in [&b""[..], br#"{"a":1}"#, b"<html/>"] {
         assert!(matches!(parse(body), Err(EwsError::NotSoapEnvelope)));
     }
+}
+
+/// Namespace declarations the Namespaces in XML recommendation forbids are refused, and a
+/// prefix declared on an inner element goes out of scope with it.
+#[test]
+fn namespace_declarations() {
+    for bad in [
+        r#"<t:StatusEvent xmlns:xml="urn:other"/>"#,
+        r#"<t:StatusEvent xmlns:xmlns="urn:other"/>"#,
+        r#"<t:StatusEvent xmlns:p="http://www.w3.org/XML/1998/namespace"/>"#,
+        r#"<t:StatusEvent xmlns:p="http://www.w3.org/2000/xmlns/"/>"#,
+    ] {
+        let body = notification_with(bad);
+        assert!(
+            matches!(parse(body.as_bytes()), Err(EwsError::Malformed(_))),
+            "{bad}"
+        );
+    }
+    // The xml prefix may be declared, to its own namespace.
+    let body =
+        notification_with(r#"<t:StatusEvent xmlns:xml="http://www.w3.org/XML/1998/namespace"/>"#);
+    assert!(parse(body.as_bytes()).is_ok());
+    // `t` rebound inside an unknown element: the events in there are not EWS events …
+    let body = notification_with(concat!(
+        r#"<x xmlns:t="urn:other"><t:StatusEvent><t:Watermark>in</t:Watermark></t:StatusEvent></x>"#,
+        r#"<t:StatusEvent><t:Watermark>out</t:Watermark></t:StatusEvent>"#,
+    ));
+    let parsed = parse_send_notification(body.as_bytes()).expect("parses");
+    let events = &parsed.messages[0]
+        .notification
+        .as_ref()
+        .expect("notification")
+        .events;
+    // … and after its end tag `t` is the types namespace again.
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].watermark.as_deref(), Some("out"));
+    parse(body.as_bytes()).expect("summary agrees");
+    // A prefix nobody declared is no namespace the parsers know.
+    let body = notification_with("").replace(
+        "<t:SubscriptionId>abc</t:SubscriptionId>",
+        "<u:SubscriptionId>abc</u:SubscriptionId>",
+    );
+    assert!(matches!(
+        parse(body.as_bytes()),
+        Err(EwsError::MissingElement("t:SubscriptionId"))
+    ));
 }

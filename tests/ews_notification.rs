@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ews_relay::ews::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
-    send_notification_result, Action, EventType, Id, ObjectId, ResponseClass, SubscriptionStatus,
+    send_notification_result, summarize_send_notification, Action, EventType, Id, ObjectId,
+    ResponseClass, SubscriptionStatus,
 };
 
 fn fixture(name: &str) -> String {
@@ -52,6 +53,53 @@ fn status_event_keep_alive() {
         notification.last_watermark(),
         Some("AQAAAOpvG0LURVdOhQkPOWZLPcJGVQUAAAAAAAE=")
     );
+}
+
+/// The summary the relay tracks by, spelled out once rather than derived.
+#[test]
+fn summary_of_a_batch_and_of_an_error() {
+    let body = fixture("send-notification-events.xml");
+    let summary = summarize_send_notification(body.as_bytes()).expect("parses");
+    let [message] = &summary.messages[..] else {
+        panic!("one message");
+    };
+    assert_eq!(message.class, ResponseClass::Success);
+    assert_eq!(message.code.as_deref(), Some("NoError"));
+    assert_eq!(
+        message.subscription_id.as_deref(),
+        Some("JgBhbTNwcjA1bWIxMTQubmFtcHJkMDUucHJvZC5vdXRsb29rLmNvbRAAAAB9c1Qm0VhIRb3ZkRf0x2aa")
+    );
+    let mut expected = [0; EventType::ALL.len()];
+    for kind in [
+        EventType::NewMail,
+        EventType::Created,
+        EventType::Modified,
+        EventType::Moved,
+        EventType::Deleted,
+    ] {
+        expected[kind.index()] = 1;
+    }
+    assert_eq!(message.event_counts, expected);
+    assert_eq!(
+        message.last_watermark.as_deref(),
+        Some("AQAAAJ3nQ2Vb9UlHkCq0S6n1ZWQcwQAAAAAAAAE=")
+    );
+    // Borrowed from the body, as the full parse's values are.
+    assert!(matches!(message.last_watermark, Some(Cow::Borrowed(_))));
+
+    let body = fixture("send-notification-error.xml");
+    let summary = summarize_send_notification(body.as_bytes()).expect("parses");
+    let full = parse_send_notification(body.as_bytes()).expect("parses");
+    assert_eq!(summary, full.summary());
+    let message = &summary.messages[0];
+    assert_eq!(message.class, ResponseClass::Error);
+    assert!(message.subscription_id.is_some());
+    assert_eq!(message.event_counts, [0; EventType::ALL.len()]);
+    assert_eq!(message.last_watermark, None);
+
+    for (i, kind) in EventType::ALL.into_iter().enumerate() {
+        assert_eq!(kind.index(), i);
+    }
 }
 
 #[test]
@@ -261,10 +309,14 @@ fn prefixes_do_not_matter() {
             // messages prefixed when the fixture had them unprefixed, and the reverse
             rename(&rename(&original, m, Some("m")), soap, None),
         ];
-        for variant in &variants {
+        for variant in variants.iter().chain([&original]) {
             let parsed = parse_send_notification(variant.as_bytes())
                 .unwrap_or_else(|e| panic!("{name}: {e}\n{variant}"));
             assert_eq!(parsed, expected, "{name}:\n{variant}");
+            // The summary is what the full parse says, on every shape of the same message.
+            let summary = summarize_send_notification(variant.as_bytes())
+                .unwrap_or_else(|e| panic!("{name}: {e}\n{variant}"));
+            assert_eq!(summary, expected.summary(), "{name}:\n{variant}");
         }
     }
 }

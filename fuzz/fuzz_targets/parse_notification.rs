@@ -8,7 +8,14 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {
     let looks_like_one = ews::is_send_notification(body);
-    if let Ok(parsed) = ews::parse_send_notification(body) {
+    let parsed = ews::parse_send_notification(body);
+    // The relay's summary comes to the same verdict: the same summary, or the same error.
+    match (&parsed, ews::summarize_send_notification(body)) {
+        (Ok(full), Ok(summary)) => assert_eq!(full.summary(), summary),
+        (Err(full), Err(summary)) => assert_eq!(format!("{full:?}"), format!("{summary:?}")),
+        (full, summary) => panic!("parse and summary disagree: {full:?} vs {summary:?}"),
+    }
+    if let Ok(parsed) = parsed {
         // A full parse implies the cheap check agrees.
         assert!(looks_like_one);
         for message in &parsed.messages {

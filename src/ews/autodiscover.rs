@@ -110,7 +110,7 @@ pub struct UserSettingsResponse<'a> {
 /// Parses the response to a `GetUserSettings` request. A SOAP fault comes back as
 /// [`EwsError::Fault`].
 pub fn parse_get_user_settings_response(body: &[u8]) -> Result<UserSettingsResponse<'_>, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     open_message(&mut xml, Ns::Autodiscover, "GetUserSettingsResponseMessage")?;
     let mut response = None;
     while let Some(child) = xml.child()? {

@@ -45,7 +45,7 @@ impl Fault {
 /// The response parsers ([`super::parse_subscribe_response`] …) recognise faults themselves
 /// and return them as [`EwsError::Fault`]; this is for callers that only have a fault.
 pub fn parse_fault(body: &[u8]) -> Result<Fault, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     let message = xml.open_body()?;
     if !message.is(Ns::Soap, "Fault") {
         return Err(unexpected("Fault", &message));

@@ -4,8 +4,9 @@
 //! parse their responses and faults, and say what each response code asks the caller to do.
 //!
 //! Everything is matched by namespace URI and local name, never by prefix. Parsing is one pass
-//! over the body with quick-xml's namespace-aware reader, bounded in depth, value size and event
-//! count, and refuses DTDs outright. Parsed values borrow from the body (`Cow<'_, str>`) and are
+//! over the body with quick-xml's reader (namespaces resolved by the module's own reader, see
+//! `xml.rs`), after one UTF-8 check of the whole body; it is bounded in depth, value size and
+//! event count, and refuses DTDs outright. Parsed values borrow from the body (`Cow<'_, str>`) and are
 //! only copied when the XML escaped them. No I/O happens here: callers own HTTP, including the
 //! `X-AnchorMailbox` header that must accompany every `Subscribe`.
 
@@ -27,8 +28,9 @@ pub use error::EwsError;
 pub use fault::{parse_fault, Fault};
 pub use notification::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
-    send_notification_result, Event, EventType, Id, Notification, NotificationMessage, ObjectId,
-    SendNotification, SubscriptionStatus, MAX_EVENTS,
+    send_notification_result, summarize_send_notification, Event, EventType, Id, MessageSummary,
+    Notification, NotificationMessage, NotificationSummary, ObjectId, SendNotification,
+    SubscriptionStatus, MAX_EVENTS,
 };
 pub use response::{ResponseClass, ResponseStatus};
 pub use subscribe::{

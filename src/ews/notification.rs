@@ -5,7 +5,9 @@
 use std::borrow::Cow;
 
 use super::fault::open_message;
-use super::response::{for_each_response_message, read_response_message, ResponseStatus};
+use super::response::{
+    for_each_response_message, read_response_message, ResponseClass, ResponseStatus,
+};
 use super::xml::{Element, Ns, XmlReader};
 use super::EwsError;
 
@@ -65,6 +67,11 @@ impl EventType {
     /// The event type whose schema name is `name` (`"NewMailEvent"`), for configuration too.
     pub fn from_name(name: &str) -> Option<EventType> {
         Self::from_element(name.as_bytes())
+    }
+
+    /// Position in [`EventType::ALL`].
+    pub const fn index(self) -> usize {
+        self as usize
     }
 
     fn from_element(name: &[u8]) -> Option<EventType> {
@@ -155,15 +162,93 @@ pub struct SendNotification<'a> {
     pub messages: Vec<NotificationMessage<'a>>,
 }
 
+impl<'a> SendNotification<'a> {
+    /// What [`summarize_send_notification`] returns for the same body.
+    pub fn summary(&self) -> NotificationSummary<'a> {
+        let messages = self
+            .messages
+            .iter()
+            .map(|m| {
+                let mut summary = MessageSummary {
+                    class: m.status.class,
+                    code: m.status.code.clone(),
+                    subscription_id: m.subscription_id.clone(),
+                    event_counts: [0; EventType::ALL.len()],
+                    last_watermark: None,
+                };
+                if let Some(n) = &m.notification {
+                    for e in &n.events {
+                        summary.event_counts[e.kind.index()] += 1;
+                    }
+                    summary.last_watermark = n.last_watermark().map(|w| Cow::Owned(w.to_owned()));
+                }
+                summary
+            })
+            .collect();
+        NotificationSummary { messages }
+    }
+}
+
+/// What the relay tracks of one `SendNotificationResponseMessage`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageSummary<'a> {
+    /// `ResponseClass`.
+    pub class: ResponseClass,
+    /// `m:ResponseCode`.
+    pub code: Option<Cow<'a, str>>,
+    /// As [`NotificationMessage::subscription_id`].
+    pub subscription_id: Option<Cow<'a, str>>,
+    /// How many events of each kind, in [`EventType::ALL`] order; all 0 without a notification.
+    pub event_counts: [u32; EventType::ALL.len()],
+    /// As [`Notification::last_watermark`]; `None` without a notification.
+    pub last_watermark: Option<Cow<'a, str>>,
+}
+
+/// A `m:SendNotification` reduced to what the relay tracks: see
+/// [`summarize_send_notification`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationSummary<'a> {
+    /// One per response message, in order; at least one.
+    pub messages: Vec<MessageSummary<'a>>,
+}
+
+/// Parses the body of a POST to the callback URL as [`parse_send_notification`] does (the same
+/// checks, so the same bodies are refused with the same errors) but keeps only what the relay
+/// tracks: no events are built and no item or folder ids decoded.
+pub fn summarize_send_notification(body: &[u8]) -> Result<NotificationSummary<'_>, EwsError> {
+    let mut messages = Vec::with_capacity(1);
+    walk_send_notification::<false>(body, |message, tally| {
+        messages.push(MessageSummary {
+            class: message.status.class,
+            code: message.status.code,
+            subscription_id: message.subscription_id,
+            event_counts: tally.counts,
+            last_watermark: tally.last_watermark,
+        });
+    })?;
+    Ok(NotificationSummary { messages })
+}
+
 /// Parses the body of a POST to the callback URL.
 ///
 /// Any error means the body is not a usable SendNotification (the relay answers 400); see
 /// [`EwsError`] for why. Unknown elements, event types included, are ignored.
 pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut messages = Vec::with_capacity(1);
+    walk_send_notification::<true>(body, |message, _| messages.push(message))?;
+    Ok(SendNotification { messages })
+}
+
+/// The one walk behind [`parse_send_notification`] and [`summarize_send_notification`], so
+/// both check exactly the same. With `FULL` false no events are built: each message comes
+/// with its notification's events left empty, and only the tally says what they were.
+fn walk_send_notification<'i, const FULL: bool>(
+    body: &'i [u8],
+    mut each: impl FnMut(NotificationMessage<'i>, Tally<'i>),
+) -> Result<(), EwsError> {
+    let mut xml = XmlReader::new(body)?;
     open_message(&mut xml, Ns::Messages, "SendNotification")?;
     let (mut messages_left, mut events_left) = (MAX_EVENTS, MAX_EVENTS);
-    let mut messages = Vec::new();
     for_each_response_message(
         &mut xml,
         "SendNotificationResponseMessage",
@@ -172,24 +257,26 @@ pub fn parse_send_notification(body: &[u8]) -> Result<SendNotification<'_>, EwsE
                 &mut messages_left,
                 "response messages in one SendNotification",
             )?;
-            messages.push(read_message(xml, message, &mut events_left)?);
+            let (message, tally) = read_message::<FULL>(xml, message, &mut events_left)?;
+            each(message, tally);
             Ok(())
         },
     )?;
     xml.finish()?;
-    if messages.is_empty() {
+    // No SendNotificationResponseMessage at all.
+    if messages_left == MAX_EVENTS {
         return Err(EwsError::MissingElement(
             "m:SendNotificationResponseMessage",
         ));
     }
-    Ok(SendNotification { messages })
+    Ok(())
 }
 
 /// Whether `body` is a SOAP envelope whose body is `m:SendNotification`, reading no further
 /// than that start tag: a cheap routing check. [`parse_send_notification`] gives the verdict
 /// on the whole body.
 pub fn is_send_notification(body: &[u8]) -> bool {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::prefix(body);
     matches!(xml.open_body(), Ok(m) if m.is(Ns::Messages, "SendNotification"))
 }
 
@@ -202,33 +289,45 @@ fn spend(left: &mut usize, what: &'static str) -> Result<(), EwsError> {
     Ok(())
 }
 
-fn read_message<'i>(
+/// The events of one message by kind, and the last watermark among them.
+struct Tally<'i> {
+    counts: [u32; EventType::ALL.len()],
+    last_watermark: Option<Cow<'i, str>>,
+}
+
+fn read_message<'i, const FULL: bool>(
     xml: &mut XmlReader<'i>,
     message: &Element<'i>,
     budget: &mut usize,
-) -> Result<NotificationMessage<'i>, EwsError> {
+) -> Result<(NotificationMessage<'i>, Tally<'i>), EwsError> {
     let mut notification = None;
+    let mut tally = Tally {
+        counts: [0; EventType::ALL.len()],
+        last_watermark: None,
+    };
     let (status, id_in_message_xml) = read_response_message(xml, message, |xml, child| {
         if !child.is(Ns::Messages, "Notification") {
             return Ok(false);
         }
-        notification = Some(read_notification(xml, budget)?);
+        notification = Some(read_notification::<FULL>(xml, budget, &mut tally)?);
         Ok(true)
     })?;
     let subscription_id = match &notification {
         Some(n) => Some(n.subscription_id.clone()),
         None => id_in_message_xml,
     };
-    Ok(NotificationMessage {
+    let message = NotificationMessage {
         status,
         subscription_id,
         notification,
-    })
+    };
+    Ok((message, tally))
 }
 
-fn read_notification<'i>(
+fn read_notification<'i, const FULL: bool>(
     xml: &mut XmlReader<'i>,
     budget: &mut usize,
+    tally: &mut Tally<'i>,
 ) -> Result<Notification<'i>, EwsError> {
     let (mut subscription_id, mut previous_watermark) = (None, None);
     let mut more_events = false;
@@ -245,7 +344,15 @@ fn read_notification<'i>(
             name => match EventType::from_element(name) {
                 Some(kind) => {
                     spend(budget, "events in one SendNotification")?;
-                    events.push(read_event(xml, kind)?);
+                    let event = read_event::<FULL>(xml, kind)?;
+                    if FULL {
+                        events.push(event);
+                    } else {
+                        tally.counts[kind.index()] += 1;
+                        if event.watermark.is_some() {
+                            tally.last_watermark = event.watermark;
+                        }
+                    }
                 }
                 // An event type newer than this code.
                 None => xml.skip()?,
@@ -260,7 +367,12 @@ fn read_notification<'i>(
     })
 }
 
-fn read_event<'i>(xml: &mut XmlReader<'i>, kind: EventType) -> Result<Event<'i>, EwsError> {
+/// Reads the event just entered. With `FULL` false only kind and watermark are kept; the
+/// other children get the same checks (an id needs its `Id`, a count must be a number).
+fn read_event<'i, const FULL: bool>(
+    xml: &mut XmlReader<'i>,
+    kind: EventType,
+) -> Result<Event<'i>, EwsError> {
     let mut event = Event {
         kind,
         watermark: None,
@@ -276,7 +388,25 @@ fn read_event<'i>(xml: &mut XmlReader<'i>, kind: EventType) -> Result<Event<'i>,
             xml.skip()?;
             continue;
         }
-        match child.local() {
+        let local = child.local();
+        if !FULL {
+            match local {
+                b"Watermark" => event.watermark = Some(xml.text()?),
+                b"ItemId" | b"FolderId" | b"ParentFolderId" | b"OldItemId" | b"OldFolderId"
+                | b"OldParentFolderId" => {
+                    // Values were checked when the tag was read: only presence is left.
+                    if !child.has_attr("Id") {
+                        return Err(EwsError::MissingElement("Id attribute"));
+                    }
+                    xml.skip()?;
+                }
+                b"TimeStamp" => drop(xml.text()?),
+                b"UnreadCount" => drop(unread_count(&xml.text()?)?),
+                _ => xml.skip()?,
+            }
+            continue;
+        }
+        match local {
             b"Watermark" => event.watermark = Some(xml.text()?),
             b"TimeStamp" => event.timestamp = Some(xml.text()?),
             b"ItemId" => event.object = Some(ObjectId::Item(read_id(xml, &child)?)),
@@ -285,10 +415,7 @@ fn read_event<'i>(xml: &mut XmlReader<'i>, kind: EventType) -> Result<Event<'i>,
             b"OldItemId" => event.old_object = Some(ObjectId::Item(read_id(xml, &child)?)),
             b"OldFolderId" => event.old_object = Some(ObjectId::Folder(read_id(xml, &child)?)),
             b"OldParentFolderId" => event.old_parent_folder_id = Some(read_id(xml, &child)?),
-            b"UnreadCount" => {
-                let count = xml.text()?;
-                event.unread_count = Some(count.parse().map_err(|_| invalid("t:UnreadCount"))?);
-            }
+            b"UnreadCount" => event.unread_count = Some(unread_count(&xml.text()?)?),
             _ => xml.skip()?,
         }
     }
@@ -302,6 +429,11 @@ fn read_id<'i>(xml: &mut XmlReader<'i>, element: &Element<'i>) -> Result<Id<'i>,
         id: id.ok_or(EwsError::MissingElement("Id attribute"))?,
         change_key,
     })
+}
+
+/// `t:UnreadCount`.
+fn unread_count(text: &str) -> Result<u32, EwsError> {
+    text.parse().map_err(|_| invalid("t:UnreadCount"))
 }
 
 /// `xs:boolean`.
@@ -354,7 +486,7 @@ pub fn send_notification_result(status: SubscriptionStatus) -> &'static str {
 /// Parses a `SendNotificationResult`: what a receiver answered Exchange, which the relay
 /// watches in passthrough mode to learn that a subscription is being ended.
 pub fn parse_send_notification_result(body: &[u8]) -> Result<SubscriptionStatus, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     open_message(&mut xml, Ns::Messages, "SendNotificationResult")?;
     let mut status = None;
     while let Some(child) = xml.child()? {

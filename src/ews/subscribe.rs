@@ -147,7 +147,7 @@ pub struct SubscribeResponse<'a> {
 /// Parses the response to a `Subscribe`. A SOAP fault comes back as [`EwsError::Fault`]; a
 /// per-message error is a successful parse whose `status` carries the code.
 pub fn parse_subscribe_response(body: &[u8]) -> Result<SubscribeResponse<'_>, EwsError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     open_message(&mut xml, Ns::Messages, "SubscribeResponse")?;
     let mut response = None;
     for_each_response_message(&mut xml, "SubscribeResponseMessage", |xml, message| {

@@ -11,8 +11,8 @@ use std::borrow::Cow;
 use quick_xml::escape::resolve_xml_entity;
 use quick_xml::events::attributes::Attributes;
 use quick_xml::events::{BytesRef, BytesStart, Event};
-use quick_xml::name::ResolveResult;
-use quick_xml::NsReader;
+use quick_xml::name::{PrefixDeclaration, QName};
+use quick_xml::Reader;
 
 use super::EwsError;
 
@@ -46,12 +46,16 @@ pub(crate) enum Ns {
     Other,
 }
 
+/// The namespace the `xml` prefix is bound to, and the only one it may be bound to.
+const XML_NS: &[u8] = b"http://www.w3.org/XML/1998/namespace";
+/// The namespace of `xmlns` declarations, which no prefix may be bound to.
+const XMLNS_NS: &[u8] = b"http://www.w3.org/2000/xmlns/";
+
 impl Ns {
-    fn of(resolved: ResolveResult<'_>) -> Ns {
-        let ResolveResult::Bound(ns) = resolved else {
-            return Ns::Other;
-        };
-        match ns.into_inner() {
+    /// The namespace named by `uri`, as written in a declaration (quick-xml does not unescape
+    /// declarations either).
+    fn of(uri: &[u8]) -> Ns {
+        match uri {
             b"http://schemas.xmlsoap.org/soap/envelope/" => Ns::Soap,
             b"http://schemas.microsoft.com/exchange/services/2006/messages" => Ns::Messages,
             b"http://schemas.microsoft.com/exchange/services/2006/types" => Ns::Types,
@@ -62,11 +66,56 @@ impl Ns {
     }
 }
 
+/// The body a reader walks, and the same bytes as text once they were checked to be UTF-8.
+#[derive(Clone, Copy)]
+struct Source<'i> {
+    bytes: &'i [u8],
+    /// `Some` when the whole body was checked to be UTF-8 up front: any piece of it is then
+    /// text for the price of a bounds check, instead of a UTF-8 check per piece.
+    text: Option<&'i str>,
+}
+
+impl<'i> Source<'i> {
+    /// `part` (a sub-slice of the body, as the slice reader hands out) as text.
+    fn str(&self, part: &'i [u8]) -> Result<&'i str, EwsError> {
+        if let Some(text) = self.text {
+            // Found by address: the slice reader only ever hands out sub-slices of its input.
+            let offset = (part.as_ptr() as usize).wrapping_sub(text.as_ptr() as usize);
+            if let Some(piece) = offset
+                .checked_add(part.len())
+                .and_then(|end| text.get(offset..end))
+            {
+                return Ok(piece);
+            }
+        }
+        std::str::from_utf8(part).map_err(EwsError::malformed)
+    }
+
+    /// A raw text or CDATA piece as text, line ends normalised as XML 1.0 requires.
+    fn decode(&self, raw: Cow<'i, [u8]>) -> Result<Cow<'i, str>, EwsError> {
+        match raw {
+            Cow::Borrowed(raw) => Ok(normalize_eols(Cow::Borrowed(self.str(raw)?))),
+            Cow::Owned(raw) => Ok(normalize_eols(Cow::Owned(
+                String::from_utf8(raw).map_err(EwsError::malformed)?,
+            ))),
+        }
+    }
+}
+
+/// XML 1.0 end-of-line handling: `\r\n` and a lone `\r` read as `\n`.
+fn normalize_eols(text: Cow<'_, str>) -> Cow<'_, str> {
+    if text.contains('\r') {
+        Cow::Owned(text.replace("\r\n", "\n").replace('\r', "\n"))
+    } else {
+        text
+    }
+}
+
 /// A start tag, with its namespace resolved.
 pub(crate) struct Element<'i> {
     pub ns: Ns,
     start: BytesStart<'i>,
-    input: &'i [u8],
+    source: Source<'i>,
 }
 
 impl<'i> Element<'i> {
@@ -93,26 +142,39 @@ impl<'i> Element<'i> {
     ) -> Result<[Option<Cow<'i, str>>; N], EwsError> {
         let name_len = self.start.name().into_inner().len();
         match self.tag_in_input() {
-            Some(tag) => find_attrs(Attributes::new(tag, name_len), names),
-            None => Ok(find_attrs(self.start.attributes(), names)?
+            Some(tag) => find_attrs(Attributes::new(tag, name_len), names, self.source),
+            None => Ok(find_attrs(self.start.attributes(), names, self.source)?
                 .map(|value| value.map(|v| Cow::Owned(v.into_owned())))),
         }
     }
 
+    /// Whether the unqualified attribute `name` is present, without decoding any value.
+    pub fn has_attr(&self, name: &str) -> bool {
+        self.start
+            .attributes()
+            .with_checks(false)
+            .map_while(Result::ok)
+            .any(|attr| attr.key.into_inner() == name.as_bytes())
+    }
+
     /// The tag's text as a slice of the body itself, so attribute values can borrow from the
-    /// body rather than from this short-lived event. The slice reader hands out sub-slices of
-    /// its input, so this finds the tag by address; `None` (values get copied) otherwise.
+    /// body rather than from this short-lived event. `None` (values get copied) if the tag is
+    /// not a slice of the body.
     fn tag_in_input(&self) -> Option<&'i str> {
         let tag: &[u8] = &self.start;
-        let offset = (tag.as_ptr() as usize).checked_sub(self.input.as_ptr() as usize)?;
-        let bytes = self.input.get(offset..offset.checked_add(tag.len())?)?;
-        std::str::from_utf8(bytes).ok()
+        let offset = (tag.as_ptr() as usize).checked_sub(self.source.bytes.as_ptr() as usize)?;
+        let bytes = self
+            .source
+            .bytes
+            .get(offset..offset.checked_add(tag.len())?)?;
+        self.source.str(bytes).ok()
     }
 }
 
 fn find_attrs<'a, const N: usize>(
     mut attrs: Attributes<'a>,
     names: [&str; N],
+    source: Source<'a>,
 ) -> Result<[Option<Cow<'a, str>>; N], EwsError> {
     let decoder = attrs.decoder();
     let mut values = [const { None }; N];
@@ -121,7 +183,13 @@ fn find_attrs<'a, const N: usize>(
         let key = attr.key.into_inner();
         if let Some(i) = names.iter().position(|name| name.as_bytes() == key) {
             if values[i].is_none() {
-                values[i] = Some(attr.decode_and_unescape_value(decoder)?);
+                values[i] = Some(match attr.value {
+                    // Nothing to unescape: the value as it stands in the body.
+                    Cow::Borrowed(value) if !value.contains(&b'&') => {
+                        Cow::Borrowed(source.str(value)?)
+                    }
+                    _ => attr.decode_and_unescape_value(decoder)?,
+                });
             }
         }
     }
@@ -129,18 +197,41 @@ fn find_attrs<'a, const N: usize>(
 }
 
 /// What [`XmlReader::next`] yields: comments, processing instructions and the XML declaration
-/// are dropped, empty elements come as a start and an end.
+/// are dropped, empty elements come as a start and an end. Namespaces are resolved and text
+/// decoded only on demand, as most nodes are passed over.
 pub(crate) enum Node<'i> {
-    Start(Element<'i>),
+    Start(BytesStart<'i>),
     End,
-    Text(Cow<'i, str>),
+    /// Raw text or CDATA, checked for size; [`Source::decode`] makes it text.
+    Raw(Cow<'i, [u8]>),
+    /// A character or entity reference, resolved.
+    Text(Cow<'static, str>),
     Eof,
 }
 
+/// One namespace declaration in scope.
+struct Binding {
+    /// Where its prefix is in [`XmlReader::prefixes`]; `None` for the default namespace.
+    prefix: Option<(usize, usize)>,
+    ns: Ns,
+    /// Depth of the element that declared it.
+    depth: usize,
+}
+
 /// A one-pass reader over a whole body that enforces the limits of this module.
+///
+/// It resolves namespaces itself rather than through quick-xml's `NsReader`: that one scans
+/// every tag's attributes for declarations in a pass of its own, copies every URI and resolves
+/// every tag, end tags included. Here declarations are picked up in the one pass that checks
+/// the attributes anyway, a URI is mapped to [`Ns`] once where it is declared, and only tags a
+/// parser looks at are resolved.
 pub(crate) struct XmlReader<'i> {
-    reader: NsReader<&'i [u8]>,
-    input: &'i [u8],
+    reader: Reader<&'i [u8]>,
+    source: Source<'i>,
+    /// Declarations in scope, innermost last.
+    bindings: Vec<Binding>,
+    /// The prefixes of `bindings`, end to end.
+    prefixes: Vec<u8>,
     /// Elements currently open.
     depth: usize,
     /// Whether the root element has started, to refuse a second one.
@@ -148,14 +239,36 @@ pub(crate) struct XmlReader<'i> {
 }
 
 impl<'i> XmlReader<'i> {
-    /// A reader over a whole body, positioned before its first byte.
-    pub fn new(input: &'i [u8]) -> Self {
-        let mut reader = NsReader::from_reader(input);
+    /// A reader over a whole body, positioned before its first byte. The body is checked to be
+    /// UTF-8 here, in one pass, rather than piece by piece: so text the parsers skip is checked
+    /// too, and the text they keep costs nothing more.
+    pub fn new(input: &'i [u8]) -> Result<Self, EwsError> {
+        let text = std::str::from_utf8(input)
+            .map_err(|e| EwsError::malformed(format_args!("{e} (at byte {})", e.valid_up_to())))?;
+        Ok(Self::with_source(Source {
+            bytes: input,
+            text: Some(text),
+        }))
+    }
+
+    /// A reader for a caller that reads only the start of `input`, where checking all of it
+    /// up front would be wasted: text is then checked to be UTF-8 as it is read.
+    pub fn prefix(input: &'i [u8]) -> Self {
+        Self::with_source(Source {
+            bytes: input,
+            text: None,
+        })
+    }
+
+    fn with_source(source: Source<'i>) -> Self {
+        let mut reader = Reader::from_reader(source.bytes);
         // `<a/>` comes as Start + End, so parsers handle one shape.
         reader.config_mut().expand_empty_elements = true;
         Self {
             reader,
-            input,
+            source,
+            bindings: Vec::new(),
+            prefixes: Vec::new(),
             depth: 0,
             seen_root: false,
         }
@@ -165,14 +278,14 @@ impl<'i> XmlReader<'i> {
     /// dropped; anything else there is an error.
     pub fn next(&mut self) -> Result<Node<'i>, EwsError> {
         loop {
-            let (ns, event) = match self.reader.read_resolved_event() {
-                Ok((ns, event)) => (Ns::of(ns), event),
+            let event = match self.reader.read_event() {
+                Ok(event) => event,
                 Err(e) => {
                     let at = self.reader.error_position();
                     return Err(EwsError::malformed(format_args!("{e} (at byte {at})")));
                 }
             };
-            let text = match event {
+            let node = match event {
                 Event::Start(start) => {
                     if self.depth == 0 && self.seen_root {
                         return Err(EwsError::malformed("content after the root element"));
@@ -182,20 +295,20 @@ impl<'i> XmlReader<'i> {
                     if self.depth > MAX_DEPTH {
                         return Err(EwsError::TooDeep);
                     }
-                    check_attributes(&start)?;
-                    let input = self.input;
-                    return Ok(Node::Start(Element { ns, start, input }));
+                    self.check_attributes(&start)?;
+                    return Ok(Node::Start(start));
                 }
                 // `expand_empty_elements` turns every `<a/>` into Start + End.
                 Event::Empty(_) => return Err(EwsError::malformed("unexpanded empty element")),
                 Event::End(_) => {
                     // quick-xml checks that end tags match their start tags.
                     self.depth = self.depth.saturating_sub(1);
+                    self.end_scope();
                     return Ok(Node::End);
                 }
-                Event::Text(text) => text.xml10_content()?,
-                Event::CData(cdata) => cdata.xml10_content()?,
-                Event::GeneralRef(reference) => resolve_reference(&reference)?,
+                Event::Text(text) => Node::Raw(text.into_inner()),
+                Event::CData(cdata) => Node::Raw(cdata.into_inner()),
+                Event::GeneralRef(reference) => Node::Text(resolve_reference(&reference)?),
                 Event::DocType(_) => return Err(EwsError::DtdForbidden),
                 Event::Decl(_) | Event::PI(_) | Event::Comment(_) => continue,
                 Event::Eof if self.depth > 0 => {
@@ -205,13 +318,25 @@ impl<'i> XmlReader<'i> {
                 }
                 Event::Eof => return Ok(Node::Eof),
             };
-            if text.len() > MAX_VALUE_LEN {
+            // Raw length bounds the decoded length: line-end normalisation only shortens.
+            let (len, blank) = match &node {
+                Node::Raw(raw) => {
+                    if self.source.text.is_none() {
+                        // Not checked up front: check this piece now.
+                        std::str::from_utf8(raw).map_err(EwsError::malformed)?;
+                    }
+                    (raw.len(), raw.iter().all(|&b| is_xml_space(char::from(b))))
+                }
+                Node::Text(text) => (text.len(), text.trim_matches(is_xml_space).is_empty()),
+                _ => unreachable!("only text nodes get here"),
+            };
+            if len > MAX_VALUE_LEN {
                 return Err(EwsError::TooLarge);
             }
             if self.depth > 0 {
-                return Ok(Node::Text(text));
+                return Ok(node);
             }
-            if !text.trim_matches(is_xml_space).is_empty() {
+            if !blank {
                 return Err(if self.seen_root {
                     EwsError::malformed("text after the root element")
                 } else {
@@ -222,14 +347,126 @@ impl<'i> XmlReader<'i> {
         }
     }
 
+    /// Counts and sizes the attributes of a start tag, rejects duplicates (the check is
+    /// quadratic, which the count keeps small), checks the references in every value (so a body
+    /// is refused alike whether or not a parser reads the attribute) and takes in its namespace
+    /// declarations: everything about attributes in one pass.
+    fn check_attributes(&mut self, start: &BytesStart<'_>) -> Result<(), EwsError> {
+        // Most EWS elements have none: skip the iterator for them.
+        if start.attributes_raw().trim_ascii().is_empty() {
+            return Ok(());
+        }
+        // Names seen so far, on the stack: quick-xml's own duplicate check allocates.
+        let mut keys: [&[u8]; MAX_ATTRIBUTES] = [&[]; MAX_ATTRIBUTES];
+        let mut attrs = start.attributes();
+        let decoder = attrs.decoder();
+        for (count, attr) in attrs.with_checks(false).enumerate() {
+            if count >= MAX_ATTRIBUTES {
+                return Err(EwsError::TooMany {
+                    what: "attributes on one element",
+                    limit: MAX_ATTRIBUTES,
+                });
+            }
+            let attr = attr?;
+            let key = attr.key.into_inner();
+            if keys[..count].contains(&key) {
+                return Err(EwsError::malformed(format_args!(
+                    "duplicate attribute {}",
+                    String::from_utf8_lossy(key)
+                )));
+            }
+            keys[count] = key;
+            if attr.value.len() > MAX_VALUE_LEN {
+                return Err(EwsError::TooLarge);
+            }
+            if attr.value.contains(&b'&') {
+                attr.decode_and_unescape_value(decoder)?;
+            }
+            if let Some(declaration) = attr.key.as_namespace_binding() {
+                self.declare(declaration, &attr.value)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a namespace declaration of the element just entered in scope, refusing what the
+    /// Namespaces in XML recommendation forbids (as quick-xml's resolver does).
+    fn declare(&mut self, declaration: PrefixDeclaration<'_>, uri: &[u8]) -> Result<(), EwsError> {
+        let prefix = match declaration {
+            PrefixDeclaration::Default => None,
+            PrefixDeclaration::Named(b"xml") if uri == XML_NS => return Ok(()),
+            PrefixDeclaration::Named(b"xml") => {
+                return Err(EwsError::malformed(
+                    "the xml prefix bound to another namespace",
+                ))
+            }
+            PrefixDeclaration::Named(b"xmlns") => {
+                return Err(EwsError::malformed("the xmlns prefix declared"))
+            }
+            PrefixDeclaration::Named(b"") => {
+                return Err(EwsError::malformed("an empty namespace prefix declared"))
+            }
+            PrefixDeclaration::Named(_) if uri == XML_NS || uri == XMLNS_NS => {
+                return Err(EwsError::malformed(
+                    "a prefix bound to a reserved namespace",
+                ))
+            }
+            PrefixDeclaration::Named(prefix) => {
+                let at = self.prefixes.len();
+                self.prefixes.extend_from_slice(prefix);
+                Some((at, prefix.len()))
+            }
+        };
+        self.bindings.push(Binding {
+            prefix,
+            ns: Ns::of(uri),
+            depth: self.depth,
+        });
+        Ok(())
+    }
+
+    /// Drops the declarations of the element just ended.
+    fn end_scope(&mut self) {
+        while let Some(binding) = self.bindings.last() {
+            if binding.depth <= self.depth {
+                break;
+            }
+            if let Some((at, _)) = binding.prefix {
+                self.prefixes.truncate(at);
+            }
+            self.bindings.pop();
+        }
+    }
+
+    /// The namespace of an element name: the innermost declaration of its prefix, or of the
+    /// default namespace; `Other` when there is none (quick-xml would say unbound or unknown).
+    fn resolve(&self, name: QName<'_>) -> Ns {
+        let prefix = name.prefix().map(|p| p.into_inner());
+        self.bindings
+            .iter()
+            .rev()
+            .find(|b| b.prefix.map(|(at, len)| &self.prefixes[at..at + len]) == prefix)
+            .map_or(Ns::Other, |b| b.ns)
+    }
+
+    /// The start tag `start`, just read, with its namespace resolved.
+    fn element(&self, start: BytesStart<'i>) -> Element<'i> {
+        let ns = self.resolve(start.name());
+        Element {
+            ns,
+            start,
+            source: self.source,
+        }
+    }
+
     /// The next child element of the element just entered, or `None` at its end tag.
     /// Text between child elements is ignored.
     pub fn child(&mut self) -> Result<Option<Element<'i>>, EwsError> {
         loop {
             match self.next()? {
-                Node::Start(element) => return Ok(Some(element)),
+                Node::Start(start) => return Ok(Some(self.element(start))),
                 Node::End | Node::Eof => return Ok(None),
-                Node::Text(_) => {}
+                Node::Raw(_) | Node::Text(_) => {}
             }
         }
     }
@@ -250,25 +487,34 @@ impl<'i> XmlReader<'i> {
     pub fn text(&mut self) -> Result<Cow<'i, str>, EwsError> {
         let mut text = Cow::Borrowed("");
         loop {
-            match self.next()? {
-                Node::Text(piece) if text.is_empty() => text = piece,
-                Node::Text(piece) => {
-                    if text.len() + piece.len() > MAX_VALUE_LEN {
-                        return Err(EwsError::TooLarge);
-                    }
-                    text.to_mut().push_str(&piece);
+            let piece = match self.next()? {
+                Node::Raw(raw) => self.source.decode(raw)?,
+                Node::Text(piece) => piece,
+                Node::Start(_) => {
+                    self.skip()?;
+                    continue;
                 }
-                Node::Start(_) => self.skip()?,
                 Node::End | Node::Eof => return Ok(trim(text)),
+            };
+            if text.is_empty() {
+                text = piece;
+            } else {
+                if text.len() + piece.len() > MAX_VALUE_LEN {
+                    return Err(EwsError::TooLarge);
+                }
+                text.to_mut().push_str(&piece);
             }
         }
     }
 
     /// Enters `soap:Envelope/soap:Body` and returns the body's first element: the message.
     pub fn open_body(&mut self) -> Result<Element<'i>, EwsError> {
-        match self.next()? {
-            Node::Start(root) if root.is(Ns::Soap, "Envelope") => {}
-            _ => return Err(EwsError::NotSoapEnvelope),
+        let is_envelope = match self.next()? {
+            Node::Start(root) => self.element(root).is(Ns::Soap, "Envelope"),
+            _ => false,
+        };
+        if !is_envelope {
+            return Err(EwsError::NotSoapEnvelope);
         }
         while let Some(element) = self.child()? {
             if !element.is(Ns::Soap, "Body") {
@@ -292,27 +538,6 @@ impl<'i> XmlReader<'i> {
             }
         }
     }
-}
-
-/// Counts and sizes the attributes of every element, and rejects duplicates (the check is
-/// quadratic, which the count keeps small).
-fn check_attributes(start: &BytesStart<'_>) -> Result<(), EwsError> {
-    // Most EWS elements have none: skip the iterator for them.
-    if start.attributes_raw().trim_ascii().is_empty() {
-        return Ok(());
-    }
-    for (count, attr) in start.attributes().enumerate() {
-        if count >= MAX_ATTRIBUTES {
-            return Err(EwsError::TooMany {
-                what: "attributes on one element",
-                limit: MAX_ATTRIBUTES,
-            });
-        }
-        if attr?.value.len() > MAX_VALUE_LEN {
-            return Err(EwsError::TooLarge);
-        }
-    }
-    Ok(())
 }
 
 /// `&amp;`, `&#65;` and the other predefined references; anything else would need a DTD.
