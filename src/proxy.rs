@@ -12,7 +12,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 
-use crate::ews;
+use crate::ews::{self, EventType};
 use crate::metrics::Metrics;
 use crate::tracker::{ReceiverAnswer, Tracker};
 use crate::upstream::{Outgoing, Receiver};
@@ -211,15 +211,7 @@ impl Proxy {
             }
         };
         if let (Some(n), Some(answer)) = (&notification, answer) {
-            self.tracker.record(n, conn.peer_ip, answer);
-            self.metrics.answer(answer);
-            for m in &n.messages {
-                for (counter, &count) in self.metrics.events.iter().zip(&m.event_counts) {
-                    if count > 0 {
-                        counter.inc_by(u64::from(count));
-                    }
-                }
-            }
+            self.observe(n, conn, answer);
         }
         Ok(Forwarded {
             reply,
@@ -233,33 +225,26 @@ impl Proxy {
     async fn managed(
         &self,
         manager: &crate::subscriptions::Manager,
-        n: &ews::SendNotification<'_>,
+        n: &ews::NotificationSummary<'_>,
         parts: &http::request::Parts,
         body: &Bytes,
         conn: &ConnInfo,
     ) -> Option<Reply> {
         use crate::subscriptions::Owner;
         let message = n.messages.first()?;
-        let id = message
-            .notification
-            .as_ref()
-            .map(|x| &*x.subscription_id)
-            .or(message.subscription_id.as_deref())?;
+        let id = message.subscription_id.as_deref()?;
         let status = match manager.owner(id).await? {
             Owner::Retired(mailbox) => {
                 tracing::info!(%mailbox, subscription = %crate::tracker::abbreviate(id), "notification on a replaced or removed subscription: answering Unsubscribe");
                 ews::SubscriptionStatus::Unsubscribe
             }
             Owner::Current(mailbox) => {
-                let error = message.status.class == ews::ResponseClass::Error;
-                let watermark = message
-                    .notification
-                    .as_ref()
-                    .and_then(|x| x.last_watermark());
-                let events = message
-                    .notification
-                    .as_ref()
-                    .is_some_and(|x| x.events.iter().any(|e| e.kind != ews::EventType::Status));
+                let error = message.class == ews::ResponseClass::Error;
+                let watermark = message.last_watermark.as_deref();
+                let events = EventType::ALL
+                    .iter()
+                    .zip(message.event_counts)
+                    .any(|(kind, n)| *kind != EventType::Status && n > 0);
                 manager.notified(&mailbox, watermark, events, error);
                 if error {
                     // The server already dropped it (e.g. ErrorReadEventsFailed); the manager
@@ -293,13 +278,7 @@ impl Proxy {
             ews::SubscriptionStatus::Ok => ReceiverAnswer::Ok,
             ews::SubscriptionStatus::Unsubscribe => ReceiverAnswer::Unsubscribe,
         };
-        self.tracker.record(n, conn.peer_ip, answer);
-        self.metrics.answer(answer);
-        for m in &n.messages {
-            for e in m.notification.iter().flat_map(|n| &n.events) {
-                self.metrics.events[event_index(e.kind)].inc();
-            }
-        }
+        self.observe(n, conn, answer);
         let mut r = Response::new(Full::new(Bytes::from_static(
             ews::send_notification_result(status).as_bytes(),
         )));
@@ -308,6 +287,19 @@ impl Proxy {
             HeaderValue::from_static("text/xml; charset=utf-8"),
         );
         Some(r)
+    }
+
+    /// Record a notification and the answer Exchange got in the tracker and the metrics.
+    fn observe(&self, n: &ews::NotificationSummary<'_>, conn: &ConnInfo, answer: ReceiverAnswer) {
+        self.tracker.record(n, conn.peer_ip, answer);
+        self.metrics.answer(answer);
+        for m in &n.messages {
+            for (counter, &count) in self.metrics.events.iter().zip(&m.event_counts) {
+                if count > 0 {
+                    counter.inc_by(u64::from(count));
+                }
+            }
+        }
     }
 
     /// 404 outside the prefix, 405 for methods other than POST.

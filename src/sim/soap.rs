@@ -89,9 +89,9 @@ const REFUSED_VERSIONS: [&str; 5] = [
 
 /// Parses and schema-checks a push `Subscribe` envelope.
 pub fn parse_subscribe(body: &[u8]) -> Result<ParsedSubscribe, RequestError> {
-    let mut xml = XmlReader::new(body);
-    match xml.next()? {
-        crate::ews::xml::Node::Start(root) if root.is(Ns::Soap, "Envelope") => {}
+    let mut xml = XmlReader::new(body)?;
+    match xml.child()? {
+        Some(root) if root.is(Ns::Soap, "Envelope") => {}
         _ => return Err(schema("not a SOAP 1.1 envelope")),
     }
     let (mut server_version, mut mailbox, mut request) = (None, None, None);
@@ -339,7 +339,7 @@ pub fn valid_push_url(url: &str) -> bool {
 
 /// Parses a `GetUserSettingsRequestMessage` into its mailboxes, in request order.
 pub fn parse_get_user_settings(body: &[u8]) -> Result<Vec<String>, RequestError> {
-    let mut xml = XmlReader::new(body);
+    let mut xml = XmlReader::new(body)?;
     let message = xml.open_body()?;
     if !message.is(Ns::Autodiscover, "GetUserSettingsRequestMessage") {
         return Err(schema("expected a:GetUserSettingsRequestMessage"));
