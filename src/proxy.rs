@@ -245,13 +245,17 @@ impl Proxy {
                     .iter()
                     .zip(message.event_counts)
                     .any(|(kind, n)| *kind != EventType::Status && n > 0);
-                manager.notified(&mailbox, watermark, events, error);
+                // The heartbeat counts at once; the watermark only moves once the notification
+                // is safe (delivered or spooled), so a resubscribe after a failed spool replays
+                // it instead of skipping it.
+                manager.notified(&mailbox, None, false, error);
                 if error {
                     // The server already dropped it (e.g. ErrorReadEventsFailed); the manager
                     // resubscribes from the last good watermark.
                     ews::SubscriptionStatus::Unsubscribe
                 } else if !events {
-                    // A keep-alive: nothing for the receiver.
+                    // A keep-alive: nothing for the receiver, its watermark is safe to keep.
+                    manager.notified(&mailbox, watermark, false, false);
                     ews::SubscriptionStatus::Ok
                 } else {
                     let mut headers = self.outgoing(parts.clone(), Bytes::new(), conn).headers;
@@ -261,7 +265,10 @@ impl Proxy {
                         .accept(&mailbox, id, headers, body.clone())
                         .await
                     {
-                        Ok(_) => ews::SubscriptionStatus::Ok,
+                        Ok(_) => {
+                            manager.notified(&mailbox, watermark, true, false);
+                            ews::SubscriptionStatus::Ok
+                        }
                         Err(e) => {
                             // Neither delivered nor stored: Exchange must retry.
                             tracing::error!(%mailbox, error = %e, "cannot spool a notification; answering 503 so Exchange retries");
