@@ -95,6 +95,9 @@ struct Group {
     ews_url: String,
     anchor: String,
     cookie: Option<String>,
+    /// Held by the group's first Subscribe until it has answered (`true` once one succeeded),
+    /// so the others wait for the `X-BackEndOverrideCookie` it returns instead of racing it.
+    first: Arc<tokio::sync::Mutex<bool>>,
 }
 
 /// The subscription manager.
@@ -632,13 +635,25 @@ impl Manager {
         reason: Reason,
     ) -> Result<(), (Failure, Reason)> {
         self.set_state(m, MailboxState::Subscribing, None);
-        let group = match self.target(address).await {
+        let mut group = match self.target(address).await {
             Ok(g) => g,
             Err(f) => {
                 self.fail(m, &f).await;
                 return Err((f, Reason::Retry));
             }
         };
+        let affinity = self.cfg.endpoint_is_autodiscover();
+        // Until a Subscribe of the group has succeeded, subscribe its mailboxes one at a time:
+        // the first answer carries the backend cookie the others must send.
+        let mut first = None;
+        if affinity && group.cookie.is_none() {
+            let guard = group.first.clone().lock_owned().await;
+            if *guard {
+                group = self.group_of(address).unwrap_or(group);
+            } else {
+                first = Some(guard);
+            }
+        }
         let watermark = m
             .record
             .lock()
@@ -659,7 +674,6 @@ impl Manager {
             status_frequency: self.cfg.status_frequency,
             url: &self.cfg.callback_url,
         };
-        let affinity = self.cfg.endpoint_is_autodiscover();
         let target = Target {
             ews_url: &group.ews_url,
             anchor: if affinity { &group.anchor } else { address },
@@ -671,6 +685,9 @@ impl Manager {
         let outcome = self
             .after_subscribe(address, m, reason, &group, result)
             .await;
+        if let Some(mut first) = first {
+            *first = outcome.is_ok();
+        }
         self.subscribing.fetch_sub(1, Ordering::AcqRel);
         self.subscribed.notify_waiters();
         outcome
@@ -761,7 +778,7 @@ impl Manager {
             EwsEndpoint::Direct(url) => Ok(Group {
                 ews_url: url.clone(),
                 anchor: address.to_owned(),
-                cookie: None,
+                ..Group::default()
             }),
             EwsEndpoint::Autodiscover(_) => {
                 if let Some(g) = self.group_of(address) {
@@ -834,7 +851,7 @@ impl Manager {
             g.1.entry(key.clone()).or_insert_with(|| Group {
                 ews_url: ews_url.clone(),
                 anchor: d.mailbox.clone(),
-                cookie: None,
+                ..Group::default()
             });
             g.0.insert(d.mailbox.clone(), key);
         }
