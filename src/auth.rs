@@ -168,6 +168,12 @@ impl Credentials {
         }
     }
 
+    /// Whether fresh credentials may cure a 401: an OAuth token can be fetched again, a Basic
+    /// password cannot (sending it again only counts towards the account's lockout).
+    pub fn refreshable(&self) -> bool {
+        matches!(self.auth, Auth::OAuth { .. })
+    }
+
     /// Forget the cached token (EWS answered 401 with it).
     pub async fn invalidate(&self) {
         *self.token.lock().await = None;

@@ -274,7 +274,10 @@ impl EwsClient {
                 }
             };
             let status = resp.status();
-            if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                && attempt == 0
+                && self.credentials.refreshable()
+            {
                 tracing::info!("EWS answered 401; fetching a fresh token and retrying once");
                 self.credentials.invalidate().await;
                 continue;
@@ -291,11 +294,12 @@ impl EwsClient {
                 .await;
             }
             if status == reqwest::StatusCode::UNAUTHORIZED {
-                return Err(Failure::new(
-                    Action::Permanent,
-                    "HTTP 401",
-                    "EWS refused the credentials (after a token refresh): check the app's full_access_as_app permission or the service account",
-                ));
+                let detail = if self.credentials.refreshable() {
+                    "EWS refused the credentials (after a token refresh): check the app's full_access_as_app permission"
+                } else {
+                    "EWS refused the credentials: check the service account's --username and password"
+                };
+                return Err(Failure::new(Action::Permanent, "HTTP 401", detail));
             }
             return Ok((status, headers, answer));
         }
