@@ -784,12 +784,14 @@ impl Manager {
                 if let Some(g) = self.group_of(address) {
                     return Ok(g);
                 }
-                self.discover(&[address.to_owned()]).await;
+                let mut errors = self.discover(&[address.to_owned()]).await;
                 self.group_of(address).ok_or_else(|| {
                     Failure::new(
                         Action::Transient,
                         "AutodiscoverFailed",
-                        "Autodiscover gave no EWS URL for this mailbox",
+                        errors.remove(address).unwrap_or_else(|| {
+                            "Autodiscover gave no EWS URL for this mailbox".into()
+                        }),
                     )
                 })
             }
@@ -817,25 +819,34 @@ impl Manager {
 
     /// Autodiscover `mailboxes` and place each in a group of at most [`MAX_GROUP`] sharing
     /// ExternalEwsUrl and GroupingInformation; the group's first mailbox is its anchor.
-    async fn discover(&self, mailboxes: &[String]) {
+    /// Returns why the mailboxes left out have no EWS URL, for the operator.
+    async fn discover(&self, mailboxes: &[String]) -> HashMap<String, String> {
+        let mut errors = HashMap::new();
         let EwsEndpoint::Autodiscover(url) = &self.cfg.endpoint else {
-            return;
+            return errors;
         };
         if mailboxes.is_empty() {
-            return;
+            return errors;
         }
         let found = match self.client.discover(url, mailboxes).await {
             Ok(f) => f,
             Err(f) => {
                 tracing::warn!(code = %f.code, detail = %f.detail, "Autodiscover failed");
-                return;
+                for m in mailboxes {
+                    errors.insert(m.clone(), format!("{}: {}", f.code, f.detail));
+                }
+                return errors;
             }
         };
         let mut g = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         for d in found {
-            let Ok((ews_url, grouping)) = d.result else {
-                tracing::warn!(mailbox = %d.mailbox, error = ?d.result, "Autodiscover: no EWS URL");
-                continue;
+            let (ews_url, grouping) = match d.result {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(mailbox = %d.mailbox, error = %e, "Autodiscover: no EWS URL");
+                    errors.insert(d.mailbox, e);
+                    continue;
+                }
             };
             // Fill the first group of this (url, grouping) with room, else open a new one.
             let base = format!("{ews_url}\u{0}{grouping}");
@@ -855,6 +866,7 @@ impl Manager {
             });
             g.0.insert(d.mailbox.clone(), key);
         }
+        errors
     }
 }
 
