@@ -315,10 +315,6 @@ pub async fn run(
     Ok(())
 }
 
-/// How often the mailboxes file's modification time is checked; a poll, not inotify, so that
-/// the symlink swaps of Kubernetes ConfigMaps are seen too.
-const MAILBOXES_FILE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// Open the store and build the subscription manager (nothing is subscribed yet).
 async fn managed_mode(
     m: &config::Managed,
@@ -375,34 +371,17 @@ async fn watch_mailboxes(manager: Arc<subscriptions::Manager>, file: Option<std:
     let Some(file) = file else {
         return std::future::pending().await;
     };
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let stamp = |f: &std::path::Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
-    let mut last = stamp(&file);
-    loop {
-        let hangup = async {
-            match hup.as_mut() {
-                Some(h) => {
-                    h.recv().await;
-                }
-                None => std::future::pending::<()>().await,
+    reload::watch(vec![file], "mailboxes file", || {
+        let manager = manager.clone();
+        async move {
+            let wanted = manager.configured_mailboxes();
+            tracing::info!(mailboxes = wanted.len(), "applying the mailbox set");
+            if let Err(e) = manager.apply_mailbox_set(&wanted).await {
+                tracing::error!(error = %e, "cannot apply the new mailbox set");
             }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(MAILBOXES_FILE_POLL) => {
-                let now = stamp(&file);
-                if now == last {
-                    continue;
-                }
-                last = now;
-            }
-            _ = hangup => {}
         }
-        let wanted = manager.configured_mailboxes();
-        tracing::info!(mailboxes = wanted.len(), "mailboxes file changed; applying");
-        if let Err(e) = manager.apply_mailbox_set(&wanted).await {
-            tracing::error!(error = %e, "cannot apply the new mailbox set");
-        }
-    }
+    })
+    .await;
 }
 
 fn log_certificate(info: &tls::CertInfo) {

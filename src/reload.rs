@@ -39,7 +39,7 @@ fn stamp(path: &Path) -> Stamp {
 }
 
 /// Poll `paths` and SIGHUP; calls `reload` after a debounced change or a signal, forever.
-async fn watch<F, Fut>(paths: Vec<PathBuf>, what: &'static str, mut reload: F)
+pub(crate) async fn watch<F, Fut>(paths: Vec<PathBuf>, what: &'static str, mut reload: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ()>,
