@@ -932,3 +932,45 @@ async fn unknown_subscription_ids_pass_through() {
     assert!(header(&seen[0], "x-ews-subscription-id").is_none());
     assert_eq!(header(&seen[0], "x-forwarded-for"), Some("127.0.0.1"));
 }
+
+/// A mailbox removed while its Subscribe is in flight must not come back: the subscription
+/// Exchange creates for it is answered `Unsubscribe`, and the mailbox stays removed.
+#[tokio::test]
+async fn mailbox_removed_during_its_subscribe_stays_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailboxes.txt");
+    write_mailboxes(&file, &[ROOM_A]);
+    let mut setup = Setup::new(&[]);
+    setup.mailboxes_file = Some(file.clone());
+    let lab = Lab::start(&[ROOM_A, ROOM_B], |_| {}, setup).await;
+    lab.wait_active(&[ROOM_A]).await;
+    // Every EWS answer now takes 3 s: room B's Subscribe is still in flight when it is removed.
+    lab.sim.set_response_delay(Duration::from_secs(3));
+    write_mailboxes(&file, &[ROOM_A, ROOM_B]);
+    sim_wait(&lab.sim, WAIT, "room B's Subscribe sent", |h| {
+        (!subscribes_for(h, ROOM_B).is_empty()).then_some(())
+    })
+    .await;
+    write_mailboxes(&file, &[ROOM_A]);
+    // The simulator creates the subscription, pushes its first StatusEvent, and the relay
+    // answers Unsubscribe.
+    sim_wait(
+        &lab.sim,
+        WAIT,
+        "room B's new subscription ended by Unsubscribe",
+        |h| {
+            h.subscriptions()
+                .into_iter()
+                .find(|s| s.mailbox.eq_ignore_ascii_case(ROOM_B))
+                .filter(|s| s.state == SubscriptionState::Ended(EndReason::Unsubscribed))
+                .map(|_| ())
+        },
+    )
+    .await;
+    lab.sim.set_response_delay(Duration::ZERO);
+    let v = lab.api().await;
+    assert!(
+        mailbox_view(&v, ROOM_B).is_none(),
+        "room B came back: {v:#}"
+    );
+}

@@ -703,6 +703,36 @@ impl Manager {
         result: Result<super::client::Subscribed, Failure>,
     ) -> Result<(), (Failure, Reason)> {
         match result {
+            Ok(sub) if self.mailbox(address).is_none() => {
+                // Removed while this Subscribe was in flight: record the new id as ours and
+                // retire it at once, so Exchange's pushes for it get Unsubscribe (now and after
+                // a restart) instead of reviving the mailbox.
+                self.metrics.subscribe("success");
+                self.ids.write().unwrap_or_else(|e| e.into_inner()).insert(
+                    sub.subscription_id.clone(),
+                    Owner::Retired(address.to_owned()),
+                );
+                let mut record = m.record.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                record.subscription_id = Some(sub.subscription_id);
+                let now = store::now_millis();
+                let a = address.to_owned();
+                let result = self
+                    .writer
+                    .store()
+                    .blocking(move |s| {
+                        s.put_mailbox(&record, now)?;
+                        s.remove_mailbox(&a, now)
+                    })
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(mailbox = address, error = %e, "cannot retire a subscription made for a removed mailbox");
+                }
+                tracing::info!(
+                    mailbox = address,
+                    "mailbox removed during its Subscribe; the new subscription is retired"
+                );
+                Ok(())
+            }
             Ok(sub) => {
                 if let Some(cookie) = &sub.backend_cookie {
                     self.remember_cookie(address, cookie);
