@@ -34,6 +34,9 @@ const RETIRED_ID_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// unknown id waits this long at most for Subscribe calls in flight to finish before it is
 /// taken for someone else's (and passed through, where the receiver might end it).
 const UNKNOWN_ID_GRACE: Duration = Duration::from_secs(5);
+/// On shutdown, Subscribe calls in flight get this long to finish so their new ids are stored
+/// (a subscription Exchange created but the relay never recorded would be an orphan).
+const SHUTDOWN_SUBSCRIBE_GRACE: Duration = Duration::from_secs(5);
 
 /// Why a mailbox is being (re)subscribed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +114,8 @@ pub struct Manager {
     ids: RwLock<HashMap<String, Owner>>,
     /// Autodiscover results: mailbox → group key; group key → group.
     groups: Mutex<(HashMap<String, String>, HashMap<String, Group>)>,
+    /// Set by [`Manager::shutdown`]: no new Subscribe calls start.
+    stopping: std::sync::atomic::AtomicBool,
     /// Subscribe calls in flight, and a signal when one finishes (see [`UNKNOWN_ID_GRACE`]).
     subscribing: std::sync::atomic::AtomicUsize,
     subscribed: tokio::sync::Notify,
@@ -181,6 +186,7 @@ impl Manager {
             mailboxes: RwLock::new(HashMap::new()),
             ids: RwLock::new(HashMap::new()),
             groups: Mutex::new(Default::default()),
+            stopping: Default::default(),
             subscribing: Default::default(),
             subscribed: tokio::sync::Notify::new(),
             tasks: Mutex::new(Vec::new()),
@@ -228,6 +234,18 @@ impl Manager {
     /// Without this the tasks outlive the relay's `run`, keep calling Exchange and keep the
     /// store open.
     pub async fn shutdown(&self) {
+        // A Subscribe in flight may already have created a subscription at Exchange: let it
+        // finish (bounded) so its id is stored, and start no new ones meanwhile.
+        self.stopping.store(true, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_SUBSCRIBE_GRACE;
+        while self.subscribing.load(Ordering::Acquire) > 0 {
+            let finished = self.subscribed.notified();
+            if self.subscribing.load(Ordering::Acquire) == 0
+                || tokio::time::timeout_at(deadline, finished).await.is_err()
+            {
+                break;
+            }
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for t in &tasks {
             t.abort();
@@ -680,6 +698,12 @@ impl Manager {
             affinity,
             backend_cookie: group.cookie.as_deref(),
         };
+        if self.stopping.load(Ordering::Acquire) {
+            return Err((
+                Failure::new(Action::Transient, "ShuttingDown", "the relay is stopping"),
+                Reason::Retry,
+            ));
+        }
         self.subscribing.fetch_add(1, Ordering::AcqRel);
         let result = self.client.subscribe(target, &request).await;
         let outcome = self
