@@ -497,27 +497,46 @@ impl Lab {
     /// Start the real binary (`ews-relay`) on the reserved port instead of `run` in-process,
     /// logging to `relay.log` in the certificate's directory; for `kill -9`.
     pub async fn spawn_binary(&mut self) -> BinaryRelay {
+        self.spawn_binary_with(false, &[]).await
+    }
+
+    /// Like [`Lab::spawn_binary`], but the log also gets the relay's tracing output (stdout),
+    /// with `env` (e.g. `RUST_LOG`) set for the child: for checking what the relay logs.
+    pub async fn spawn_binary_logging(&mut self, env: &[(&str, &str)]) -> BinaryRelay {
+        self.spawn_binary_with(true, env).await
+    }
+
+    async fn spawn_binary_with(&mut self, log_stdout: bool, env: &[(&str, &str)]) -> BinaryRelay {
         // Free the reserved port just before the child binds it.
         drop(self.listener.take());
         let admin = crate::common::closed_port().await;
         let log_path = self.cert.dir.path().join("relay.log");
         let log = std::fs::File::create(&log_path).unwrap();
+        let stdout = if log_stdout {
+            std::process::Stdio::from(log.try_clone().unwrap())
+        } else {
+            std::process::Stdio::null()
+        };
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_ews-relay"))
             .args(&self.words()[1..])
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .args(["--admin-listen", &admin.to_string()])
+            .envs(env.iter().copied())
             .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
+            .stdout(stdout)
             .stderr(log)
             .spawn()
             .expect("start the ews-relay binary");
-        let relay = BinaryRelay {
+        let mut relay = BinaryRelay {
             child,
             admin,
             log: log_path,
         };
         let deadline = Instant::now() + WAIT;
         while admin_get(admin, "/healthz").await.is_err() {
+            if let Ok(Some(exit)) = relay.child.try_wait() {
+                panic!("binary exited while starting ({exit}):\n{}", relay.log());
+            }
             assert!(
                 Instant::now() < deadline,
                 "binary never healthy:\n{}",
