@@ -269,6 +269,8 @@ impl Delivery {
             return Ok(0);
         }
         let mut done = 0;
+        let mut acks = tokio::task::JoinSet::new();
+        let mut refused = false;
         for e in entries {
             let resync = e.subscription_id.is_empty() && e.body.is_empty();
             let mut headers = HeaderMap::new();
@@ -293,20 +295,39 @@ impl Delivery {
             if !self.try_deliver(out).await {
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
                 self.metrics.delivery("failed");
-                return if done > 0 { Ok(done) } else { Err(()) };
+                refused = true;
+                break;
             }
-            if let Err(err) = self.writer.ack(mailbox, e.seq).await {
-                tracing::error!(error = %err, "delivered but cannot remove from the spool; it will be delivered again");
-                return Err(());
-            }
-            q.waiting = q.waiting.saturating_sub(1);
-            if resync {
-                q.resyncs = q.resyncs.saturating_sub(1);
-                self.resync_changed(mailbox, q);
-            }
-            done += 1;
+            // Delivery stays strictly in order; the acknowledgements run concurrently so the
+            // store writer commits them together (one fsync per batch, not per entry).
+            let (writer, m, seq) = (self.writer.clone(), mailbox.to_owned(), e.seq);
+            acks.spawn(async move { (resync, writer.ack(&m, seq).await) });
             self.metrics
                 .delivery(if resync { "resync" } else { "replayed" });
+        }
+        let mut ack_failed = false;
+        while let Some(joined) = acks.join_next().await {
+            match joined {
+                Ok((resync, Ok(_))) => {
+                    q.waiting = q.waiting.saturating_sub(1);
+                    if resync {
+                        q.resyncs = q.resyncs.saturating_sub(1);
+                        self.resync_changed(mailbox, q);
+                    }
+                    done += 1;
+                }
+                Ok((_, Err(err))) => {
+                    tracing::error!(error = %err, "delivered but cannot remove from the spool; it will be delivered again");
+                    ack_failed = true;
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "spool acknowledgement task failed; the entry will be delivered again");
+                    ack_failed = true;
+                }
+            }
+        }
+        if ack_failed || (refused && done == 0) {
+            return Err(());
         }
         Ok(done)
     }

@@ -526,8 +526,14 @@ impl Manager {
             .filter(|m| m.dirty.swap(false, Ordering::Relaxed))
             .map(|m| m.record.lock().unwrap_or_else(|e| e.into_inner()).clone())
             .collect();
+        // Concurrent submissions: the store writer commits them together.
+        let mut writes = tokio::task::JoinSet::new();
         for r in dirty {
-            if let Err(e) = self.writer.put_mailbox(r, store::now_millis()).await {
+            let writer = self.writer.clone();
+            writes.spawn(async move { writer.put_mailbox(r, store::now_millis()).await });
+        }
+        while let Some(joined) = writes.join_next().await {
+            if let Ok(Err(e)) = joined {
                 tracing::error!(error = %e, "cannot write mailbox state");
             }
         }
