@@ -91,7 +91,6 @@ pub struct Credentials {
     auth: Auth,
     http: reqwest::Client,
     token: Mutex<Option<Token>>,
-    fetches: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -126,7 +125,6 @@ impl Credentials {
             auth,
             http,
             token: Mutex::new(None),
-            fetches: Default::default(),
         })
     }
 
@@ -179,14 +177,7 @@ impl Credentials {
         *self.token.lock().await = None;
     }
 
-    /// How many tokens have been fetched (for metrics and tests).
-    pub fn fetches(&self) -> u64 {
-        self.fetches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     async fn fetch(&self, url: &str, client_id: &str, secret: &Secret) -> Result<Token, AuthError> {
-        self.fetches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // The scope is the EWS resource of the token's audience; Exchange Online's is fixed.
         let form = [
             ("grant_type", "client_credentials"),

@@ -576,9 +576,9 @@ pub struct Config {
     pub proxy_protocol: bool,
     /// Header naming the client behind a trusted proxy.
     pub client_ip_header: Option<http::HeaderName>,
-    /// What the allow-list was built from, to rebuild it when `--allow-file` changes:
-    /// `--allow` values, `--allow-file`, `--allow-preset` names.
-    pub allow_sources: (Vec<String>, Option<PathBuf>, Vec<String>),
+    /// What the allow-list was built from, to rebuild it when `--allow-file` or the
+    /// refreshed Exchange Online list changes.
+    pub allow_source: std::sync::Arc<crate::filter::AllowSource>,
     /// Normalised path prefix: `/` or `/something` without a trailing slash.
     pub path_prefix: String,
     /// Largest accepted request body in bytes.
@@ -622,13 +622,13 @@ impl Config {
                 return Err(ConfigError::new("--tls-cert", "required with --tls-key"))
             }
         };
-        let allow_sources = (
-            args.allow.clone(),
-            args.allow_file.clone(),
-            args.allow_preset.clone(),
-        );
-        let allow = AllowList::build(&args.allow, args.allow_file.as_deref(), &args.allow_preset)
-            .map_err(|e| match e {
+        let allow_source = std::sync::Arc::new(crate::filter::AllowSource {
+            cidrs: args.allow.clone(),
+            file: args.allow_file.clone(),
+            presets: args.allow_preset.clone(),
+            exchange_online: Default::default(),
+        });
+        let allow = allow_source.build().map_err(|e| match e {
             AllowListError::Cidr(m) => ConfigError::new("--allow", m),
             AllowListError::File(m) => ConfigError::new("--allow-file", m),
             AllowListError::Preset(m) => ConfigError::new("--allow-preset", m),
@@ -644,13 +644,7 @@ impl Config {
                     "Microsoft asks clients to check at most hourly: use 1h or more",
                 ));
             }
-            let source = crate::filter::AllowSource {
-                cidrs: args.allow.clone(),
-                file: args.allow_file.clone(),
-                presets: args.allow_preset.clone(),
-                exchange_online: Default::default(),
-            };
-            if !source.uses_exchange_online() {
+            if !allow_source.uses_exchange_online() {
                 return Err(ConfigError::new(
                     "--refresh-ranges",
                     "refreshes the exchange-online preset, which is not in use (add --allow-preset exchange-online)",
@@ -696,7 +690,7 @@ impl Config {
             refresh_ranges,
             proxy_protocol: args.proxy_protocol,
             client_ip_header,
-            allow_sources,
+            allow_source,
             path_prefix,
             max_body: args.max_body,
             max_connections: args.max_connections,
@@ -749,36 +743,15 @@ fn trusted_proxies(values: &[String]) -> Result<Option<AllowList>, ConfigError> 
         .iter()
         .map(|v| v.trim().to_owned())
         .partition(|v| crate::filter::presets::by_name(v).is_some());
-    let mut nets = Vec::new();
-    for c in &cidrs {
-        let net = c
-            .parse::<ipnet::IpNet>()
-            .or_else(|_| c.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
-            .map_err(|_| {
-                ConfigError::new(
-                    "--trusted-proxy",
-                    format!(
-                        "'{c}' is not a CIDR, an address or a preset (cloudflare, exchange-online)"
-                    ),
-                )
-            })?;
-        nets.push(net);
-    }
-    for p in &presets {
-        if let Some(preset) = crate::filter::presets::by_name(p) {
-            for c in preset.cidrs {
-                if let Ok(n) = c.parse() {
-                    nets.push(n);
-                }
-            }
-        }
-    }
-    let mut sources = Vec::new();
-    if !cidrs.is_empty() {
-        sources.push(format!("{} networks", cidrs.len()));
-    }
-    sources.extend(presets.iter().map(|p| format!("preset {p}")));
-    Ok(Some(AllowList::from_networks(&nets, sources)))
+    // Never empty here, so `build` applies no default preset.
+    AllowList::build(&cidrs, None, &presets)
+        .map(Some)
+        .map_err(|e| {
+            ConfigError::new(
+                "--trusted-proxy",
+                format!("{e}; or a preset (cloudflare, exchange-online)"),
+            )
+        })
 }
 
 /// Every DistinguishedFolderIdNameType value in Microsoft's types.xsd.

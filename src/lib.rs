@@ -199,13 +199,8 @@ pub async fn run(
             metrics.clone(),
         )));
     }
-    let allow_source = Arc::new(filter::AllowSource {
-        cidrs: config.allow_sources.0.clone(),
-        file: config.allow_sources.1.clone(),
-        presets: config.allow_sources.2.clone(),
-        exchange_online: Default::default(),
-    });
-    if let Some(file) = &config.allow_sources.1 {
+    let allow_source = config.allow_source.clone();
+    if let Some(file) = &allow_source.file {
         reloaders.push(tokio::spawn(reload::watch_allow_list(
             allow.clone(),
             allow_source.clone(),

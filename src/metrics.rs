@@ -1,8 +1,6 @@
 //! Prometheus metrics. Every labelled series the data path touches is resolved once at start-up,
 //! so recording on the request path is an atomic add, never a map lookup or an allocation.
 
-use std::sync::atomic::AtomicU64;
-
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -416,11 +414,6 @@ impl Metrics {
         self.denied_source.get()
     }
 
-    /// Register further metrics (used by other modules at start-up).
-    pub fn registry_mut(&mut self) -> &mut Registry {
-        &mut self.registry
-    }
-
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(8192);
@@ -429,6 +422,3 @@ impl Metrics {
         out
     }
 }
-
-/// A counter type usable outside this module without naming prometheus-client.
-pub type AtomicCounter = Counter<u64, AtomicU64>;

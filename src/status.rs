@@ -209,7 +209,7 @@ impl Row {
             }
             _ => None,
         };
-        let status = crate::tracker::event_index(crate::ews::EventType::Status);
+        let status = crate::ews::EventType::Status.index();
         let events = s
             .events
             .iter()

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::ews::{EventType, NotificationSummary, ResponseClass, SubscriptionStatus};
+use crate::ews::{NotificationSummary, ResponseClass, SubscriptionStatus};
 
 /// A subscription unseen for this long is forgotten.
 pub const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
@@ -100,7 +100,7 @@ pub struct Subscription {
     last_seen_at: Instant,
     /// Watermark of its latest event (StatusEvents included): where a new subscription resumes.
     pub last_watermark: Option<String>,
-    /// Events seen, by type, in [`EventType::ALL`] order.
+    /// Events seen, by type, in [`crate::ews::EventType::ALL`] order.
     pub events: [u64; 8],
     /// `ResponseClass` of its latest response message.
     pub last_response_class: ResponseClass,
@@ -247,14 +247,6 @@ fn evict_oldest(subs: &mut HashMap<Box<str>, Subscription>) {
     {
         subs.remove(&oldest);
     }
-}
-
-/// Position of `kind` in [`EventType::ALL`].
-pub fn event_index(kind: EventType) -> usize {
-    EventType::ALL
-        .iter()
-        .position(|k| *k == kind)
-        .unwrap_or_default()
 }
 
 /// Subscription ids are long base64; logs show the start and the end.

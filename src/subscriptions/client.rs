@@ -105,11 +105,6 @@ impl EwsClient {
         }
     }
 
-    /// The credentials (for metrics and tests).
-    pub fn credentials(&self) -> &Credentials {
-        &self.credentials
-    }
-
     /// Subscribe `request.mailbox` at `target`.
     pub async fn subscribe(
         &self,
