@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod ews;
 pub mod filter;
+pub mod http1;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

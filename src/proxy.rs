@@ -7,12 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http::StatusCode;
 
 use crate::ews::{self, EventType};
+use crate::http1::{self, HeaderBlock, Reply, RequestHead};
 use crate::metrics::Metrics;
 use crate::tracker::{ReceiverAnswer, Tracker};
 use crate::upstream::{Outgoing, Receiver};
@@ -41,6 +39,11 @@ impl ConnInfo {
 }
 
 /// The request handler shared by all connections.
+///
+/// A request goes through [`Proxy::admit`] once its head is read (routing, size, the client a
+/// trusted proxy names), then, once the connection has the body, [`Proxy::relay`], and last
+/// [`Proxy::log`]. The connection code (HTTP/1.1 in [`crate::http1::server`], HTTP/2 in
+/// [`crate::server`]) owns framing, limits and timeouts.
 #[derive(Debug)]
 pub struct Proxy {
     path_prefix: String,
@@ -52,41 +55,31 @@ pub struct Proxy {
     /// Managed mode: the relay answers Exchange itself for the subscriptions it owns.
     manager: Option<Arc<crate::subscriptions::Manager>>,
     /// `--client-ip-header`: where a trusted proxy names the client.
-    client_ip_header: Option<HeaderName>,
+    client_ip_header: Option<http::HeaderName>,
     /// The allow-list, applied per request to the client named by a trusted proxy.
     allow: Arc<arc_swap::ArcSwap<crate::filter::AllowList>>,
     metrics: Arc<Metrics>,
 }
 
-/// A request that reached the receiver (or tried to).
-struct Forwarded {
-    reply: Reply,
-    bytes_in: usize,
-    upstream_ms: f64,
+/// What [`Proxy::relay`] produced.
+#[derive(Debug)]
+pub struct Relayed {
+    /// The answer for the client.
+    pub reply: Reply,
+    /// Milliseconds spent with the receiver, if the request went to it.
+    pub upstream_ms: Option<f64>,
 }
 
-/// The response type of every request.
-pub type Reply = Response<Full<Bytes>>;
-
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static HTTPS: HeaderValue = HeaderValue::from_static("https");
-static TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
-
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus `Expect` (the relay
-/// already has the body) and `Content-Length` (recomputed from the buffered body).
-const HOP_BY_HOP: [HeaderName; 10] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::EXPECT,
+/// Request header fields never forwarded besides the hop-by-hop ones: the relay frames the body
+/// itself (`Content-Length`), already has it (`Expect`), names the receiver (`Host`) and writes
+/// the `X-Forwarded-*` fields itself.
+const NOT_FORWARDED: [&str; 6] = [
+    "content-length",
+    "expect",
+    "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
 ];
 
 impl Proxy {
@@ -113,57 +106,57 @@ impl Proxy {
         }
     }
 
-    /// Handle one request end to end. Never fails: every outcome is an HTTP answer.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Reply {
-        let start = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+    /// `--max-body`.
+    pub fn max_body(&self) -> u64 {
+        self.max_body
+    }
+
+    /// `--body-timeout`.
+    pub fn body_timeout(&self) -> Duration {
+        self.body_timeout
+    }
+
+    /// Decides on a request from its head, before a byte of its body is read: 404 outside the
+    /// prefix, 405 for methods other than POST, 413 for a declared length above `--max-body`,
+    /// 403 for a client a trusted proxy names outside the allow-list. `Ok(Some(client))` when
+    /// the request is to be treated as coming from the client a trusted proxy named.
+    pub fn admit(
+        &self,
+        head: &RequestHead<'_>,
+        conn: &ConnInfo,
+        declared_length: Option<u64>,
+    ) -> Result<Option<ConnInfo>, Refusal> {
         // Behind a trusted CDN, the client is the one its header names, and the allow-list
         // applies to that address.
-        let named;
-        let conn = match (&self.client_ip_header, conn.via_trusted_proxy) {
-            (Some(name), true) => match client_from_header(req.headers(), name) {
-                Some(ip) if self.allow.load().allows(ip) => {
-                    named = ConnInfo::new(ip);
-                    &named
-                }
+        let mut named = None;
+        if let (Some(name), true) = (&self.client_ip_header, conn.via_trusted_proxy) {
+            match client_from_header(head, name.as_str()) {
+                Some(ip) if self.allow.load().allows(ip) => named = Some(ConnInfo::new(ip)),
                 found => {
                     self.metrics
                         .denied(crate::metrics::DenyReason::ClientIpHeader);
                     tracing::info!(proxy = %conn.peer, client = ?found, header = %name, "client named by the trusted proxy is missing or outside the allow-list");
-                    let reply = Refusal::Forbidden.reply();
-                    self.metrics.request(reply.status());
-                    return reply;
+                    return Err(Refusal::Forbidden);
                 }
-            },
-            _ => conn,
-        };
-        let (reply, bytes_in, upstream_ms) = match self.forward(req, conn).await {
-            Ok(f) => (f.reply, f.bytes_in, Some(f.upstream_ms)),
-            Err(refusal) => (refusal.reply(), 0, None),
-        };
-        let status = reply.status();
-        let elapsed = start.elapsed();
-        self.metrics.request(status);
-        self.metrics.request_duration.observe(elapsed.as_secs_f64());
-        tracing::info!(
-            target: "ews_relay::access",
-            peer = %conn.peer,
-            method = %method,
-            path = %path,
-            status = status.as_u16(),
-            bytes_in,
-            bytes_out = hyper::body::Body::size_hint(reply.body()).exact().unwrap_or(0),
-            total_ms = millis(elapsed),
-            upstream_ms,
-        );
-        reply
+            }
+        }
+        if !under_prefix(head.path(), &self.path_prefix) {
+            return Err(Refusal::NotFound);
+        }
+        if head.method != "POST" {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        if declared_length.is_some_and(|n| n > self.max_body) {
+            // Refused before reading a byte; with `Expect: 100-continue` the client never
+            // even sends the body.
+            return Err(Refusal::TooLarge);
+        }
+        Ok(named)
     }
 
-    /// Everything between routing and the receiver's answer.
-    async fn forward(&self, req: Request<Incoming>, conn: &ConnInfo) -> Result<Forwarded, Refusal> {
-        self.route(req.method(), req.uri().path())?;
-        let (parts, body) = self.read_body(req).await?;
+    /// Everything after the body is read: the EWS check, managed mode, the receiver, tracking.
+    /// Never fails: every outcome is an answer.
+    pub async fn relay(&self, head: &RequestHead<'_>, body: Bytes, conn: &ConnInfo) -> Relayed {
         // Parsed once, borrowing from the body; the receiver gets the same bytes.
         let notification = match ews::summarize_send_notification(&body) {
             Ok(n) => Some(n),
@@ -171,29 +164,37 @@ impl Proxy {
             Err(e) => {
                 self.metrics.rejected_bodies.inc();
                 tracing::debug!(peer = %conn.peer, error = %e, "not a SendNotification; answered 400");
-                return Err(Refusal::NotNotification);
+                return Relayed {
+                    reply: Refusal::NotNotification.reply(),
+                    upstream_ms: None,
+                };
             }
         };
-        let bytes_in = body.len();
         if let (Some(manager), Some(n)) = (&self.manager, &notification) {
-            if let Some(reply) = self.managed(manager, n, &parts, &body, conn).await {
-                return Ok(Forwarded {
+            if let Some(reply) = self.managed(manager, n, head, &body, conn).await {
+                return Relayed {
                     reply,
-                    bytes_in,
-                    upstream_ms: 0.0,
-                });
+                    upstream_ms: None,
+                };
             }
         }
-        let out = self.outgoing(parts, body.clone(), conn);
+        let headers = self.forwarded_fields(head, conn);
+        let out = Outgoing::new(
+            head.method,
+            head.path_and_query,
+            self.receiver.host_header().as_bytes(),
+            &headers,
+            body.clone(),
+        );
         let start = Instant::now();
-        let result = self.receiver.send(out).await;
+        let result = self.receiver.send(&out).await;
         let upstream_ms = millis(start.elapsed());
         let (reply, answer) = match result {
-            Ok(resp) => {
+            Ok(reply) => {
                 let answer = notification
                     .as_ref()
-                    .map(|_| ReceiverAnswer::from_response(resp.status(), resp.body()));
-                (answer_unchanged(resp), answer)
+                    .map(|_| ReceiverAnswer::from_response(reply.status, &reply.body));
+                (reply, answer)
             }
             Err(e) => {
                 self.metrics.upstream_error(e.kind);
@@ -205,7 +206,7 @@ impl Proxy {
                     "receiver exchange failed"
                 );
                 (
-                    plain(e.status(), upstream_message(e.status())),
+                    Reply::plain(e.status(), upstream_message(e.status())),
                     Some(ReceiverAnswer::Unreachable),
                 )
             }
@@ -213,11 +214,52 @@ impl Proxy {
         if let (Some(n), Some(answer)) = (&notification, answer) {
             self.observe(n, conn, answer);
         }
-        Ok(Forwarded {
+        Relayed {
             reply,
+            upstream_ms: Some(upstream_ms),
+        }
+    }
+
+    /// Counts a finished request and writes its access log line.
+    #[allow(clippy::too_many_arguments)]
+    pub fn log(
+        &self,
+        conn: &ConnInfo,
+        head: &RequestHead<'_>,
+        status: StatusCode,
+        bytes_in: usize,
+        bytes_out: usize,
+        start: Instant,
+        upstream_ms: Option<f64>,
+    ) {
+        let elapsed = start.elapsed();
+        self.metrics.request(status);
+        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        tracing::info!(
+            target: "ews_relay::access",
+            peer = %conn.peer,
+            method = head.method,
+            path = head.path(),
+            status = status.as_u16(),
             bytes_in,
+            bytes_out,
+            total_ms = millis(elapsed),
             upstream_ms,
-        })
+        );
+    }
+
+    /// Counts a request refused before its head could be parsed, and logs it.
+    pub fn log_unparsed(&self, conn: &ConnInfo, status: StatusCode) {
+        self.metrics.request(status);
+        tracing::info!(
+            target: "ews_relay::access",
+            peer = %conn.peer,
+            method = "-",
+            path = "-",
+            status = status.as_u16(),
+            bytes_in = 0,
+            bytes_out = 0,
+        );
     }
 
     /// Managed mode: answer Exchange for a subscription the relay owns, or `None` to pass the
@@ -226,7 +268,7 @@ impl Proxy {
         &self,
         manager: &crate::subscriptions::Manager,
         n: &ews::NotificationSummary<'_>,
-        parts: &http::request::Parts,
+        head: &RequestHead<'_>,
         body: &Bytes,
         conn: &ConnInfo,
     ) -> Option<Reply> {
@@ -258,8 +300,7 @@ impl Proxy {
                     manager.notified(&mailbox, watermark, false, false);
                     ews::SubscriptionStatus::Ok
                 } else {
-                    let mut headers = self.outgoing(parts.clone(), Bytes::new(), conn).headers;
-                    headers.remove(header::HOST);
+                    let headers = self.forwarded_fields(head, conn);
                     match manager
                         .delivery()
                         .accept(&mailbox, id, headers, body.clone())
@@ -272,7 +313,7 @@ impl Proxy {
                         Err(e) => {
                             // Neither delivered nor stored: Exchange must retry.
                             tracing::error!(%mailbox, error = %e, "cannot spool a notification; answering 503 so Exchange retries");
-                            return Some(plain(
+                            return Some(Reply::plain(
                                 StatusCode::SERVICE_UNAVAILABLE,
                                 "notification not stored; retry\n",
                             ));
@@ -286,14 +327,13 @@ impl Proxy {
             ews::SubscriptionStatus::Unsubscribe => ReceiverAnswer::Unsubscribe,
         };
         self.observe(n, conn, answer);
-        let mut r = Response::new(Full::new(Bytes::from_static(
-            ews::send_notification_result(status).as_bytes(),
-        )));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/xml; charset=utf-8"),
-        );
-        Some(r)
+        let mut headers = HeaderBlock::with_capacity(40);
+        headers.push(b"content-type", b"text/xml; charset=utf-8");
+        Some(Reply {
+            status: StatusCode::OK,
+            headers,
+            body: Bytes::from_static(ews::send_notification_result(status).as_bytes()),
+        })
     }
 
     /// Record a notification and the answer Exchange got in the tracker and the metrics.
@@ -309,83 +349,48 @@ impl Proxy {
         }
     }
 
-    /// 404 outside the prefix, 405 for methods other than POST.
-    fn route(&self, method: &Method, path: &str) -> Result<(), Refusal> {
-        if !under_prefix(path, &self.path_prefix) {
-            return Err(Refusal::NotFound);
-        }
-        if method != Method::POST {
-            return Err(Refusal::MethodNotAllowed);
-        }
-        Ok(())
-    }
-
-    /// Buffer the body within `--max-body` and `--body-timeout`.
-    async fn read_body(
-        &self,
-        req: Request<Incoming>,
-    ) -> Result<(http::request::Parts, Bytes), Refusal> {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_body) {
-            // Refused before reading a byte; with `Expect: 100-continue` the client never
-            // even sends the body.
-            return Err(Refusal::TooLarge);
-        }
-        let (parts, body) = req.into_parts();
-        let limit = usize::try_from(self.max_body).unwrap_or(usize::MAX);
-        let collected =
-            tokio::time::timeout(self.body_timeout, Limited::new(body, limit).collect());
-        match collected.await {
-            Err(_) => Err(Refusal::BodyTimeout),
-            Ok(Err(e))
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some() =>
-            {
-                Err(Refusal::TooLarge)
+    /// The request's header fields as the receiver gets them (`Host` aside): hop-by-hop fields,
+    /// those `Connection` names, framing and `X-Forwarded-*` fields dropped; `X-Forwarded-For`
+    /// (appended to), `X-Forwarded-Proto: https` and `X-Forwarded-Host` (the original host)
+    /// written by the relay.
+    fn forwarded_fields(&self, head: &RequestHead<'_>, conn: &ConnInfo) -> HeaderBlock {
+        let mut named: Vec<&[u8]> = Vec::new();
+        let mut prior_xff: Vec<&[u8]> = Vec::new();
+        let mut host = head.authority.map(str::as_bytes);
+        for (name, value) in head.fields() {
+            if name.eq_ignore_ascii_case(b"connection") {
+                named.extend(http1::list_elements(value));
+            } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
+                prior_xff.push(value.trim_ascii());
+            } else if name.eq_ignore_ascii_case(b"host") {
+                host = host.or(Some(value));
             }
-            Ok(Err(_)) => Err(Refusal::BadBody),
-            Ok(Ok(c)) => Ok((parts, c.to_bytes())),
         }
-    }
-
-    /// The request as the receiver gets it.
-    fn outgoing(&self, parts: http::request::Parts, body: Bytes, conn: &ConnInfo) -> Outgoing {
-        let mut headers = parts.headers;
-        // The original host: Host on HTTP/1.1, :authority on HTTP/2.
-        let original_host = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .or_else(|| headers.get(header::HOST).cloned());
-        strip_hop_by_hop(&mut headers);
-        headers.remove(header::CONTENT_LENGTH);
-        headers.insert(header::HOST, self.receiver.host_header().clone());
-        let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {}", conn.peer),
-            None => conn.peer.clone(),
-        };
-        if let Ok(v) = HeaderValue::try_from(xff) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
+        let mut out = HeaderBlock::with_capacity(256);
+        for (name, value) in head.fields() {
+            if http1::is_hop_by_hop(name)
+                || NOT_FORWARDED
+                    .iter()
+                    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+                || named.iter().any(|t| name.eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            out.push(name, value);
         }
-        headers.insert(X_FORWARDED_PROTO.clone(), HTTPS.clone());
-        match original_host {
-            Some(h) => headers.insert(X_FORWARDED_HOST.clone(), h),
-            None => headers.remove(&X_FORWARDED_HOST),
-        };
-        Outgoing {
-            method: parts.method,
-            path_and_query: parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-            headers,
-            body,
+        if prior_xff.is_empty() {
+            out.push(b"x-forwarded-for", conn.peer.as_bytes());
+        } else {
+            let mut xff = prior_xff.join(&b", "[..]);
+            xff.extend_from_slice(b", ");
+            xff.extend_from_slice(conn.peer.as_bytes());
+            out.push(b"x-forwarded-for", &xff);
         }
+        out.push(b"x-forwarded-proto", b"https");
+        if let Some(host) = host {
+            out.push(b"x-forwarded-host", host);
+        }
+        out
     }
 }
 
@@ -429,40 +434,17 @@ impl Refusal {
                 "not an EWS SendNotification SOAP message\n",
             ),
         };
-        let mut r = plain(status, text);
+        let mut r = Reply::plain(status, text);
         if self == Refusal::MethodNotAllowed {
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_static("POST"));
+            r.headers.push(b"allow", b"POST");
         }
         r
     }
 }
 
-/// The receiver's answer, unchanged but for hop-by-hop headers.
-fn answer_unchanged(resp: Response<Bytes>) -> Reply {
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Full::new(body))
-}
-
-/// Remove hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
 /// The address in `--client-ip-header` (its first value if a list).
-fn client_from_header(headers: &HeaderMap, name: &HeaderName) -> Option<std::net::IpAddr> {
-    let v = headers.get(name)?.to_str().ok()?;
+fn client_from_header(head: &RequestHead<'_>, name: &str) -> Option<std::net::IpAddr> {
+    let v = std::str::from_utf8(head.field(name)?).ok()?;
     let first = v.split(',').next()?.trim();
     first
         .parse::<std::net::IpAddr>()
@@ -494,15 +476,6 @@ fn upstream_message(status: StatusCode) -> &'static str {
     }
 }
 
-/// A short plain-text answer from the relay itself.
-pub fn plain(status: StatusCode, text: &'static str) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, TEXT_PLAIN.clone());
-    r
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,24 +487,5 @@ mod tests {
         assert!(under_prefix("/ews/push", "/ews"));
         assert!(!under_prefix("/ewsx", "/ews"));
         assert!(!under_prefix("/", "/ews"));
-    }
-
-    #[test]
-    fn hop_by_hop_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert("soapaction", HeaderValue::from_static("x"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("soapaction"));
     }
 }

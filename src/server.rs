@@ -10,9 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -20,14 +23,10 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::filter::{AllowList, DeniedLog};
+use crate::http1::server::{self as h1, MAX_REQUEST_HEAD};
+use crate::http1::OwnedFields;
 use crate::metrics::{DenyReason, HandshakeFailure, Metrics};
-use crate::proxy::{ConnInfo, Proxy};
-
-/// Largest request head (request line plus headers) accepted; an EWS notification's head is
-/// well under 2 KiB.
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
-/// Most headers in one request.
-const MAX_REQUEST_HEADERS: usize = 100;
+use crate::proxy::{ConnInfo, Proxy, Refusal};
 /// Concurrent HTTP/2 streams per connection; Exchange sends one notification at a time per
 /// subscription.
 const MAX_H2_STREAMS: u32 = 64;
@@ -72,15 +71,8 @@ pub async fn serve(
     grace: Duration,
 ) {
     let limit = Arc::new(Semaphore::new(edge.max_connections));
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(edge.header_timeout)
-        .max_buf_size(MAX_REQUEST_HEAD)
-        .max_headers(MAX_REQUEST_HEADERS);
-    builder
-        .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_H2_STREAMS)
         .max_header_list_size(MAX_REQUEST_HEAD as u32);
@@ -174,7 +166,7 @@ async fn serve_connection(
     mut stream: TcpStream,
     mut peer: SocketAddr,
     edge: &Edge,
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &http2::Builder<TokioExecutor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _open = OpenGuard::new(&edge.metrics);
@@ -212,18 +204,37 @@ async fn serve_connection(
             return;
         }
     };
-    let activity = Arc::new(Activity::new());
-    let io = TokioIo::new(Tracked {
-        inner: tls,
-        activity: activity.clone(),
-    });
     let mut info = ConnInfo::new(peer.ip());
     info.via_trusted_proxy = edge.client_ip_header
         && edge
             .trusted
             .as_ref()
             .is_some_and(|t| t.allows(info.peer_ip));
-    let info = Arc::new(info);
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        let timeouts = h1::Timeouts {
+            header: edge.header_timeout,
+            idle: edge.idle_timeout,
+        };
+        h1::serve(tls, &edge.proxy, &info, timeouts, &mut shutdown).await;
+        return;
+    }
+    serve_h2(tls, peer, edge, builder, Arc::new(info), shutdown).await;
+}
+
+/// HTTP/2 (negotiated by ALPN), served by hyper.
+async fn serve_h2(
+    tls: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: SocketAddr,
+    edge: &Edge,
+    builder: &http2::Builder<TokioExecutor>,
+    info: Arc<ConnInfo>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::new());
+    let io = TokioIo::new(Tracked {
+        inner: tls,
+        activity: activity.clone(),
+    });
     let proxy = edge.proxy.clone();
     let svc_activity = activity.clone();
     let service = service_fn(move |req| {
@@ -232,7 +243,7 @@ async fn serve_connection(
         let activity = svc_activity.clone();
         async move {
             activity.in_flight.fetch_add(1, Ordering::Relaxed);
-            let reply = proxy.handle(req, &info).await;
+            let reply = h2_request(&proxy, req, &info).await;
             activity.in_flight.fetch_sub(1, Ordering::Relaxed);
             activity.touch();
             Ok::<_, Infallible>(reply)
@@ -267,6 +278,69 @@ async fn serve_connection(
             }
         }
     }
+}
+
+/// One HTTP/2 request, through the same [`Proxy`] steps as HTTP/1.1.
+async fn h2_request(
+    proxy: &Proxy,
+    req: http::Request<Incoming>,
+    base: &ConnInfo,
+) -> http::Response<Full<Bytes>> {
+    let start = Instant::now();
+    let (parts, body) = req.into_parts();
+    let fields = OwnedFields::from_header_map(&parts.headers);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let head = fields.head(
+        parts.method.as_str(),
+        path,
+        parts.uri.authority().map(|a| a.as_str()),
+    );
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let named = match proxy.admit(&head, base, declared) {
+        Ok(named) => named,
+        Err(refusal) => {
+            let reply = refusal.reply();
+            proxy.log(base, &head, reply.status, 0, reply.body.len(), start, None);
+            return reply.into_response();
+        }
+    };
+    let info = named.as_ref().unwrap_or(base);
+    let limit = usize::try_from(proxy.max_body()).unwrap_or(usize::MAX);
+    let collected =
+        tokio::time::timeout(proxy.body_timeout(), Limited::new(body, limit).collect()).await;
+    let body = match collected {
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+        Err(_) => Err(Refusal::BodyTimeout),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(Refusal::TooLarge)
+        }
+        Ok(Err(_)) => Err(Refusal::BadBody),
+    };
+    let (reply, bytes_in, upstream_ms) = match body {
+        Ok(body) => {
+            let bytes_in = body.len();
+            let relayed = proxy.relay(&head, body, info).await;
+            (relayed.reply, bytes_in, relayed.upstream_ms)
+        }
+        Err(refusal) => (refusal.reply(), 0, None),
+    };
+    proxy.log(
+        info,
+        &head,
+        reply.status,
+        bytes_in,
+        reply.body.len(),
+        start,
+        upstream_ms,
+    );
+    reply.into_response()
 }
 
 /// Keeps the open-connections gauge right on every exit path.

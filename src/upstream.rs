@@ -1,24 +1,27 @@
-//! The receiver: HTTP/1.1 over a small keep-alive pool.
+//! The receiver: HTTP/1.1 over a small keep-alive pool, spoken in the caller's own task.
 //!
-//! A hand-made pool rather than hyper-util's client because the relay needs to know whether a
-//! failed request went out on a reused connection: only then is it retried once on a fresh one
-//! (the receiver closed an idle keep-alive connection just as the request left), while a failure
-//! on a fresh connection is the receiver's answer and is reported as such.
+//! Each request writes its head and body with one `writev` on a pooled connection and reads the
+//! answer on it, in the task that handles the client's request: no connection task, no channel
+//! between them. The relay knows whether a failed request went out on a reused connection: only
+//! then is it retried once on a fresh one (the receiver closed an idle keep-alive connection
+//! just as the request left), while a failure on a fresh connection is the receiver's answer and
+//! is reported as such.
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::Upstream;
+use crate::http1::chunked::Decoder;
+use crate::http1::{self, Framing, FramingFields, HeaderBlock, Reply};
 use crate::metrics::{Metrics, UpstreamErrorKind};
 
 /// An idle connection is dropped after this long: shorter than the keep-alive timeouts of
@@ -32,6 +35,10 @@ const POOL_MAX_IDLE: usize = 256;
 pub const MAX_RESPONSE_BODY: usize = 1 << 20;
 /// Largest response head accepted from the receiver.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most header fields accepted in one response head.
+const MAX_RESPONSE_HEADERS: usize = 100;
+/// Read buffer of a receiver connection: a whole EWS answer fits.
+const READ_BUFFER: usize = 8 * 1024;
 
 /// A failed exchange with the receiver.
 #[derive(Debug, thiserror::Error)]
@@ -60,21 +67,58 @@ impl UpstreamError {
     }
 }
 
-/// A request ready to go to the receiver.
-#[derive(Debug)]
+/// A request ready to go to the receiver: its head serialized once, so a retry costs nothing.
+#[derive(Debug, Clone)]
 pub struct Outgoing {
-    /// Method (always POST today; kept general for the admin side and tests).
-    pub method: Method,
-    /// Path and query as received.
-    pub path_and_query: http::uri::PathAndQuery,
-    /// Headers after hop-by-hop removal and X-Forwarded-* rewriting; `Host` is set here.
-    pub headers: HeaderMap,
-    /// The whole body.
-    pub body: Bytes,
+    head: Vec<u8>,
+    body: Bytes,
+}
+
+impl Outgoing {
+    /// `method path_and_query HTTP/1.1`, `host`, then `headers` (end-to-end fields only: the
+    /// caller removed hop-by-hop, framing and `Host` fields), `content-length` and `body`.
+    /// `method` and `path_and_query` come from a parsed request line or the configuration,
+    /// so they hold no white space or control characters.
+    pub fn new(
+        method: &str,
+        path_and_query: &str,
+        host: &[u8],
+        headers: &HeaderBlock,
+        body: Bytes,
+    ) -> Self {
+        debug_assert!(
+            !path_and_query.is_empty()
+                && path_and_query.bytes().all(|b| b.is_ascii_graphic())
+                && method.bytes().all(|b| b.is_ascii_graphic())
+        );
+        let mut head = Vec::with_capacity(64 + path_and_query.len() + headers.as_bytes().len());
+        head.extend_from_slice(method.as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(path_and_query.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        head.extend_from_slice(host);
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(headers.as_bytes());
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        head.extend_from_slice(b"\r\n\r\n");
+        Self { head, body }
+    }
+
+    /// The serialized head, for tests and traces.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+}
+
+/// One connection to the receiver, with the bytes read from it and not yet used.
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
 }
 
 struct Idle {
-    sender: SendRequest<Full<Bytes>>,
+    conn: Conn,
     since: Instant,
 }
 
@@ -96,6 +140,23 @@ impl std::fmt::Debug for Receiver {
         f.debug_struct("Receiver")
             .field("upstream", &self.upstream.authority)
             .finish_non_exhaustive()
+    }
+}
+
+/// How an exchange on one connection failed.
+enum Failure {
+    /// Nothing of an answer arrived: the connection was closed or reset before or while the
+    /// request went out. Safe to send again on another connection.
+    NoAnswer(UpstreamError),
+    /// Anything else.
+    Other(UpstreamError),
+}
+
+impl Failure {
+    fn into_error(self) -> UpstreamError {
+        match self {
+            Failure::NoAnswer(e) | Failure::Other(e) => e,
+        }
     }
 }
 
@@ -128,8 +189,9 @@ impl Receiver {
         &self.upstream.host_header
     }
 
-    /// Send `req` and buffer the answer, within `--upstream-timeout` in all.
-    pub async fn send(&self, req: Outgoing) -> Result<Response<Bytes>, UpstreamError> {
+    /// Send `req` and buffer the answer, within `--upstream-timeout` in all. The answer's
+    /// hop-by-hop and framing fields are removed.
+    pub async fn send(&self, req: &Outgoing) -> Result<Reply, UpstreamError> {
         match tokio::time::timeout(self.timeout, self.send_with_retry(req)).await {
             Ok(r) => r,
             Err(_) => Err(UpstreamError::new(
@@ -139,130 +201,85 @@ impl Receiver {
         }
     }
 
-    async fn send_with_retry(&self, req: Outgoing) -> Result<Response<Bytes>, UpstreamError> {
-        let (mut sender, reused) = match self.checkout().await {
-            Some(s) => (s, true),
-            None => (self.connect().await?, false),
-        };
-        if !reused {
-            return self.exchange(sender, build(req)).await;
-        }
-        // Reused: keep a copy to send again if the receiver had closed the connection.
-        let copy = Outgoing {
-            method: req.method.clone(),
-            path_and_query: req.path_and_query.clone(),
-            headers: req.headers.clone(),
-            body: req.body.clone(),
-        };
-        match sender.send_request(build(req)).await {
-            Ok(resp) => self.finish(sender, resp).await,
-            Err(e) if retryable(&e) => {
-                self.metrics.upstream_retries.inc();
-                tracing::debug!(error = %e, "pooled receiver connection failed before answering; retrying on a fresh one");
-                let sender = self.connect().await?;
-                self.exchange(sender, build(copy)).await
-            }
-            Err(e) => Err(UpstreamError::new(UpstreamErrorKind::Protocol, e)),
-        }
-    }
-
-    async fn exchange(
-        &self,
-        mut sender: SendRequest<Full<Bytes>>,
-        req: Request<Full<Bytes>>,
-    ) -> Result<Response<Bytes>, UpstreamError> {
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
-        self.finish(sender, resp).await
-    }
-
-    async fn finish(
-        &self,
-        sender: SendRequest<Full<Bytes>>,
-        resp: Response<hyper::body::Incoming>,
-    ) -> Result<Response<Bytes>, UpstreamError> {
-        let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_RESPONSE_BODY)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    UpstreamError::new(
-                        UpstreamErrorKind::ResponseTooLarge,
-                        format!("answer larger than {MAX_RESPONSE_BODY} bytes"),
-                    )
-                } else {
-                    UpstreamError::new(UpstreamErrorKind::Protocol, e)
+    async fn send_with_retry(&self, req: &Outgoing) -> Result<Reply, UpstreamError> {
+        if let Some(conn) = self.checkout() {
+            match self.exchange(conn, req).await {
+                Ok(reply) => return Ok(reply),
+                Err(Failure::NoAnswer(e)) => {
+                    self.metrics.upstream_retries.inc();
+                    tracing::debug!(error = %e, "pooled receiver connection failed before answering; retrying on a fresh one");
                 }
-            })?
-            .to_bytes();
+                Err(Failure::Other(e)) => return Err(e),
+            }
+        }
+        let conn = self.connect().await?;
+        self.exchange(conn, req).await.map_err(Failure::into_error)
+    }
+
+    /// One request and its answer on `conn`, which goes back to the pool if it can be reused.
+    async fn exchange(&self, mut conn: Conn, req: &Outgoing) -> Result<Reply, Failure> {
+        let no_answer = |e: std::io::Error| {
+            Failure::NoAnswer(UpstreamError::new(UpstreamErrorKind::Protocol, e))
+        };
+        write_all_vectored(&mut conn.stream, &req.head, &req.body)
+            .await
+            .map_err(no_answer)?;
+        let (reply, reusable) = read_answer(&mut conn).await?;
         self.mark_reachable();
-        self.checkin(sender);
-        Ok(Response::from_parts(parts, body))
+        if reusable {
+            self.checkin(conn);
+        }
+        Ok(reply)
     }
 
-    /// Take the most recently used live connection, dropping stale ones.
-    async fn checkout(&self) -> Option<SendRequest<Full<Bytes>>> {
-        loop {
-            let idle = {
-                let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-                pool.pop_back()
-            }?;
-            if idle.since.elapsed() >= POOL_IDLE_TIMEOUT || idle.sender.is_closed() {
-                continue;
+    /// Take the most recently used connection that is not too old.
+    fn checkout(&self) -> Option<Conn> {
+        let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(idle) = pool.pop_back() {
+            if idle.since.elapsed() < POOL_IDLE_TIMEOUT {
+                return Some(idle.conn);
             }
-            let mut sender = idle.sender;
-            // Normally ready at once; an error means the receiver closed it meanwhile.
-            if sender.ready().await.is_ok() {
-                return Some(sender);
-            }
+            // The rest are older still.
+            pool.clear();
         }
+        None
     }
 
-    fn checkin(&self, sender: SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
-            return;
-        }
+    fn checkin(&self, conn: Conn) {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOL_MAX_IDLE {
             pool.push_back(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    /// Close idle connections older than [`POOL_IDLE_TIMEOUT`]; called periodically so that
-    /// a quiet relay does not hold connections the receiver has given up on.
+    /// Close idle connections older than [`POOL_IDLE_TIMEOUT`] or closed by the receiver;
+    /// called periodically so that a quiet relay does not hold connections the receiver has
+    /// given up on.
     pub fn reap_idle(&self) {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         // Oldest at the front.
         while pool
             .front()
-            .is_some_and(|i| i.since.elapsed() >= POOL_IDLE_TIMEOUT || i.sender.is_closed())
+            .is_some_and(|i| i.since.elapsed() >= POOL_IDLE_TIMEOUT)
         {
             pool.pop_front();
         }
+        // An idle connection has nothing to read: readable means closed (or garbage).
+        pool.retain(|i| {
+            matches!(i.conn.stream.try_read(&mut [0u8; 1]), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
     }
 
     /// Open a new connection to the receiver.
-    async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, UpstreamError> {
+    async fn connect(&self) -> Result<Conn, UpstreamError> {
         let stream = self.tcp_connect().await?;
-        let (sender, conn) = http1::Builder::new()
-            .max_buf_size(MAX_RESPONSE_HEAD.max(8192))
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| UpstreamError::new(UpstreamErrorKind::Protocol, e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "receiver connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(Conn {
+            stream,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+        })
     }
 
     async fn tcp_connect(&self) -> Result<TcpStream, UpstreamError> {
@@ -332,32 +349,209 @@ impl Receiver {
     }
 }
 
-/// A failure that shows the request never reached a receiver willing to answer it on this
-/// connection: the connection was closed before or while the request went out, with no answer.
-fn retryable(e: &hyper::Error) -> bool {
-    if e.is_canceled() || e.is_incomplete_message() || e.is_closed() {
-        return true;
-    }
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::UnexpectedEof
-            );
+/// Writes `head` and `body` with as few `writev` calls as the socket allows (one, normally).
+async fn write_all_vectored(
+    stream: &mut TcpStream,
+    head: &[u8],
+    body: &[u8],
+) -> std::io::Result<()> {
+    let mut written = 0;
+    let total = head.len() + body.len();
+    while written < total {
+        let n = if written < head.len() {
+            let bufs = [IoSlice::new(&head[written..]), IoSlice::new(body)];
+            stream.write_vectored(&bufs).await?
+        } else {
+            stream.write(&body[written - head.len()..]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
-        source = s.source();
+        written += n;
     }
-    false
+    Ok(())
 }
 
-fn build(req: Outgoing) -> Request<Full<Bytes>> {
-    let mut out = Request::new(Full::new(req.body));
-    *out.method_mut() = req.method;
-    *out.uri_mut() = http::Uri::from(req.path_and_query);
-    *out.headers_mut() = req.headers;
-    out
+fn protocol(detail: impl ToString) -> Failure {
+    Failure::Other(UpstreamError::new(UpstreamErrorKind::Protocol, detail))
+}
+
+/// Reads more from the receiver into `conn.buf`; `Ok(0)` at the end of the stream.
+async fn fill(conn: &mut Conn) -> std::io::Result<usize> {
+    if conn.buf.capacity() - conn.buf.len() < 1024 {
+        conn.buf.reserve(READ_BUFFER);
+    }
+    conn.stream.read_buf(&mut conn.buf).await
+}
+
+/// What a response head says, once parsed.
+struct Head {
+    len: usize,
+    status: StatusCode,
+    headers: HeaderBlock,
+    framing: Framing,
+    close: bool,
+}
+
+/// Reads one answer (after any 1xx interim answers); says whether the connection can carry
+/// another request.
+async fn read_answer(conn: &mut Conn) -> Result<(Reply, bool), Failure> {
+    let mut received_any = false;
+    let head = loop {
+        match parse_head(&conn.buf)? {
+            Some(head) if head.status.is_informational() => {
+                // 100 Continue and friends: the final answer follows.
+                conn.buf.advance(head.len);
+                received_any = true;
+                continue;
+            }
+            Some(head) => break head,
+            None if conn.buf.len() >= MAX_RESPONSE_HEAD => {
+                return Err(protocol("answer head larger than 64 KiB"));
+            }
+            None => {}
+        }
+        match fill(conn).await {
+            Ok(0) if conn.buf.is_empty() && !received_any => {
+                return Err(Failure::NoAnswer(UpstreamError::new(
+                    UpstreamErrorKind::Protocol,
+                    "connection closed before any answer",
+                )));
+            }
+            Ok(0) => return Err(protocol("connection closed inside the answer head")),
+            Ok(_) => {}
+            Err(e) if conn.buf.is_empty() && !received_any => {
+                return Err(Failure::NoAnswer(UpstreamError::new(
+                    UpstreamErrorKind::Protocol,
+                    e,
+                )));
+            }
+            Err(e) => return Err(protocol(e)),
+        }
+    };
+    conn.buf.advance(head.len);
+    let (body, until_close) = match head.framing {
+        _ if http1::no_body(head.status) => (Bytes::new(), false),
+        Framing::Length(n) => {
+            let n = usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= MAX_RESPONSE_BODY)
+                .ok_or_else(too_large)?;
+            while conn.buf.len() < n {
+                match fill(conn).await {
+                    Ok(0) => return Err(protocol("connection closed inside the answer body")),
+                    Ok(_) => {}
+                    Err(e) => return Err(protocol(e)),
+                }
+            }
+            let body = Bytes::copy_from_slice(&conn.buf[..n]);
+            conn.buf.advance(n);
+            (body, false)
+        }
+        Framing::Chunked => {
+            let mut decoder = Decoder::new(MAX_RESPONSE_BODY as u64);
+            let mut body = Vec::new();
+            loop {
+                let used = decoder.decode(&conn.buf, &mut body).map_err(|e| match e {
+                    http1::chunked::ChunkedError::TooLarge => too_large(),
+                    e => protocol(e),
+                })?;
+                conn.buf.advance(used);
+                if decoder.is_done() {
+                    break;
+                }
+                match fill(conn).await {
+                    Ok(0) => return Err(protocol("connection closed inside the answer body")),
+                    Ok(_) => {}
+                    Err(e) => return Err(protocol(e)),
+                }
+            }
+            (Bytes::from(body), false)
+        }
+        Framing::UntilClose => {
+            loop {
+                if conn.buf.len() > MAX_RESPONSE_BODY {
+                    return Err(too_large());
+                }
+                match fill(conn).await {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) => return Err(protocol(e)),
+                }
+            }
+            (conn.buf.split().freeze(), true)
+        }
+    };
+    // Bytes after the answer were never asked for: the connection is not trusted again.
+    let reusable = !head.close && !until_close && conn.buf.is_empty();
+    Ok((
+        Reply {
+            status: head.status,
+            headers: head.headers,
+            body,
+        },
+        reusable,
+    ))
+}
+
+fn too_large() -> Failure {
+    Failure::Other(UpstreamError::new(
+        UpstreamErrorKind::ResponseTooLarge,
+        format!("answer larger than {MAX_RESPONSE_BODY} bytes"),
+    ))
+}
+
+/// Parses a response head if `buf` holds a whole one.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
+    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(protocol(format!("invalid answer head: {e}"))),
+    };
+    let code = resp.code.unwrap_or(0);
+    let status =
+        StatusCode::from_u16(code).map_err(|_| protocol(format!("invalid status {code}")))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(protocol("receiver switched protocols"));
+    }
+    let http10 = resp.version == Some(0);
+    let mut framing = FramingFields::default();
+    let mut close = false;
+    let mut keep_alive = false;
+    let mut named: Vec<&[u8]> = Vec::new();
+    for f in resp.headers.iter() {
+        if f.name.eq_ignore_ascii_case("connection") {
+            for token in http1::list_elements(f.value) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                named.push(token);
+            }
+        }
+    }
+    let mut headers = HeaderBlock::with_capacity(len);
+    for f in resp.headers.iter() {
+        let name = f.name.as_bytes();
+        if framing.see(name, f.value)
+            || http1::is_hop_by_hop(name)
+            || named.iter().any(|t| t.eq_ignore_ascii_case(name))
+        {
+            continue;
+        }
+        headers.push(name, f.value);
+    }
+    let framing = framing
+        .response()
+        .map_err(|e| protocol(format!("answer framing: {e}")))?;
+    Ok(Some(Head {
+        len,
+        status,
+        headers,
+        framing,
+        close: close || (http10 && !keep_alive),
+    }))
 }

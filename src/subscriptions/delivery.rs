@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use http::{HeaderMap, Method};
+use http::header::HeaderName;
 
+use crate::http1::HeaderBlock;
 use crate::metrics::Metrics;
 use crate::store::{self, NewSpoolEntry, Store, StoreError, StoreWriter};
 use crate::upstream::{Outgoing, Receiver};
@@ -136,14 +136,14 @@ impl Delivery {
         &self,
         mailbox: &str,
         subscription_id: &str,
-        headers: HeaderMap,
+        headers: HeaderBlock,
         body: Bytes,
     ) -> Result<Accepted, StoreError> {
         let queue = self.queue(mailbox);
         let mut q = queue.lock().await;
         if q.waiting == 0 {
-            let out = self.request(mailbox, subscription_id, headers, body.clone(), None);
-            if self.try_deliver(out).await {
+            let out = self.request(mailbox, subscription_id, &headers, body.clone(), None);
+            if self.try_deliver(&out).await {
                 self.metrics.delivery("delivered");
                 return Ok(Accepted::Delivered);
             }
@@ -273,26 +273,21 @@ impl Delivery {
         let mut refused = false;
         for e in entries {
             let resync = e.subscription_id.is_empty() && e.body.is_empty();
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/xml; charset=utf-8"),
-            );
+            let mut headers = HeaderBlock::with_capacity(80);
+            headers.push(b"content-type", b"text/xml; charset=utf-8");
             let received = humantime::format_rfc3339_seconds(
                 std::time::UNIX_EPOCH + Duration::from_millis(e.received_at),
             )
             .to_string();
-            if let Ok(v) = HeaderValue::try_from(received) {
-                headers.insert(X_EWS_RECEIVED_AT.clone(), v);
-            }
+            headers.push(X_EWS_RECEIVED_AT.as_str().as_bytes(), received.as_bytes());
             let out = self.request(
                 mailbox,
                 &e.subscription_id,
-                headers,
+                &headers,
                 e.body.clone(),
                 resync.then_some(mailbox),
             );
-            if !self.try_deliver(out).await {
+            if !self.try_deliver(&out).await {
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
                 self.metrics.delivery("failed");
                 refused = true;
@@ -342,41 +337,59 @@ impl Delivery {
         self.metrics.set_spool(self.waiting(), age);
     }
 
+    /// The POST to the receiver: `headers` (any `X-EWS-*` fields a client sent dropped) and the
+    /// relay's own `X-EWS-*` fields.
     fn request(
         &self,
         mailbox: &str,
         subscription_id: &str,
-        mut headers: HeaderMap,
+        headers: &HeaderBlock,
         body: Bytes,
         resync: Option<&str>,
     ) -> Outgoing {
-        headers.insert(http::header::HOST, self.receiver.host_header().clone());
-        if let Ok(v) = HeaderValue::from_str(mailbox) {
-            headers.insert(X_EWS_MAILBOX.clone(), v.clone());
-            if resync.is_some() {
-                headers.insert(X_EWS_RESYNC_REQUIRED.clone(), v);
+        let own = [
+            &X_EWS_MAILBOX,
+            &X_EWS_SUBSCRIPTION_ID,
+            &X_EWS_RESYNC_REQUIRED,
+        ];
+        let mut out = HeaderBlock::with_capacity(headers.as_bytes().len() + 256);
+        for (name, value) in headers.iter() {
+            if !own
+                .iter()
+                .any(|o| name.eq_ignore_ascii_case(o.as_str().as_bytes()))
+            {
+                out.push(name, value);
             }
+        }
+        out.push(X_EWS_MAILBOX.as_str().as_bytes(), mailbox.as_bytes());
+        if resync.is_some() {
+            out.push(
+                X_EWS_RESYNC_REQUIRED.as_str().as_bytes(),
+                mailbox.as_bytes(),
+            );
         }
         if !subscription_id.is_empty() {
-            if let Ok(v) = HeaderValue::from_str(subscription_id) {
-                headers.insert(X_EWS_SUBSCRIPTION_ID.clone(), v);
-            }
+            out.push(
+                X_EWS_SUBSCRIPTION_ID.as_str().as_bytes(),
+                subscription_id.as_bytes(),
+            );
         }
-        Outgoing {
-            method: Method::POST,
-            path_and_query: self.path.clone(),
-            headers,
+        Outgoing::new(
+            "POST",
+            self.path.as_str(),
+            self.receiver.host_header().as_bytes(),
+            &out,
             body,
-        }
+        )
     }
 
     /// One delivery attempt: true on a 2xx answer.
-    async fn try_deliver(&self, out: Outgoing) -> bool {
+    async fn try_deliver(&self, out: &Outgoing) -> bool {
         match self.receiver.send(out).await {
-            Ok(resp) if resp.status().is_success() => true,
+            Ok(resp) if resp.status.is_success() => true,
             Ok(resp) => {
                 tracing::warn!(
-                    status = resp.status().as_u16(),
+                    status = resp.status.as_u16(),
                     "receiver refused a notification; spooled for replay"
                 );
                 false
