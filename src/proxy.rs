@@ -140,6 +140,9 @@ impl Proxy {
                 }
             }
         }
+        if !plain_path(head.path()) {
+            return Err(Refusal::BadTarget);
+        }
         if !under_prefix(head.path(), &self.path_prefix) {
             return Err(Refusal::NotFound);
         }
@@ -411,6 +414,9 @@ pub enum Refusal {
     NotNotification,
     /// Behind a trusted proxy, the client it names is missing or not admitted.
     Forbidden,
+    /// A path with dot segments or encoded separators, which a receiver normalising paths
+    /// could resolve outside `--path-prefix`.
+    BadTarget,
 }
 
 impl Refusal {
@@ -429,6 +435,10 @@ impl Refusal {
             ),
             Refusal::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "client not admitted\n"),
+            Refusal::BadTarget => (
+                StatusCode::BAD_REQUEST,
+                "dot segments and encoded separators are not accepted in the path\n",
+            ),
             Refusal::NotNotification => (
                 StatusCode::BAD_REQUEST,
                 "not an EWS SendNotification SOAP message\n",
@@ -450,6 +460,26 @@ fn client_from_header(head: &RequestHead<'_>, name: &str) -> Option<std::net::Ip
         .parse::<std::net::IpAddr>()
         .ok()
         .map(|ip| ip.to_canonical())
+}
+
+/// Whether `path` has no `.` or `..` segment (also percent-encoded), no encoded `/` or `\\` and
+/// no `\\`: so the prefix check sees the path every receiver would see.
+pub fn plain_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true; // the usual case, in one pass
+    }
+    if bytes.contains(&b'\\') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return false;
+    }
+    !lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .any(|segment| segment == "." || segment == "..")
 }
 
 /// Whether `path` is `prefix` or lies below it (`/ews` admits `/ews` and `/ews/x`, not `/ewsx`).
@@ -487,5 +517,24 @@ mod tests {
         assert!(under_prefix("/ews/push", "/ews"));
         assert!(!under_prefix("/ewsx", "/ews"));
         assert!(!under_prefix("/", "/ews"));
+    }
+
+    #[test]
+    fn plain_paths() {
+        for ok in ["/", "/ews/notify", "/a.b/c..d/.e", "/x%20y", "/ews/..."] {
+            assert!(plain_path(ok), "{ok}");
+        }
+        for bad in [
+            "/ews/../admin",
+            "/ews/./x",
+            "/ews/..",
+            "/ews/%2e%2E/admin",
+            "/ews/.%2e",
+            "/ews%2fadmin",
+            "/ews%5C..",
+            "/ews\\..",
+        ] {
+            assert!(!plain_path(bad), "{bad}");
+        }
     }
 }

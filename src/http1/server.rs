@@ -25,7 +25,7 @@ pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// Most header fields in one request.
 pub const MAX_REQUEST_HEADERS: usize = 100;
 /// Read size: a whole notification (3–8 KiB) usually arrives in one read.
-const READ_CHUNK: usize = 16 * 1024;
+const READ_CHUNK: usize = 8 * 1024;
 /// Buffers that grew beyond this for one large message are given back afterwards.
 const KEEP_BUFFER: usize = 64 * 1024;
 
@@ -81,9 +81,10 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
 ) {
     let mut conn = Conn {
         io,
-        rbuf: BytesMut::with_capacity(READ_CHUNK),
-        wbuf: Vec::with_capacity(1024),
-        spans: Vec::with_capacity(16),
+        // Allocated at the first read and write: an idle connection holds only TLS state.
+        rbuf: BytesMut::new(),
+        wbuf: Vec::new(),
+        spans: Vec::new(),
         proxy,
         info,
         timeouts,
@@ -121,12 +122,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         first: bool,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Parsed>, HeadError> {
-        // The header timer runs from the handshake for the first request and from its first
-        // byte for later ones; before that byte the connection is idle.
-        let mut started = first || !self.rbuf.is_empty();
+        // Before a request's first byte the connection is idle (for the first request, at most
+        // --header-timeout either); from that byte the head has --header-timeout to arrive.
+        let mut started = !self.rbuf.is_empty();
         let mut deadline = Instant::now()
             + if started {
                 self.timeouts.header
+            } else if first {
+                self.timeouts.idle.min(self.timeouts.header)
             } else {
                 self.timeouts.idle
             };
@@ -157,7 +160,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             };
             match read {
                 Err(_) => {
-                    if started && !self.rbuf.is_empty() || first {
+                    if started {
                         tracing::debug!(peer = %self.info.peer, "request head not received within --header-timeout");
                     } else {
                         tracing::debug!(peer = %self.info.peer, "idle timeout");
