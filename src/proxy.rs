@@ -174,7 +174,7 @@ impl Proxy {
             }
         };
         if let (Some(manager), Some(n)) = (&self.manager, &notification) {
-            if let Some(reply) = self.managed(manager, n, head, &body, conn).await {
+            if let Some(reply) = Box::pin(self.managed(manager, n, head, &body, conn)).await {
                 return Relayed {
                     reply,
                     upstream_ms: None,

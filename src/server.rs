@@ -173,7 +173,7 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     if edge.proxy_protocol {
         use crate::filter::proxy_protocol::{self, Header};
-        match proxy_protocol::read(&mut stream).await {
+        match Box::pin(proxy_protocol::read(&mut stream)).await {
             Ok(Header::Proxied(client)) => peer = client,
             // The load balancer's own connection (health check): keep its address.
             Ok(Header::Local) => {}
@@ -190,8 +190,13 @@ async fn serve_connection(
             return;
         }
     }
-    let tls = match tokio::time::timeout(edge.handshake_timeout, edge.acceptor.accept(stream)).await
-    {
+    // Boxed, as are the HTTP/2 path and each request's relay: the connection's task is sized
+    // by its largest state, and an idle connection should hold only its TLS and read state.
+    let handshake = Box::pin(tokio::time::timeout(
+        edge.handshake_timeout,
+        edge.acceptor.accept(stream),
+    ));
+    let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             edge.metrics.handshake_failed(HandshakeFailure::Error);
@@ -218,7 +223,8 @@ async fn serve_connection(
         h1::serve(tls, &edge.proxy, &info, timeouts, &mut shutdown).await;
         return;
     }
-    serve_h2(tls, peer, edge, builder, Arc::new(info), shutdown).await;
+    // Boxed: HTTP/2 is rare (Exchange speaks HTTP/1.1) and its future is large.
+    Box::pin(serve_h2(tls, peer, edge, builder, Arc::new(info), shutdown)).await;
 }
 
 /// HTTP/2 (negotiated by ALPN), served by hyper.

@@ -26,6 +26,8 @@ pub const MAX_REQUEST_HEAD: usize = 64 * 1024;
 pub const MAX_REQUEST_HEADERS: usize = 100;
 /// Read size: a whole notification (3–8 KiB) usually arrives in one read.
 const READ_CHUNK: usize = 8 * 1024;
+/// The first read of a connection.
+const FIRST_READ: usize = 1024;
 /// Buffers that grew beyond this for one large message are given back afterwards.
 const KEEP_BUFFER: usize = 64 * 1024;
 
@@ -101,7 +103,9 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
             }
         };
         first = false;
-        if !conn.serve_one(parsed).await || conn.closing {
+        // Boxed: an idle connection's task then holds only what waiting for a head needs,
+        // not the state of a request in flight (one allocation per request).
+        if !Box::pin(conn.serve_one(parsed)).await || conn.closing {
             let _ = conn.io.shutdown().await;
             return;
         }
@@ -147,7 +151,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             } else if self.closing {
                 return Ok(None);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            if self.rbuf.capacity() == 0 {
+                // A new connection may stay silent: as nginx does, hold only a small buffer
+                // until its first bytes arrive.
+                self.rbuf.reserve(FIRST_READ);
+            } else if self.rbuf.capacity() - self.rbuf.len() < 1024 {
                 self.rbuf.reserve(READ_CHUNK);
             }
             let read = tokio::select! {
