@@ -201,6 +201,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let mut req = httparse::Request::new(&mut fields);
         let buf = &self.rbuf[..];
         let len = match req.parse(buf) {
+            Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_HEAD => {
+                return Err(HeadError::Answer(
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "request head larger than 64 KiB\n",
+                ))
+            }
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(httparse::Error::TooManyHeaders) => {
