@@ -12,7 +12,7 @@ use http::StatusCode;
 use crate::ews::{self, EventType};
 use crate::http1::{self, HeaderBlock, Reply, RequestHead};
 use crate::metrics::Metrics;
-use crate::tracker::{ReceiverAnswer, Tracker};
+use crate::tracker::{AnswerCache, ReceiverAnswer, Tracker};
 use crate::upstream::{Outgoing, Receiver};
 
 /// What the relay knows about the client connection, computed once per connection.
@@ -59,6 +59,8 @@ pub struct Proxy {
     /// The allow-list, applied per request to the client named by a trusted proxy.
     allow: Arc<arc_swap::ArcSwap<crate::filter::AllowList>>,
     metrics: Arc<Metrics>,
+    /// The receiver's usual answer, classified once.
+    answers: AnswerCache,
 }
 
 /// What [`Proxy::relay`] produced.
@@ -103,6 +105,7 @@ impl Proxy {
             client_ip_header: config.client_ip_header.clone(),
             allow,
             metrics,
+            answers: AnswerCache::default(),
         }
     }
 
@@ -196,7 +199,7 @@ impl Proxy {
             Ok(reply) => {
                 let answer = notification
                     .as_ref()
-                    .map(|_| ReceiverAnswer::from_response(reply.status, &reply.body));
+                    .map(|_| self.answers.classify(reply.status, &reply.body));
                 (reply, answer)
             }
             Err(e) => {

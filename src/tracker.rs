@@ -57,6 +57,37 @@ impl ReceiverAnswer {
     }
 }
 
+/// The last receiver answer body classified, and its class: a receiver answers with the same
+/// bytes nearly every time, so the SOAP parse runs once per distinct body instead of once per
+/// request. Classification is a function of status and bytes alone, so a hit is exact.
+#[derive(Debug, Default)]
+pub struct AnswerCache {
+    last: arc_swap::ArcSwapOption<(bytes::Bytes, ReceiverAnswer)>,
+}
+
+impl AnswerCache {
+    /// Bodies above this are classified without caching.
+    const MAX_CACHED: usize = 4096;
+
+    /// As [`ReceiverAnswer::from_response`].
+    pub fn classify(&self, status: http::StatusCode, body: &bytes::Bytes) -> ReceiverAnswer {
+        if !status.is_success() {
+            return ReceiverAnswer::HttpError(status.as_u16());
+        }
+        if let Some(hit) = &*self.last.load() {
+            if hit.0 == body {
+                return hit.1;
+            }
+        }
+        let answer = ReceiverAnswer::from_response(status, body);
+        if body.len() <= Self::MAX_CACHED {
+            self.last
+                .store(Some(std::sync::Arc::new((body.clone(), answer))));
+        }
+        answer
+    }
+}
+
 /// A subscription's state as the admin API shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
@@ -264,5 +295,35 @@ pub fn abbreviate(id: &str) -> String {
             .rev()
             .collect();
         format!("{start}…{end}")
+    }
+}
+
+#[cfg(test)]
+mod answer_cache_tests {
+    use super::*;
+
+    #[test]
+    fn cache_hits_are_exact() {
+        let cache = AnswerCache::default();
+        let ok = bytes::Bytes::from_static(
+            crate::ews::send_notification_result(SubscriptionStatus::Ok).as_bytes(),
+        );
+        let unsub = bytes::Bytes::from_static(
+            crate::ews::send_notification_result(SubscriptionStatus::Unsubscribe).as_bytes(),
+        );
+        let s200 = http::StatusCode::OK;
+        for _ in 0..2 {
+            assert_eq!(cache.classify(s200, &ok), ReceiverAnswer::Ok);
+        }
+        assert_eq!(cache.classify(s200, &unsub), ReceiverAnswer::Unsubscribe);
+        assert_eq!(cache.classify(s200, &ok), ReceiverAnswer::Ok);
+        assert_eq!(
+            cache.classify(http::StatusCode::BAD_GATEWAY, &ok),
+            ReceiverAnswer::HttpError(502)
+        );
+        assert_eq!(
+            cache.classify(s200, &bytes::Bytes::from_static(b"nope")),
+            ReceiverAnswer::Unparsed
+        );
     }
 }
