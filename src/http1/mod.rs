@@ -31,9 +31,11 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Whether `name` is a hop-by-hop header field.
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+    // Lengths first: most names are ruled out without a comparison.
+    matches!(name.len(), 2 | 7 | 10 | 16..=19)
+        && HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
 }
 
 /// The comma-separated elements of a list-valued header field (`Connection`,
@@ -47,8 +49,37 @@ pub fn list_elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// An RFC 9110 `tchar`: what header names and methods are made of.
 fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+    TCHAR[usize::from(b)]
 }
+
+/// [`is_tchar`] as a table.
+static TCHAR: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    table
+};
 
 /// Header field lines as they go on the wire, `name: value\r\n` each, in order.
 ///
@@ -135,7 +166,7 @@ impl HeaderBlock {
 fn valid_field(name: &[u8], value: &[u8]) -> bool {
     !name.is_empty()
         && name.iter().all(|&b| is_tchar(b))
-        && !value.iter().any(|&b| matches!(b, b'\r' | b'\n' | 0))
+        && memchr::memchr3(b'\r', b'\n', 0, value).is_none()
 }
 
 /// An answer, from the receiver or the relay itself: status, end-to-end header fields (no
@@ -472,6 +503,22 @@ mod tests {
         );
         assert_eq!(b.get("content-type"), Some(&b"text/xml"[..]));
         assert_eq!(b.to_header_map().len(), 2);
+    }
+
+    #[test]
+    fn hop_by_hop_and_tokens() {
+        for h in HOP_BY_HOP {
+            assert!(is_hop_by_hop(h.as_bytes()), "{h}");
+            assert!(is_hop_by_hop(h.to_ascii_uppercase().as_bytes()), "{h}");
+        }
+        for not in ["content-type", "soapaction", "x-forwarded-for", "tee", ""] {
+            assert!(!is_hop_by_hop(not.as_bytes()), "{not}");
+        }
+        let tokens: Vec<u8> = (0..=255u8).filter(|&b| is_tchar(b)).collect();
+        assert_eq!(
+            tokens,
+            b"!#$%&'*+-.0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ^_`abcdefghijklmnopqrstuvwxyz|~"
+        );
     }
 
     #[test]
