@@ -464,8 +464,10 @@ fn mutate(rng: &mut Rng, body: &mut Vec<u8>) {
             }
         }
         11 => {
-            let &(start, _) = rng.pick(&m.tags);
-            splice(body, start, start, rng.pick(SNIPPETS).as_bytes());
+            // Before a tag, or after one: so also first inside a text element.
+            let &(start, end) = rng.pick(&m.tags);
+            let at = if rng.below(2) == 0 { start } else { end };
+            splice(body, at, at, rng.pick(SNIPPETS).as_bytes());
         }
         12 => {
             // White space added inside a tag, before its `>` or `/>`, or after its name.
@@ -826,6 +828,8 @@ fn unusual_markup_is_left_to_the_full_walk() {
         plain.replacen("encoding=\"utf-8\"", "encoding=\"ISO-8859-1\"", 1),
         // A text element with a child: the full walk reads the text around it.
         plain.replacen(">sid<", ">s<x/>id<", 1),
+        plain.replacen(">sid<", "><x/>sid<", 1),
+        plain.replacen(">sid<", "><x>y</x>sid<", 1),
         plain.replacen("NoError", "No<b>x</b>Error", 1),
         // A CR in a value the summary keeps: the full walk normalises it.
         plain.replacen(">sid<", ">sid\r<", 1),
@@ -910,6 +914,10 @@ fn limits_are_left_to_the_full_walk() {
     let events = |n: usize| envelope(&success("sid", &"<t:StatusEvent/>".repeat(n)));
     fast(&events(10_000));
     assert!(bails(&events(10_001)).is_err());
+    // As many response messages as the full walk allows, and one more.
+    let messages = |n: usize| envelope(&success("sid", "").repeat(n));
+    fast(&messages(10_000));
+    assert!(bails(&messages(10_001)).is_err());
     // Trailing white space is one text node, limited like any other.
     let trailing = |n: usize| format!("{plain}{}", " ".repeat(n));
     fast(&trailing(64 * 1024 - 1));
