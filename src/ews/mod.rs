@@ -6,13 +6,17 @@
 //! Everything is matched by namespace URI and local name, never by prefix. Parsing is one pass
 //! over the body with quick-xml's reader (namespaces resolved by the module's own reader, see
 //! `xml.rs`), after one UTF-8 check of the whole body; it is bounded in depth, value size and
-//! event count, and refuses DTDs outright. Parsed values borrow from the body (`Cow<'_, str>`) and are
-//! only copied when the XML escaped them. No I/O happens here: callers own HTTP, including the
-//! `X-AnchorMailbox` header that must accompany every `Subscribe`.
+//! event count, and refuses DTDs outright. Parsed values borrow from the body (`Cow<'_, str>`)
+//! and are only copied when the XML escaped them. `summarize_send_notification`, which runs on
+//! every request the relay forwards, first tries a hand-written scanner (`fast.rs`) that
+//! accepts a strict subset of that and leaves everything else to the full walk. No I/O happens
+//! here: callers own HTTP, including the `X-AnchorMailbox` header that must accompany every
+//! `Subscribe`.
 
 mod autodiscover;
 mod codes;
 mod error;
+mod fast;
 mod fault;
 mod notification;
 mod response;
@@ -28,7 +32,8 @@ pub use error::EwsError;
 pub use fault::{parse_fault, Fault};
 pub use notification::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
-    send_notification_result, summarize_send_notification, Event, EventType, Id, MessageSummary,
+    send_notification_result, summarize_send_notification, summarize_send_notification_fast,
+    summarize_send_notification_slow, Event, EventType, Id, MessageSummary,
     Notification, NotificationMessage, NotificationSummary, ObjectId, SendNotification,
     SubscriptionStatus, MAX_EVENTS,
 };

@@ -47,14 +47,14 @@ pub(crate) enum Ns {
 }
 
 /// The namespace the `xml` prefix is bound to, and the only one it may be bound to.
-const XML_NS: &[u8] = b"http://www.w3.org/XML/1998/namespace";
+pub(super) const XML_NS: &[u8] = b"http://www.w3.org/XML/1998/namespace";
 /// The namespace of `xmlns` declarations, which no prefix may be bound to.
-const XMLNS_NS: &[u8] = b"http://www.w3.org/2000/xmlns/";
+pub(super) const XMLNS_NS: &[u8] = b"http://www.w3.org/2000/xmlns/";
 
 impl Ns {
     /// The namespace named by `uri`, as written in a declaration (quick-xml does not unescape
     /// declarations either).
-    fn of(uri: &[u8]) -> Ns {
+    pub(super) fn of(uri: &[u8]) -> Ns {
         match uri {
             b"http://schemas.xmlsoap.org/soap/envelope/" => Ns::Soap,
             b"http://schemas.microsoft.com/exchange/services/2006/messages" => Ns::Messages,
