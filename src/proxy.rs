@@ -382,7 +382,8 @@ impl Proxy {
             {
                 continue;
             }
-            out.push(name, value);
+            // Fields of a parsed request head: httparse (HTTP/1.1) or http (HTTP/2) checked them.
+            out.push_parsed(name, value);
         }
         if prior_xff.is_empty() {
             out.push(b"x-forwarded-for", conn.peer.as_bytes());

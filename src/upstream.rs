@@ -542,7 +542,7 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
         {
             continue;
         }
-        headers.push(name, f.value);
+        headers.push_parsed(name, f.value);
     }
     let framing = framing
         .response()

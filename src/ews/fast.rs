@@ -55,7 +55,11 @@ fn walk(body: &[u8]) -> Fast<NotificationSummary<'_>> {
         xml.skip()?; // Header, or anything else an intermediary added
     }
     // The body's first element, which must be the message.
-    if !xml.child()?.ok_or(Bail)?.is(Ns::Messages, b"SendNotification") {
+    if !xml
+        .child()?
+        .ok_or(Bail)?
+        .is(Ns::Messages, b"SendNotification")
+    {
         return Err(Bail);
     }
     let mut messages = Vec::with_capacity(1);
@@ -574,7 +578,11 @@ static NAME_CLASS: [u8; 256] = {
 
 /// The end of the name that starts at `start`, and where its colon is if it has a prefix.
 fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
-    let class = |at: usize| bytes.get(at).map_or(NOT_NAME, |&b| NAME_CLASS[usize::from(b)]);
+    let class = |at: usize| {
+        bytes
+            .get(at)
+            .map_or(NOT_NAME, |&b| NAME_CLASS[usize::from(b)])
+    };
     if class(start) != NAME_START {
         return Err(Bail);
     }
@@ -651,5 +659,8 @@ fn is_space(b: u8) -> bool {
 /// The first byte at or after `at` that is not XML white space (or the end of `bytes`).
 fn skip_space(bytes: &[u8], at: usize) -> usize {
     let rest = bytes.get(at..).unwrap_or_default();
-    at + rest.iter().position(|&b| !is_space(b)).unwrap_or(rest.len())
+    at + rest
+        .iter()
+        .position(|&b| !is_space(b))
+        .unwrap_or(rest.len())
 }

@@ -112,6 +112,18 @@ impl HeaderBlock {
         true
     }
 
+    /// Appends a field a parser already checked: from `httparse` (token names; values of
+    /// tab, visible and obs-text bytes only) or from http's `HeaderName`/`HeaderValue`. Skips the
+    /// per-byte check of [`HeaderBlock::push`] on the hot path; debug builds still make it.
+    pub(crate) fn push_parsed(&mut self, name: &[u8], value: &[u8]) {
+        debug_assert!(valid_field(name, value), "unchecked header field");
+        self.lines.reserve(name.len() + value.len() + 4);
+        self.lines.extend_from_slice(name);
+        self.lines.extend_from_slice(b": ");
+        self.lines.extend_from_slice(value);
+        self.lines.extend_from_slice(b"\r\n");
+    }
+
     /// The fields in order, as (name, value).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.lines
@@ -156,7 +168,7 @@ impl HeaderBlock {
     pub fn from_header_map(map: &HeaderMap) -> Self {
         let mut block = Self::with_capacity(map.len() * 32);
         for (name, value) in map {
-            block.push(name.as_str().as_bytes(), value.as_bytes());
+            block.push_parsed(name.as_str().as_bytes(), value.as_bytes());
         }
         block
     }
