@@ -33,9 +33,9 @@ pub use fault::{parse_fault, Fault};
 pub use notification::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
     send_notification_result, summarize_send_notification, summarize_send_notification_fast,
-    summarize_send_notification_slow, Event, EventType, Id, MessageSummary,
-    Notification, NotificationMessage, NotificationSummary, ObjectId, SendNotification,
-    SubscriptionStatus, MAX_EVENTS,
+    summarize_send_notification_slow, Event, EventType, Id, MessageSummary, Notification,
+    NotificationMessage, NotificationSummary, ObjectId, SendNotification, SubscriptionStatus,
+    MAX_EVENTS,
 };
 pub use response::{ResponseClass, ResponseStatus};
 pub use subscribe::{

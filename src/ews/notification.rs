@@ -230,9 +230,7 @@ pub fn summarize_send_notification(body: &[u8]) -> Result<NotificationSummary<'_
 /// Not API: [`summarize_send_notification`] without its fast path, so tests and the fuzz
 /// target can check that the fast path agrees with it.
 #[doc(hidden)]
-pub fn summarize_send_notification_slow(
-    body: &[u8],
-) -> Result<NotificationSummary<'_>, EwsError> {
+pub fn summarize_send_notification_slow(body: &[u8]) -> Result<NotificationSummary<'_>, EwsError> {
     let mut messages = Vec::with_capacity(1);
     walk_send_notification::<false>(body, |message, tally| {
         messages.push(MessageSummary {
