@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use ews_relay::ews::{
     is_send_notification, parse_send_notification, parse_send_notification_result,
-    summarize_send_notification,
+    summarize_send_notification, summarize_send_notification_fast,
+    summarize_send_notification_slow,
 };
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -41,6 +42,42 @@ fn ns_per_call(mut f: impl FnMut()) -> f64 {
             started.elapsed().as_nanos() as f64 / f64::from(calls)
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// The summary's fast path against the full walk it stands in for, on the body the relay
+/// benchmarks post (bench/send-notification-events.xml) and on the keep-alive.
+#[test]
+#[ignore = "timing; run with --release --ignored --nocapture"]
+fn summary_fast_vs_slow() {
+    let bench = format!(
+        "{}/bench/send-notification-events.xml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let bodies = [
+        (
+            "bench/send-notification-events.xml",
+            std::fs::read(&bench).expect("bench body"),
+        ),
+        (
+            "send-notification-status.xml",
+            fixture("send-notification-status.xml"),
+        ),
+    ];
+    for (name, body) in bodies {
+        let fast = ns_per_call(|| {
+            black_box(summarize_send_notification_fast(black_box(&body)).expect("fast path"));
+        });
+        let slow = ns_per_call(|| {
+            black_box(summarize_send_notification_slow(black_box(&body)).expect("parses"));
+        });
+        eprintln!(
+            "summary of {name} ({} bytes): fast {:.2} µs, slow {:.2} µs ({:.1}x)",
+            body.len(),
+            fast / 1e3,
+            slow / 1e3,
+            slow / fast
+        );
+    }
 }
 
 #[test]

@@ -43,7 +43,7 @@ type Fast<T> = Result<T, Bail>;
 /// `walk_send_notification` with `open_body`, `open_message` and
 /// `for_each_response_message` inlined.
 fn walk(body: &[u8]) -> Fast<NotificationSummary<'_>> {
-    let mut xml = Scanner::new(body)?;
+    let mut xml = Scanner::new(std::str::from_utf8(body).map_err(|_| Bail)?);
     if !xml.root()?.is(Ns::Soap, b"Envelope") {
         return Err(Bail);
     }
@@ -231,18 +231,14 @@ impl Element<'_> {
     }
 }
 
-/// An element name, split at its colon.
-struct Name<'i> {
-    prefix: Option<&'i [u8]>,
-    local: &'i [u8],
-}
-
-/// What [`Scanner::next`] yields. `<a/>` comes as a start and an end, as from `XmlReader`.
-enum Token<'i> {
-    Start(Name<'i>),
+/// What [`Scanner::next`] yields. `<a/>` comes as a start and an end, as from `XmlReader`;
+/// text comes as nothing, as the walk ignores text between elements. The name of a start
+/// tag is left in the scanner rather than carried here: small enough for a register, the
+/// token costs nothing to return.
+#[derive(Clone, Copy)]
+enum Token {
+    Start,
     End,
-    /// Text between two tags, never empty: not checked for `\r` or trimmed yet.
-    Text(&'i str),
 }
 
 /// One attribute of the start tag just read.
@@ -274,6 +270,9 @@ struct Scanner<'i> {
     open: [&'i [u8]; MAX_DEPTH],
     /// The last start tag was `<a/>`: its end is the next token.
     empty_open: bool,
+    /// The name of the last start tag, split at its colon.
+    prefix: Option<&'i [u8]>,
+    local: &'i [u8],
     attrs: [Attr<'i>; MAX_ATTRIBUTES],
     attr_count: usize,
     bindings: [Binding<'i>; MAX_BINDINGS],
@@ -281,26 +280,18 @@ struct Scanner<'i> {
 }
 
 impl<'i> Scanner<'i> {
-    /// A scanner positioned on the root's `<`, past a byte order mark, the XML declaration and
-    /// white space.
-    fn new(body: &'i [u8]) -> Fast<Self> {
-        let text = std::str::from_utf8(body).map_err(|_| Bail)?;
-        let mut pos = if body.starts_with(BOM) { BOM.len() } else { 0 };
-        if body[pos..].starts_with(b"<?") {
-            pos = declaration(body, pos)?;
-        }
-        let root = skip_space(body, pos);
-        // The white space is one text node, and as such limited in size.
-        if root - pos > MAX_VALUE_LEN {
-            return Err(Bail);
-        }
-        Ok(Scanner {
+    /// A scanner over `text`, positioned on its first byte. Infallible, so it is built in
+    /// place rather than moved out of a `Result`.
+    fn new(text: &'i str) -> Self {
+        Scanner {
             text,
-            bytes: body,
-            pos: root,
+            bytes: text.as_bytes(),
+            pos: 0,
             depth: 0,
             open: [&[]; MAX_DEPTH],
             empty_open: false,
+            prefix: None,
+            local: &[],
             attrs: [Attr {
                 key: &[],
                 value: "",
@@ -312,27 +303,34 @@ impl<'i> Scanner<'i> {
                 depth: 0,
             }; MAX_BINDINGS],
             binding_count: 0,
-        })
+        }
     }
 
-    /// The root element, entered.
+    /// The root element, entered: past a byte order mark, the XML declaration and white
+    /// space.
     fn root(&mut self) -> Fast<Element<'i>> {
-        if self.byte(self.pos)? != b'<' {
+        let body = self.bytes;
+        let mut pos = if body.starts_with(BOM) { BOM.len() } else { 0 };
+        if body[pos..].starts_with(b"<?") {
+            pos = declaration(body, pos)?;
+        }
+        let root = skip_space(body, pos);
+        // The white space is one text node, and as such limited in size.
+        if root - pos > MAX_VALUE_LEN || self.byte(root)? != b'<' {
             return Err(Bail);
         }
-        let name = self.start_tag()?;
-        Ok(self.element(name))
+        self.pos = root;
+        self.start_tag()?;
+        Ok(self.element())
     }
 
     /// The next child element of the element just entered, or `None` at its end tag. Text
     /// between child elements is ignored.
+    #[inline(always)]
     fn child(&mut self) -> Fast<Option<Element<'i>>> {
-        loop {
-            match self.next()? {
-                Token::Start(name) => return Ok(Some(self.element(name))),
-                Token::End => return Ok(None),
-                Token::Text(_) => {}
-            }
+        match self.next()? {
+            Token::Start => Ok(Some(self.element())),
+            Token::End => Ok(None),
         }
     }
 
@@ -348,15 +346,29 @@ impl<'i> Scanner<'i> {
     /// The text of the element just entered, through its end tag, trimmed of XML white space.
     /// A child element or a `\r` (which the full walk would normalise) gives up.
     fn text(&mut self) -> Fast<&'i str> {
-        let text = match self.next()? {
-            Token::End => return Ok(""),
-            Token::Text(text) => text,
-            Token::Start(_) => return Err(Bail),
-        };
-        if !matches!(self.next()?, Token::End) || memchr(b'\r', text.as_bytes()).is_some() {
+        if self.empty_open {
+            self.empty_open = false;
+            self.close();
+            return Ok("");
+        }
+        let at = self.pos;
+        let len = memchr3(b'<', b'&', b'>', self.bytes.get(at..).ok_or(Bail)?).ok_or(Bail)?;
+        // A child element is left to the full walk, which reads the text around it.
+        if self.bytes[at + len] != b'<' || len > MAX_VALUE_LEN || self.byte(at + len + 1)? != b'/' {
             return Err(Bail);
         }
-        Ok(text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r')))
+        self.pos = at + len;
+        self.end_tag()?;
+        // Trimmed of XML white space, which is ASCII.
+        let start = skip_space(self.bytes, at);
+        let mut end = at + len;
+        while end > start && CLASS[usize::from(self.bytes[end - 1])] & SPACE != 0 {
+            end -= 1;
+        }
+        if memchr(b'\r', &self.bytes[start..end]).is_some() {
+            return Err(Bail);
+        }
+        self.str(start, end)
     }
 
     /// Reads the rest of the document: the root's remaining content, then nothing but white
@@ -366,13 +378,14 @@ impl<'i> Scanner<'i> {
             self.next()?;
         }
         let rest = &self.bytes[self.pos..];
-        if rest.len() > MAX_VALUE_LEN || !rest.iter().all(|&b| is_space(b)) {
+        if rest.len() > MAX_VALUE_LEN || run(rest, 0, SPACE) != rest.len() {
             return Err(Bail);
         }
         Ok(())
     }
 
     /// The value of the unqualified attribute `key` of the start tag just read.
+    #[inline(always)]
     fn attr(&self, key: &[u8]) -> Option<&'i str> {
         self.attrs[..self.attr_count]
             .iter()
@@ -380,19 +393,21 @@ impl<'i> Scanner<'i> {
             .map(|attr| attr.value)
     }
 
-    fn element(&self, name: Name<'i>) -> Element<'i> {
+    /// The start tag just read, its namespace resolved.
+    #[inline(always)]
+    fn element(&self) -> Element<'i> {
         let ns = self.bindings[..self.binding_count]
             .iter()
             .rev()
-            .find(|binding| binding.prefix == name.prefix)
+            .find(|binding| same_prefix(binding.prefix, self.prefix))
             .map_or(Ns::Other, |binding| binding.ns);
         Element {
             ns,
-            local: name.local,
+            local: self.local,
         }
     }
 
-    fn next(&mut self) -> Fast<Token<'i>> {
+    fn next(&mut self) -> Fast<Token> {
         if self.empty_open {
             self.empty_open = false;
             self.close();
@@ -401,41 +416,32 @@ impl<'i> Scanner<'i> {
         if self.depth == 0 {
             return Err(Bail);
         }
-        let at = self.pos;
-        if self.byte(at)? != b'<' {
-            // `&` is a reference, `>` might end a `]]>`: both left to the full walk.
-            let len = memchr3(b'<', b'&', b'>', &self.bytes[at..]).ok_or(Bail)?;
-            if self.bytes[at + len] != b'<' || len > MAX_VALUE_LEN {
-                return Err(Bail);
-            }
-            self.pos = at + len;
-            return Ok(Token::Text(self.str(at, at + len)?));
+        // Text between tags: ignored by every caller (`text` reads its own), so only checked.
+        let at = markup(self.bytes, self.pos)?;
+        if at - self.pos > MAX_VALUE_LEN {
+            return Err(Bail);
         }
+        self.pos = at;
         if self.byte(at + 1)? == b'/' {
             self.end_tag()?;
             return Ok(Token::End);
         }
         // `<!` and `<?` fail the name grammar.
-        Ok(Token::Start(self.start_tag()?))
+        self.start_tag()?;
+        Ok(Token::Start)
     }
 
     /// Reads the start tag at `pos` and enters it: name, attributes, namespace declarations.
-    fn start_tag(&mut self) -> Fast<Name<'i>> {
+    fn start_tag(&mut self) -> Fast<()> {
         let bytes = self.bytes;
         let start = self.pos + 1;
         let (end, colon) = name(bytes, start)?;
-        let name = match colon {
-            Some(colon) => Name {
-                prefix: Some(&bytes[start..colon]),
-                local: &bytes[colon + 1..end],
-            },
-            None => Name {
-                prefix: None,
-                local: &bytes[start..end],
-            },
+        (self.prefix, self.local) = match colon {
+            Some(colon) => (Some(&bytes[start..colon]), &bytes[colon + 1..end]),
+            None => (None, &bytes[start..end]),
         };
         // Prefixes that cannot be declared: the full walk resolves them as unbound.
-        if matches!(name.prefix, Some(b"xml" | b"xmlns")) || self.depth == MAX_DEPTH {
+        if matches!(self.prefix, Some(b"xml" | b"xmlns")) || self.depth == MAX_DEPTH {
             return Err(Bail);
         }
         let depth = self.depth + 1;
@@ -493,7 +499,7 @@ impl<'i> Scanner<'i> {
         self.depth = depth;
         self.pos = p;
         self.empty_open = empty;
-        Ok(name)
+        Ok(())
     }
 
     /// Puts `attr` in scope if it is a namespace declaration; gives up on those the full walk
@@ -526,7 +532,11 @@ impl<'i> Scanner<'i> {
     fn end_tag(&mut self) -> Fast<()> {
         let name = self.open[self.depth - 1];
         let after_name = self.pos + 2 + name.len();
-        if self.bytes.get(self.pos + 2..after_name) != Some(name) {
+        if !self
+            .bytes
+            .get(self.pos + 2..after_name)
+            .is_some_and(|found| same(found, name))
+        {
             return Err(Bail);
         }
         let close = skip_space(self.bytes, after_name);
@@ -539,6 +549,7 @@ impl<'i> Scanner<'i> {
     }
 
     /// Leaves the innermost element, dropping its declarations.
+    #[inline(always)]
     fn close(&mut self) {
         self.depth -= 1;
         while self.binding_count > 0 && self.bindings[self.binding_count - 1].depth > self.depth {
@@ -546,60 +557,105 @@ impl<'i> Scanner<'i> {
         }
     }
 
+    #[inline(always)]
     fn byte(&self, at: usize) -> Fast<u8> {
         self.bytes.get(at).copied().ok_or(Bail)
     }
 
+    #[inline(always)]
     fn str(&self, start: usize, end: usize) -> Fast<&'i str> {
         self.text.get(start..end).ok_or(Bail)
     }
 }
 
-/// The byte classes of the name grammar `[A-Za-z_][A-Za-z0-9._-]*`, a prefix allowed.
-const NOT_NAME: u8 = 0;
+/// Whether two prefixes (`None`: the default namespace) are the same. Prefixes are a few
+/// bytes long: compared in place, as a call to `memcmp` per binding in scope costs more.
+#[inline(always)]
+fn same_prefix(a: Option<&[u8]>, b: Option<&[u8]>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y),
+        _ => false,
+    }
+}
+
+/// Whether two names of the same length are equal, compared eight bytes at a time in place:
+/// names are short, and a call to `memcmp` per end tag costs more.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let (mut a, mut b) = (a, b);
+    while let (Some((x, a_rest)), Some((y, b_rest))) =
+        (a.split_first_chunk::<8>(), b.split_first_chunk::<8>())
+    {
+        if u64::from_ne_bytes(*x) != u64::from_ne_bytes(*y) {
+            return false;
+        }
+        (a, b) = (a_rest, b_rest);
+    }
+    a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Byte classes, as bits: the name grammar `[A-Za-z_][A-Za-z0-9._-]*` and XML white space.
 const NAME_START: u8 = 1;
 const NAME_MORE: u8 = 2;
-const COLON: u8 = 3;
+const SPACE: u8 = 4;
 
-static NAME_CLASS: [u8; 256] = {
-    let mut classes = [NOT_NAME; 256];
+static CLASS: [u8; 256] = {
+    let mut classes = [0; 256];
     let mut b = 0;
     while b < 256 {
         classes[b] = match b as u8 {
-            b'A'..=b'Z' | b'a'..=b'z' | b'_' => NAME_START,
+            b'A'..=b'Z' | b'a'..=b'z' | b'_' => NAME_START | NAME_MORE,
             b'0'..=b'9' | b'.' | b'-' => NAME_MORE,
-            b':' => COLON,
-            _ => NOT_NAME,
+            b' ' | b'\t' | b'\n' | b'\r' => SPACE,
+            _ => 0,
         };
         b += 1;
     }
     classes
 };
 
-/// The end of the name that starts at `start`, and where its colon is if it has a prefix.
-fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
-    let class = |at: usize| {
-        bytes
-            .get(at)
-            .map_or(NOT_NAME, |&b| NAME_CLASS[usize::from(b)])
-    };
-    if class(start) != NAME_START {
-        return Err(Bail);
-    }
-    let mut p = start + 1;
-    let mut colon = None;
-    loop {
-        match class(p) {
-            NAME_START | NAME_MORE => p += 1,
-            COLON if colon.is_none() && class(p + 1) == NAME_START => {
-                colon = Some(p);
-                p += 2;
-            }
-            COLON => return Err(Bail),
-            // Running off the end is caught by the caller's next read.
-            _ => return Ok((p, colon)),
+#[inline(always)]
+fn class(bytes: &[u8], at: usize) -> u8 {
+    bytes.get(at).map_or(0, |&b| CLASS[usize::from(b)])
+}
+
+/// How many bytes from `at` on are all of `class`.
+#[inline(always)]
+fn run(bytes: &[u8], at: usize, class: u8) -> usize {
+    let rest = bytes.get(at..).unwrap_or_default();
+    let is = |b: u8| CLASS[usize::from(b)] & class != 0;
+    // Unrolled by four: this loop reads every name and every indentation.
+    let mut chunks = rest.chunks_exact(4);
+    let mut len = 0;
+    for chunk in &mut chunks {
+        if let Some(i) = chunk.iter().position(|&b| !is(b)) {
+            return len + i;
         }
+        len += 4;
     }
+    len + chunks
+        .remainder()
+        .iter()
+        .position(|&b| !is(b))
+        .unwrap_or(chunks.remainder().len())
+}
+
+/// The end of the name that starts at `start`, and where its colon is if it has a prefix.
+/// A second colon ends the name, which its caller then refuses; so does running off the end
+/// of the body, at the caller's next read.
+#[inline(always)]
+fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
+    let part = |start: usize| -> Fast<usize> {
+        if class(bytes, start) & NAME_START == 0 {
+            return Err(Bail);
+        }
+        Ok(start + 1 + run(bytes, start + 1, NAME_MORE))
+    };
+    let end = part(start)?;
+    if bytes.get(end) != Some(&b':') {
+        return Ok((end, None));
+    }
+    Ok((part(end + 1)?, Some(end)))
 }
 
 /// Where the XML declaration at `at` ends, if it is `<?xml version="1.0"?>` with at most an
@@ -652,15 +708,44 @@ fn declaration(bytes: &[u8], at: usize) -> Fast<usize> {
     }
 }
 
-fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+/// Where the next tag starts at or after `at`: the next `<`, with no `&` (a reference) or `>`
+/// (perhaps ending a `]]>`) before it, both left to the full walk. Eight bytes at a time, as
+/// this passes over every run of indentation in the body.
+fn markup(bytes: &[u8], at: usize) -> Fast<usize> {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    // The high bit of each byte of `word` that equals `b`, exact up to the lowest such byte
+    // (the borrow may mark bytes after it, which are never looked at).
+    let find = |word: u64, b: u8| {
+        let x = word ^ (ONES * u64::from(b));
+        x.wrapping_sub(ONES) & !x & HIGHS
+    };
+    let rest = bytes.get(at..).ok_or(Bail)?;
+    if rest.first() == Some(&b'<') {
+        return Ok(at);
+    }
+    let mut offset = 0;
+    while let Some(chunk) = rest.get(offset..).and_then(|r| r.first_chunk::<8>()) {
+        let word = u64::from_le_bytes(*chunk);
+        let hits = find(word, b'<') | find(word, b'&') | find(word, b'>');
+        if hits != 0 {
+            offset += (hits.trailing_zeros() / 8) as usize;
+            break;
+        }
+        offset += 8;
+    }
+    offset += rest[offset..]
+        .iter()
+        .position(|&b| matches!(b, b'<' | b'&' | b'>'))
+        .ok_or(Bail)?;
+    if rest[offset] != b'<' {
+        return Err(Bail);
+    }
+    Ok(at + offset)
 }
 
 /// The first byte at or after `at` that is not XML white space (or the end of `bytes`).
+#[inline(always)]
 fn skip_space(bytes: &[u8], at: usize) -> usize {
-    let rest = bytes.get(at..).unwrap_or_default();
-    at + rest
-        .iter()
-        .position(|&b| !is_space(b))
-        .unwrap_or(rest.len())
+    at + run(bytes, at, SPACE)
 }
