@@ -245,6 +245,47 @@ mod tests {
         assert_eq!(out, b"0123456789abcdefghij");
     }
 
+    /// Random bodies, chunkings and read boundaries: the decoder gives back the body and
+    /// consumes exactly the encoding, wherever the reads split it.
+    #[test]
+    fn any_chunking_and_any_read_split_round_trip() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n.max(1)
+        };
+        for _ in 0..500 {
+            let body: Vec<u8> = (0..next(3000)).map(|_| next(256) as u8).collect();
+            let mut encoded = Vec::new();
+            let mut rest = &body[..];
+            while !rest.is_empty() {
+                let n = (1 + next(700) as usize).min(rest.len());
+                let ext = if next(4) == 0 { ";name=\"v\"" } else { "" };
+                encoded.extend_from_slice(format!("{n:X}{ext}\r\n").as_bytes());
+                encoded.extend_from_slice(&rest[..n]);
+                encoded.extend_from_slice(b"\r\n");
+                rest = &rest[n..];
+            }
+            encoded.extend_from_slice(b"0\r\n");
+            if next(3) == 0 {
+                encoded.extend_from_slice(b"X-Checksum: 1\r\n");
+            }
+            encoded.extend_from_slice(b"\r\n");
+            let total = encoded.len();
+            encoded.extend_from_slice(b"POST /next");
+            let mut d = Decoder::new(1 << 20);
+            let (mut out, mut at) = (Vec::new(), 0);
+            while !d.is_done() {
+                let end = (at + 1 + next(600) as usize).min(encoded.len());
+                at += d.decode(&encoded[at..end], &mut out).unwrap();
+            }
+            assert_eq!(out, body);
+            assert_eq!(at, total, "stops right after the body");
+        }
+    }
+
     #[test]
     fn refusals() {
         let bad: &[&[u8]] = &[
