@@ -385,7 +385,6 @@ impl<'i> Scanner<'i> {
     }
 
     /// The value of the unqualified attribute `key` of the start tag just read.
-    #[inline(always)]
     fn attr(&self, key: &[u8]) -> Option<&'i str> {
         self.attrs[..self.attr_count]
             .iter()
@@ -394,7 +393,6 @@ impl<'i> Scanner<'i> {
     }
 
     /// The start tag just read, its namespace resolved.
-    #[inline(always)]
     fn element(&self) -> Element<'i> {
         let ns = self.bindings[..self.binding_count]
             .iter()
@@ -549,7 +547,6 @@ impl<'i> Scanner<'i> {
     }
 
     /// Leaves the innermost element, dropping its declarations.
-    #[inline(always)]
     fn close(&mut self) {
         self.depth -= 1;
         while self.binding_count > 0 && self.bindings[self.binding_count - 1].depth > self.depth {
@@ -557,12 +554,10 @@ impl<'i> Scanner<'i> {
         }
     }
 
-    #[inline(always)]
     fn byte(&self, at: usize) -> Fast<u8> {
         self.bytes.get(at).copied().ok_or(Bail)
     }
 
-    #[inline(always)]
     fn str(&self, start: usize, end: usize) -> Fast<&'i str> {
         self.text.get(start..end).ok_or(Bail)
     }
@@ -570,7 +565,6 @@ impl<'i> Scanner<'i> {
 
 /// Whether two prefixes (`None`: the default namespace) are the same. Prefixes are a few
 /// bytes long: compared in place, as a call to `memcmp` per binding in scope costs more.
-#[inline(always)]
 fn same_prefix(a: Option<&[u8]>, b: Option<&[u8]>) -> bool {
     match (a, b) {
         (None, None) => true,
@@ -614,36 +608,21 @@ static CLASS: [u8; 256] = {
     classes
 };
 
-#[inline(always)]
 fn class(bytes: &[u8], at: usize) -> u8 {
     bytes.get(at).map_or(0, |&b| CLASS[usize::from(b)])
 }
 
 /// How many bytes from `at` on are all of `class`.
-#[inline(always)]
 fn run(bytes: &[u8], at: usize, class: u8) -> usize {
     let rest = bytes.get(at..).unwrap_or_default();
-    let is = |b: u8| CLASS[usize::from(b)] & class != 0;
-    // Unrolled by four: this loop reads every name and every indentation.
-    let mut chunks = rest.chunks_exact(4);
-    let mut len = 0;
-    for chunk in &mut chunks {
-        if let Some(i) = chunk.iter().position(|&b| !is(b)) {
-            return len + i;
-        }
-        len += 4;
-    }
-    len + chunks
-        .remainder()
-        .iter()
-        .position(|&b| !is(b))
-        .unwrap_or(chunks.remainder().len())
+    rest.iter()
+        .position(|&b| CLASS[usize::from(b)] & class == 0)
+        .unwrap_or(rest.len())
 }
 
 /// The end of the name that starts at `start`, and where its colon is if it has a prefix.
 /// A second colon ends the name, which its caller then refuses; so does running off the end
 /// of the body, at the caller's next read.
-#[inline(always)]
 fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
     let part = |start: usize| -> Fast<usize> {
         if class(bytes, start) & NAME_START == 0 {
@@ -745,7 +724,6 @@ fn markup(bytes: &[u8], at: usize) -> Fast<usize> {
 }
 
 /// The first byte at or after `at` that is not XML white space (or the end of `bytes`).
-#[inline(always)]
 fn skip_space(bytes: &[u8], at: usize) -> usize {
     at + run(bytes, at, SPACE)
 }
