@@ -151,8 +151,8 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_name = "DUR", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// Time allowed to receive a request's head (on HTTP/1.1 keep-alive this includes the
-    /// wait for the next request).
+    /// Time allowed to receive a request's head, from its first byte (a new connection that
+    /// sends nothing is closed after the shorter of this and --idle-timeout).
     #[arg(long, env = "EWS_RELAY_HEADER_TIMEOUT", default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
     pub header_timeout: Duration,
 
@@ -160,7 +160,8 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_BODY_TIMEOUT", default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
-    /// A client connection with no bytes moving either way for this long is closed.
+    /// HTTP/1.1: the longest wait for the next request on a kept-alive connection; HTTP/2: a
+    /// connection with no bytes moving and no request in flight for this long is closed.
     #[arg(long, env = "EWS_RELAY_IDLE_TIMEOUT", default_value = "120s", value_name = "DUR", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
