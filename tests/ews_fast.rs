@@ -15,13 +15,36 @@ fn read(path: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Every SendNotification among the fixtures, and the body the benchmarks post.
-const SEND_NOTIFICATIONS: [&str; 4] = [
-    "tests/fixtures/send-notification-status.xml",
-    "tests/fixtures/send-notification-events.xml",
-    "tests/fixtures/send-notification-error.xml",
-    "bench/send-notification-events.xml",
-];
+/// Every fixture, with its path.
+fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let dir = format!("{}/tests/fixtures", env!("CARGO_MANIFEST_DIR"));
+    let mut fixtures: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .map(|entry| entry.expect("fixture").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "xml"))
+        .map(|path| {
+            let name = format!(
+                "tests/fixtures/{}",
+                path.file_name().expect("file").to_string_lossy()
+            );
+            (name, std::fs::read(&path).expect("fixture"))
+        })
+        .collect();
+    fixtures.sort();
+    fixtures
+}
+
+/// Every fixture the full walk accepts as a SendNotification, and the body the benchmarks
+/// post.
+fn send_notifications() -> Vec<(String, Vec<u8>)> {
+    let mut bodies: Vec<_> = fixtures()
+        .into_iter()
+        .filter(|(_, body)| summarize_send_notification_slow(body).is_ok())
+        .collect();
+    let bench = "bench/send-notification-events.xml";
+    bodies.push((bench.to_owned(), read(bench)));
+    bodies
+}
 
 /// Checks the invariant on `body`; returns whether the fast path took it.
 fn check(body: &[u8]) -> bool {
@@ -103,14 +126,20 @@ fn counts(pairs: &[(EventType, u32)]) -> [u32; EventType::ALL.len()] {
 
 #[test]
 fn every_send_notification_takes_the_fast_path() {
-    for path in SEND_NOTIFICATIONS {
-        let body = read(path);
-        assert!(check(&body), "{path} left the fast path");
-        let summary = summarize_send_notification_fast(&body).expect("checked");
+    let bodies = send_notifications();
+    // The status, events and error fixtures, and the bench body at least.
+    assert!(
+        bodies.len() >= 4,
+        "{:?}",
+        bodies.iter().map(|b| &b.0).collect::<Vec<_>>()
+    );
+    for (path, body) in &bodies {
+        assert!(check(body), "{path} left the fast path");
+        let summary = summarize_send_notification_fast(body).expect("checked");
         // The full parse agrees too, and the values are borrowed from the body.
         assert_eq!(
             summary,
-            parse_send_notification(&body).expect("parses").summary()
+            parse_send_notification(body).expect("parses").summary()
         );
         for message in &summary.messages {
             for value in [&message.code, &message.subscription_id] {
@@ -118,11 +147,11 @@ fn every_send_notification_takes_the_fast_path() {
             }
         }
         // And it is what the relay's entry point returns.
-        assert_eq!(summarize_send_notification(&body).expect("parses"), summary);
+        assert_eq!(summarize_send_notification(body).expect("parses"), summary);
     }
     // What the fixtures say, spelled out, so a fast path that agrees with a broken slow one
     // would still be caught.
-    let body = read(SEND_NOTIFICATIONS[1]);
+    let body = read("tests/fixtures/send-notification-events.xml");
     let events = summarize_send_notification_fast(&body)
         .expect("fast")
         .messages;
@@ -147,7 +176,7 @@ fn every_send_notification_takes_the_fast_path() {
         events[0].last_watermark.as_deref(),
         Some("AQAAAJ3nQ2Vb9UlHkCq0S6n1ZWQcwQAAAAAAAAE=")
     );
-    let body = read(SEND_NOTIFICATIONS[2]);
+    let body = read("tests/fixtures/send-notification-error.xml");
     let error = summarize_send_notification_fast(&body)
         .expect("fast")
         .messages;
@@ -161,28 +190,23 @@ fn every_send_notification_takes_the_fast_path() {
     assert_eq!(error[0].last_watermark, None);
 }
 
+/// Every other fixture (results, Subscribe, faults, Autodiscover) is left to the full walk,
+/// which refuses it.
 #[test]
 fn other_messages_are_left_to_the_full_walk() {
-    for name in [
-        "send-notification-result-ok.xml",
-        "send-notification-result-unsubscribe.xml",
-        "subscribe-push-request.xml",
-        "subscribe-response-success.xml",
-        "subscribe-response-ErrorInvalidWatermark.xml",
-        "fault-server-busy.xml",
-        "getusersettings-request.xml",
-        "getusersettings-response.xml",
-    ] {
-        let body = read(&format!("tests/fixtures/{name}"));
-        assert!(summarize_send_notification_fast(&body).is_none(), "{name}");
-        assert!(summarize_send_notification_slow(&body).is_err(), "{name}");
+    let mut others = 0;
+    for (path, body) in fixtures() {
+        if summarize_send_notification_slow(&body).is_err() {
+            assert!(summarize_send_notification_fast(&body).is_none(), "{path}");
+            others += 1;
+        }
     }
+    assert!(others >= 8, "{others}");
 }
 
 #[test]
 fn truncated_at_every_offset() {
-    for path in SEND_NOTIFICATIONS {
-        let body = read(path);
+    for (_, body) in send_notifications() {
         for end in 0..body.len() {
             check(&body[..end]);
         }
@@ -560,8 +584,7 @@ fn mutate(rng: &mut Rng, body: &mut Vec<u8>) {
 fn mutants_agree_with_the_full_walk() {
     const MUTANTS_PER_BODY: usize = 6_000;
     let (mut valid, mut taken, mut total) = (0usize, 0usize, 0usize);
-    for (seed, path) in SEND_NOTIFICATIONS.iter().enumerate() {
-        let original = read(path);
+    for (seed, (_, original)) in send_notifications().into_iter().enumerate() {
         let mut rng = Rng(0x5EED_0000 + seed as u64);
         for _ in 0..MUTANTS_PER_BODY {
             let mut body = original.clone();
@@ -896,6 +919,14 @@ fn unusual_markup_is_left_to_the_full_walk() {
         plain.replacen(">sid<", ">s&#105;d<", 1),
         plain.replacen("<s:Envelope", "<!-- before --><s:Envelope", 1),
         plain.replacen("encoding=\"utf-8\"", "encoding=\"ISO-8859-1\"", 1),
+        // Declarations other than the plain one: the full walk does not read them.
+        plain.replacen("version=\"1.0\"", "version=\"1.1\"", 1),
+        plain.replacen("encoding=\"utf-8\"", "standalone=\"maybe\"", 1),
+        plain.replacen(
+            "version=\"1.0\" encoding=\"utf-8\"",
+            "encoding=\"utf-8\" version=\"1.0\"",
+            1,
+        ),
         // A text element with a child: the full walk reads the text around it.
         plain.replacen(">sid<", ">s<x/>id<", 1),
         plain.replacen(">sid<", "><x/>sid<", 1),
@@ -1017,6 +1048,21 @@ fn limits_are_left_to_the_full_walk() {
     let messages = |n: usize| envelope(&success("sid", "").repeat(n));
     fast(&messages(10_000));
     assert!(bails(&messages(10_001)).is_err());
+    // Text between elements the walk passes over is limited too, and so is the white space
+    // before the root (which follows the declaration's newline here).
+    let between = |n: usize| {
+        plain.replacen(
+            "<m:Notification>",
+            &format!("<m:Notification>{}", " ".repeat(n)),
+            1,
+        )
+    };
+    fast(&between(64 * 1024));
+    assert!(bails(&between(64 * 1024 + 1)).is_err());
+    let before =
+        |n: usize| plain.replacen("<s:Envelope", &format!("{}<s:Envelope", " ".repeat(n)), 1);
+    fast(&before(64 * 1024 - 1));
+    assert!(bails(&before(64 * 1024)).is_err());
     // Trailing white space is one text node, limited like any other.
     let trailing = |n: usize| format!("{plain}{}", " ".repeat(n));
     fast(&trailing(64 * 1024 - 1));

@@ -326,7 +326,6 @@ impl<'i> Scanner<'i> {
 
     /// The next child element of the element just entered, or `None` at its end tag. Text
     /// between child elements is ignored.
-    #[inline(always)]
     fn child(&mut self) -> Fast<Option<Element<'i>>> {
         match self.next()? {
             Token::Start => Ok(Some(self.element())),
