@@ -1586,3 +1586,49 @@ async fn receiver_204_reaches_client_without_body() {
     }
     relay.stop().await;
 }
+
+#[tokio::test]
+async fn malformed_or_oversized_receiver_answers_are_502() {
+    let huge = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+        2 * 1024 * 1024
+    );
+    for (what, answer, kind) in [
+        (
+            "garbage head",
+            "NOT HTTP AT ALL\r\n\r\n".to_owned(),
+            "protocol",
+        ),
+        (
+            "chunked and length",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+                .to_owned(),
+            "protocol",
+        ),
+        ("body over 1 MiB", huge, "response_too_large"),
+    ] {
+        let receiver = RawReceiver::start(move |_| {
+            let mut r = RawReply::new(answer.clone());
+            r.close = true;
+            r
+        })
+        .await;
+        let relay = Relay::start(receiver.addr, &[]).await;
+        let mut c = Conn::open(&relay).await;
+        c.send(&raw_post("/ews", "", &fixture(EVENTS)))
+            .await
+            .unwrap();
+        let a = c.answer().await;
+        assert_eq!(a.status, 502, "{what}: {a:?}");
+        assert_eq!(
+            relay
+                .metric(&format!(
+                    "ews_relay_upstream_errors_total{{kind=\"{kind}\"}}"
+                ))
+                .await,
+            1.0,
+            "{what}"
+        );
+        relay.stop().await;
+    }
+}

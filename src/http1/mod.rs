@@ -104,11 +104,7 @@ impl HeaderBlock {
         if !valid_field(name, value) {
             return false;
         }
-        self.lines.reserve(name.len() + value.len() + 4);
-        self.lines.extend_from_slice(name);
-        self.lines.extend_from_slice(b": ");
-        self.lines.extend_from_slice(value);
-        self.lines.extend_from_slice(b"\r\n");
+        self.push_parsed(name, value);
         true
     }
 
