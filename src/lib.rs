@@ -17,6 +17,7 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod subscriptions;
+pub mod timer;
 pub mod tls;
 pub mod tracker;
 pub mod upstream;

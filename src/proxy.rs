@@ -12,8 +12,9 @@ use http::StatusCode;
 use crate::ews::{self, EventType};
 use crate::http1::{self, HeaderBlock, Reply, RequestHead};
 use crate::metrics::Metrics;
+use crate::timer::Deadline;
 use crate::tracker::{AnswerCache, ReceiverAnswer, Tracker};
-use crate::upstream::{Outgoing, Receiver};
+use crate::upstream::{self, Receiver};
 
 /// What the relay knows about the client connection, computed once per connection.
 #[derive(Debug)]
@@ -74,7 +75,9 @@ pub struct Relayed {
 
 /// Request header fields never forwarded besides the hop-by-hop ones: the relay frames the body
 /// itself (`Content-Length`), already has it (`Expect`), names the receiver (`Host`) and writes
-/// the `X-Forwarded-*` fields itself.
+/// the `X-Forwarded-*` fields itself. [`request_field`] knows them by length; a test holds it to
+/// this list.
+#[cfg(test)]
 const NOT_FORWARDED: [&str; 6] = [
     "content-length",
     "expect",
@@ -119,6 +122,11 @@ impl Proxy {
         self.body_timeout
     }
 
+    /// `--upstream-timeout`.
+    pub fn upstream_timeout(&self) -> Duration {
+        self.receiver.timeout()
+    }
+
     /// Decides on a request from its head, before a byte of its body is read: 404 outside the
     /// prefix, 405 for methods other than POST, 413 for a declared length above `--max-body`,
     /// 403 for a client a trusted proxy names outside the allow-list. `Ok(Some(client))` when
@@ -161,10 +169,16 @@ impl Proxy {
     }
 
     /// Everything after the body is read: the EWS check, managed mode, the receiver, tracking.
-    /// Never fails: every outcome is an answer.
-    pub async fn relay(&self, head: &RequestHead<'_>, body: Bytes, conn: &ConnInfo) -> Relayed {
+    /// Never fails: every outcome is an answer. `state` is the connection's timer and buffers.
+    pub async fn relay(
+        &self,
+        head: &RequestHead<'_>,
+        body: &[u8],
+        conn: &ConnInfo,
+        state: &mut ConnState,
+    ) -> Relayed {
         // Parsed once, borrowing from the body; the receiver gets the same bytes.
-        let notification = match ews::summarize_send_notification(&body) {
+        let notification = match ews::summarize_send_notification(body) {
             Ok(n) => Some(n),
             Err(_) if self.accept_any_body => None,
             Err(e) => {
@@ -177,30 +191,35 @@ impl Proxy {
             }
         };
         if let (Some(manager), Some(n)) = (&self.manager, &notification) {
-            if let Some(reply) = Box::pin(self.managed(manager, n, head, &body, conn)).await {
+            if let Some(reply) = Box::pin(self.managed(manager, n, head, body, conn)).await {
                 return Relayed {
                     reply,
                     upstream_ms: None,
                 };
             }
         }
-        let headers = self.forwarded_fields(head, conn);
-        let out = Outgoing::new(
+        state.fields.clear();
+        self.forwarded_fields(head, conn, &mut state.fields);
+        state.head.clear();
+        upstream::write_request_head(
+            &mut state.head,
             head.method,
             head.path_and_query,
             self.receiver.host_header().as_bytes(),
-            &headers,
-            body.clone(),
+            &state.fields,
+            body.len(),
         );
         let start = Instant::now();
-        let result = self.receiver.send(&out).await;
-        let upstream_ms = millis(start.elapsed());
-        let (reply, answer) = match result {
-            Ok(reply) => {
+        let result = self
+            .receiver
+            .send_by(&state.head, body, &mut state.deadline, start)
+            .await;
+        let (reply, answer, done) = match result {
+            Ok((reply, done)) => {
                 let answer = notification
                     .as_ref()
                     .map(|_| self.answers.classify(reply.status, &reply.body));
-                (reply, answer)
+                (reply, answer, done)
             }
             Err(e) => {
                 self.metrics.upstream_error(e.kind);
@@ -214,15 +233,16 @@ impl Proxy {
                 (
                     Reply::plain(e.status(), upstream_message(e.status())),
                     Some(ReceiverAnswer::Unreachable),
+                    Instant::now(),
                 )
             }
         };
         if let (Some(n), Some(answer)) = (&notification, answer) {
-            self.observe(n, conn, answer);
+            self.observe(n, conn, answer, done);
         }
         Relayed {
             reply,
-            upstream_ms: Some(upstream_ms),
+            upstream_ms: Some(millis(done.saturating_duration_since(start))),
         }
     }
 
@@ -235,10 +255,9 @@ impl Proxy {
         status: StatusCode,
         bytes_in: usize,
         bytes_out: usize,
-        start: Instant,
+        elapsed: Duration,
         upstream_ms: Option<f64>,
     ) {
-        let elapsed = start.elapsed();
         self.metrics.request(status);
         self.metrics.request_duration.observe(elapsed.as_secs_f64());
         tracing::info!(
@@ -275,7 +294,7 @@ impl Proxy {
         manager: &crate::subscriptions::Manager,
         n: &ews::NotificationSummary<'_>,
         head: &RequestHead<'_>,
-        body: &Bytes,
+        body: &[u8],
         conn: &ConnInfo,
     ) -> Option<Reply> {
         use crate::subscriptions::Owner;
@@ -306,10 +325,11 @@ impl Proxy {
                     manager.notified(&mailbox, watermark, false, false);
                     ews::SubscriptionStatus::Ok
                 } else {
-                    let headers = self.forwarded_fields(head, conn);
+                    let mut headers = HeaderBlock::with_capacity(256);
+                    self.forwarded_fields(head, conn, &mut headers);
                     match manager
                         .delivery()
-                        .accept(&mailbox, id, headers, body.clone())
+                        .accept(&mailbox, id, headers, Bytes::copy_from_slice(body))
                         .await
                     {
                         Ok(_) => {
@@ -332,7 +352,7 @@ impl Proxy {
             ews::SubscriptionStatus::Ok => ReceiverAnswer::Ok,
             ews::SubscriptionStatus::Unsubscribe => ReceiverAnswer::Unsubscribe,
         };
-        self.observe(n, conn, answer);
+        self.observe(n, conn, answer, Instant::now());
         let mut headers = HeaderBlock::with_capacity(40);
         headers.push(b"content-type", b"text/xml; charset=utf-8");
         Some(Reply {
@@ -343,8 +363,14 @@ impl Proxy {
     }
 
     /// Record a notification and the answer Exchange got in the tracker and the metrics.
-    fn observe(&self, n: &ews::NotificationSummary<'_>, conn: &ConnInfo, answer: ReceiverAnswer) {
-        self.tracker.record(n, conn.peer_ip, answer);
+    fn observe(
+        &self,
+        n: &ews::NotificationSummary<'_>,
+        conn: &ConnInfo,
+        answer: ReceiverAnswer,
+        now: Instant,
+    ) {
+        self.tracker.record(n, conn.peer_ip, answer, now);
         self.metrics.answer(answer);
         for m in &n.messages {
             for (counter, &count) in self.metrics.events.iter().zip(&m.event_counts) {
@@ -355,29 +381,24 @@ impl Proxy {
         }
     }
 
-    /// The request's header fields as the receiver gets them (`Host` aside): hop-by-hop fields,
-    /// those `Connection` names, framing and `X-Forwarded-*` fields dropped; `X-Forwarded-For`
-    /// (appended to), `X-Forwarded-Proto: https` and `X-Forwarded-Host` (the original host)
-    /// written by the relay.
-    fn forwarded_fields(&self, head: &RequestHead<'_>, conn: &ConnInfo) -> HeaderBlock {
+    /// Appends to `out` the request's header fields as the receiver gets them (`Host` aside):
+    /// hop-by-hop fields, those `Connection` names, framing and `X-Forwarded-*` fields dropped;
+    /// `X-Forwarded-For` (appended to), `X-Forwarded-Proto: https` and `X-Forwarded-Host` (the
+    /// original host) written by the relay.
+    fn forwarded_fields(&self, head: &RequestHead<'_>, conn: &ConnInfo, out: &mut HeaderBlock) {
         let mut named: Vec<&[u8]> = Vec::new();
         let mut prior_xff: Vec<&[u8]> = Vec::new();
         let mut host = head.authority.map(str::as_bytes);
         for (name, value) in head.fields() {
-            if name.eq_ignore_ascii_case(b"connection") {
-                named.extend(http1::list_elements(value));
-            } else if name.eq_ignore_ascii_case(b"x-forwarded-for") {
-                prior_xff.push(value.trim_ascii());
-            } else if name.eq_ignore_ascii_case(b"host") {
-                host = host.or(Some(value));
+            match request_field(name) {
+                RequestField::Connection => named.extend(http1::list_elements(value)),
+                RequestField::ForwardedFor => prior_xff.push(value.trim_ascii()),
+                RequestField::Host => host = host.or(Some(value)),
+                RequestField::Dropped | RequestField::Forwarded => {}
             }
         }
-        let mut out = HeaderBlock::with_capacity(256);
         for (name, value) in head.fields() {
-            if http1::is_hop_by_hop(name)
-                || NOT_FORWARDED
-                    .iter()
-                    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+            if request_field(name) != RequestField::Forwarded
                 || named.iter().any(|t| name.eq_ignore_ascii_case(t))
             {
                 continue;
@@ -397,7 +418,70 @@ impl Proxy {
         if let Some(host) = host {
             out.push(b"x-forwarded-host", host);
         }
-        out
+    }
+}
+
+/// What the relay does with a request header field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestField {
+    /// Passed on to the receiver, unless `Connection` names it.
+    Forwarded,
+    /// Hop-by-hop or never forwarded (`Content-Length`, `Expect`, `X-Forwarded-Host` and
+    /// `-Proto`), and no input to what is forwarded.
+    Dropped,
+    /// `Connection`: dropped, and names more fields to drop.
+    Connection,
+    /// `X-Forwarded-For`: dropped, its value carried into the relay's own.
+    ForwardedFor,
+    /// `Host`: dropped, its value sent as `X-Forwarded-Host`.
+    Host,
+}
+
+/// Classifies a request field name: hop-by-hop names, those never forwarded and the three the
+/// relay reads. By length first, so that most names cost one comparison or none; a unit test
+/// checks it against the two lists.
+fn request_field(name: &[u8]) -> RequestField {
+    let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
+    let dropped = match name.len() {
+        4 if is("host") => return RequestField::Host,
+        10 if is("connection") => return RequestField::Connection,
+        15 if is("x-forwarded-for") => return RequestField::ForwardedFor,
+        2 => is("te"),
+        6 => is("expect"),
+        7 => is("upgrade") || is("trailer"),
+        10 => is("keep-alive"),
+        14 => is("content-length"),
+        16 => is("proxy-connection") || is("x-forwarded-host"),
+        17 => is("transfer-encoding") || is("x-forwarded-proto"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
+        _ => false,
+    };
+    if dropped {
+        RequestField::Dropped
+    } else {
+        RequestField::Forwarded
+    }
+}
+
+/// What a client connection keeps from one request to the next for [`Proxy::relay`]: its
+/// timer, and the buffers a forwarded request is written in.
+#[derive(Debug)]
+pub struct ConnState {
+    /// The connection's one timer (see [`crate::timer`]).
+    pub deadline: Deadline,
+    fields: HeaderBlock,
+    head: Vec<u8>,
+}
+
+impl ConnState {
+    /// Fresh state around `deadline`; the buffers are allocated by the first request.
+    pub fn new(deadline: Deadline) -> Self {
+        Self {
+            deadline,
+            fields: HeaderBlock::default(),
+            head: Vec::new(),
+        }
     }
 }
 
@@ -513,6 +597,37 @@ fn upstream_message(status: StatusCode) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_fields_follow_the_lists() {
+        for name in http1::HOP_BY_HOP.iter().chain(&NOT_FORWARDED) {
+            for spelled in [name.to_string(), name.to_ascii_uppercase()] {
+                let kind = request_field(spelled.as_bytes());
+                assert_ne!(kind, RequestField::Forwarded, "{spelled}");
+                let expected = match *name {
+                    "connection" => RequestField::Connection,
+                    "x-forwarded-for" => RequestField::ForwardedFor,
+                    "host" => RequestField::Host,
+                    _ => RequestField::Dropped,
+                };
+                assert_eq!(kind, expected, "{spelled}");
+            }
+        }
+        for name in [
+            "content-type",
+            "soapaction",
+            "user-agent",
+            "x-forwarded",
+            "tee",
+            "hosts",
+        ] {
+            assert_eq!(
+                request_field(name.as_bytes()),
+                RequestField::Forwarded,
+                "{name}"
+            );
+        }
+    }
 
     #[test]
     fn prefixes() {

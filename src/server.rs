@@ -26,7 +26,8 @@ use crate::filter::{AllowList, DeniedLog};
 use crate::http1::server::{self as h1, MAX_REQUEST_HEAD};
 use crate::http1::OwnedFields;
 use crate::metrics::{DenyReason, HandshakeFailure, Metrics};
-use crate::proxy::{ConnInfo, Proxy, Refusal};
+use crate::proxy::{ConnInfo, ConnState, Proxy, Refusal};
+use crate::timer::Deadline;
 /// Concurrent HTTP/2 streams per connection; Exchange sends one notification at a time per
 /// subscription.
 const MAX_H2_STREAMS: u32 = 64;
@@ -219,6 +220,11 @@ async fn serve_connection(
         let timeouts = h1::Timeouts {
             header: edge.header_timeout,
             idle: edge.idle_timeout,
+            period: edge
+                .header_timeout
+                .min(edge.idle_timeout)
+                .min(edge.proxy.body_timeout())
+                .min(edge.proxy.upstream_timeout()),
         };
         h1::serve(tls, &edge.proxy, &info, timeouts, &mut shutdown).await;
         return;
@@ -310,7 +316,15 @@ async fn h2_request(
         Ok(named) => named,
         Err(refusal) => {
             let reply = refusal.reply();
-            proxy.log(base, &head, reply.status, 0, reply.body.len(), start, None);
+            proxy.log(
+                base,
+                &head,
+                reply.status,
+                0,
+                reply.body.len(),
+                start.elapsed(),
+                None,
+            );
             return reply.into_response();
         }
     };
@@ -332,7 +346,11 @@ async fn h2_request(
     let (reply, bytes_in, upstream_ms) = match body {
         Ok(body) => {
             let bytes_in = body.len();
-            let relayed = proxy.relay(&head, body, info).await;
+            let mut state = ConnState::new(Deadline::new(
+                tokio::time::Instant::now(),
+                proxy.upstream_timeout(),
+            ));
+            let relayed = proxy.relay(&head, &body, info, &mut state).await;
             (relayed.reply, bytes_in, relayed.upstream_ms)
         }
         Err(refusal) => (refusal.reply(), 0, None),
@@ -343,7 +361,7 @@ async fn h2_request(
         reply.status,
         bytes_in,
         reply.body.len(),
-        start,
+        start.elapsed(),
         upstream_ms,
     );
     reply.into_response()

@@ -126,7 +126,7 @@ impl State {
 pub struct Subscription {
     /// When its first notification passed.
     pub first_seen: SystemTime,
-    /// When its latest notification passed.
+    /// When its latest notification passed, as of the [`Tracker::snapshot`] it comes from.
     pub last_seen: SystemTime,
     last_seen_at: Instant,
     /// Watermark of its latest event (StatusEvents included): where a new subscription resumes.
@@ -186,9 +186,15 @@ impl Tracker {
     }
 
     /// Record one forwarded notification and the receiver's answer to it.
-    pub fn record(&self, msg: &NotificationSummary<'_>, peer: IpAddr, answer: ReceiverAnswer) {
-        let now = Instant::now();
-        let wall = SystemTime::now();
+    /// `now` is when the exchange ended; the wall clock is read only for a new subscription
+    /// ([`Tracker::snapshot`] derives `last_seen` from `now`).
+    pub fn record(
+        &self,
+        msg: &NotificationSummary<'_>,
+        peer: IpAddr,
+        answer: ReceiverAnswer,
+        now: Instant,
+    ) {
         let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
         for m in &msg.messages {
             let Some(id) = m.subscription_id.as_deref() else {
@@ -200,6 +206,7 @@ impl Tracker {
                     if subs.len() >= MAX_TRACKED {
                         evict_oldest(&mut subs);
                     }
+                    let wall = SystemTime::now();
                     subs.entry(Box::from(id)).or_insert_with(|| Subscription {
                         first_seen: wall,
                         last_seen: wall,
@@ -214,7 +221,6 @@ impl Tracker {
                     })
                 }
             };
-            sub.last_seen = wall;
             sub.last_seen_at = now;
             sub.peer = peer;
             sub.stale_logged = false;
@@ -227,8 +233,14 @@ impl Tracker {
                 *seen += u64::from(count);
             }
             if let Some(w) = m.last_watermark.as_deref() {
-                if sub.last_watermark.as_deref() != Some(w) {
-                    sub.last_watermark = Some(w.to_owned());
+                match &mut sub.last_watermark {
+                    Some(kept) if kept == w => {}
+                    // Each notification brings a new one: the old allocation is reused.
+                    Some(kept) => {
+                        kept.clear();
+                        kept.push_str(w);
+                    }
+                    None => sub.last_watermark = Some(w.to_owned()),
                 }
             }
         }
@@ -259,10 +271,19 @@ impl Tracker {
     /// A copy of every record with its state, for the admin API.
     pub fn snapshot(&self) -> Vec<(String, Subscription, State)> {
         let now = Instant::now();
+        let wall = SystemTime::now();
         let subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<_> = subs
             .iter()
-            .map(|(id, s)| (id.to_string(), s.clone(), s.state(now, self.stale_after)))
+            .map(|(id, s)| {
+                let mut copy = s.clone();
+                // Kept as a monotonic time on the hot path, told in wall-clock time here.
+                copy.last_seen = wall
+                    .checked_sub(now.saturating_duration_since(s.last_seen_at))
+                    .unwrap_or(s.first_seen)
+                    .max(s.first_seen);
+                (id.to_string(), copy, s.state(now, self.stale_after))
+            })
             .collect();
         drop(subs);
         out.sort_by_key(|e| std::cmp::Reverse(e.1.last_seen));

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use crate::config::Upstream;
 use crate::http1::chunked::Decoder;
 use crate::http1::{self, Framing, FramingFields, HeaderBlock, Reply};
 use crate::metrics::{Metrics, UpstreamErrorKind};
+use crate::timer::Deadline;
 
 /// An idle connection is dropped after this long: shorter than the keep-alive timeouts of
 /// common receivers (Node.js 5 s, Go 90 s, HTTP.sys 120 s), so the relay rarely sends on a
@@ -75,10 +77,7 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// `method path_and_query HTTP/1.1`, `host`, then `headers` (end-to-end fields only: the
-    /// caller removed hop-by-hop, framing and `Host` fields), `content-length` and `body`.
-    /// `method` and `path_and_query` come from a parsed request line or the configuration,
-    /// so they hold no white space or control characters.
+    /// The request [`write_request_head`] describes, with `body`.
     pub fn new(
         method: &str,
         path_and_query: &str,
@@ -86,22 +85,8 @@ impl Outgoing {
         headers: &HeaderBlock,
         body: Bytes,
     ) -> Self {
-        debug_assert!(
-            !path_and_query.is_empty()
-                && path_and_query.bytes().all(|b| b.is_ascii_graphic())
-                && method.bytes().all(|b| b.is_ascii_graphic())
-        );
         let mut head = Vec::with_capacity(64 + path_and_query.len() + headers.as_bytes().len());
-        head.extend_from_slice(method.as_bytes());
-        head.push(b' ');
-        head.extend_from_slice(path_and_query.as_bytes());
-        head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        head.extend_from_slice(host);
-        head.extend_from_slice(b"\r\n");
-        head.extend_from_slice(headers.as_bytes());
-        head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
-        head.extend_from_slice(b"\r\n\r\n");
+        write_request_head(&mut head, method, path_and_query, host, headers, body.len());
         Self { head, body }
     }
 
@@ -109,6 +94,36 @@ impl Outgoing {
     pub fn head(&self) -> &[u8] {
         &self.head
     }
+}
+
+/// Appends a request head for the receiver to `out`: `method path_and_query HTTP/1.1`, `host`,
+/// then `headers` (end-to-end fields only: the caller removed hop-by-hop, framing and `Host`
+/// fields) and `content-length: body_len`. `method` and `path_and_query` come from a parsed
+/// request line or the configuration, so they hold no white space or control characters.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
+    method: &str,
+    path_and_query: &str,
+    host: &[u8],
+    headers: &HeaderBlock,
+    body_len: usize,
+) {
+    debug_assert!(
+        !path_and_query.is_empty()
+            && path_and_query.bytes().all(|b| b.is_ascii_graphic())
+            && method.bytes().all(|b| b.is_ascii_graphic())
+    );
+    out.reserve(64 + path_and_query.len() + host.len() + headers.as_bytes().len());
+    out.extend_from_slice(method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(headers.as_bytes());
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body_len).as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
 }
 
 /// One connection to the receiver, with the bytes read from it and not yet used.
@@ -184,6 +199,11 @@ impl Receiver {
         self.upstream.authority.as_str()
     }
 
+    /// `--upstream-timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// The `Host` header value to send.
     pub fn host_header(&self) -> &http::HeaderValue {
         &self.upstream.host_header
@@ -192,19 +212,42 @@ impl Receiver {
     /// Send `req` and buffer the answer, within `--upstream-timeout` in all. The answer's
     /// hop-by-hop and framing fields are removed.
     pub async fn send(&self, req: &Outgoing) -> Result<Reply, UpstreamError> {
-        match tokio::time::timeout(self.timeout, self.send_with_retry(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(UpstreamError::new(
+        let now = Instant::now();
+        let mut deadline = Deadline::new(now.into(), self.timeout);
+        self.send_by(&req.head, &req.body, &mut deadline, now)
+            .await
+            .map(|(reply, _)| reply)
+    }
+
+    /// [`Receiver::send`] for a request serialized by the caller (`head` as
+    /// [`write_request_head`] writes it), timed by the caller's connection timer; `now` is the
+    /// time it starts. Returns the answer and the time it was complete.
+    pub async fn send_by(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        deadline: &mut Deadline,
+        now: Instant,
+    ) -> Result<(Reply, Instant), UpstreamError> {
+        deadline.set((now + self.timeout).into());
+        match deadline.run(self.send_with_retry(head, body, now)).await {
+            Some(r) => r,
+            None => Err(UpstreamError::new(
                 UpstreamErrorKind::Timeout,
                 format!("no complete answer within {:?}", self.timeout),
             )),
         }
     }
 
-    async fn send_with_retry(&self, req: &Outgoing) -> Result<Reply, UpstreamError> {
-        if let Some(conn) = self.checkout() {
-            match self.exchange(conn, req).await {
-                Ok(reply) => return Ok(reply),
+    async fn send_with_retry(
+        &self,
+        head: &[u8],
+        body: &[u8],
+        now: Instant,
+    ) -> Result<(Reply, Instant), UpstreamError> {
+        if let Some(conn) = self.checkout(now) {
+            match self.exchange(conn, head, body).await {
+                Ok(done) => return Ok(done),
                 Err(Failure::NoAnswer(e)) => {
                     self.metrics.upstream_retries.inc();
                     tracing::debug!(error = %e, "pooled receiver connection failed before answering; retrying on a fresh one");
@@ -213,30 +256,39 @@ impl Receiver {
             }
         }
         let conn = self.connect().await?;
-        self.exchange(conn, req).await.map_err(Failure::into_error)
+        self.exchange(conn, head, body)
+            .await
+            .map_err(Failure::into_error)
     }
 
-    /// One request and its answer on `conn`, which goes back to the pool if it can be reused.
-    async fn exchange(&self, mut conn: Conn, req: &Outgoing) -> Result<Reply, Failure> {
+    /// One request and its answer on `conn`, which goes back to the pool if it can be reused;
+    /// returns the answer and when it was complete.
+    async fn exchange(
+        &self,
+        mut conn: Conn,
+        head: &[u8],
+        body: &[u8],
+    ) -> Result<(Reply, Instant), Failure> {
         let no_answer = |e: std::io::Error| {
             Failure::NoAnswer(UpstreamError::new(UpstreamErrorKind::Protocol, e))
         };
-        write_all_vectored(&mut conn.stream, &req.head, &req.body)
+        write_all_vectored(&mut conn.stream, head, body)
             .await
             .map_err(no_answer)?;
         let (reply, reusable) = read_answer(&mut conn).await?;
-        self.mark_reachable();
+        let done = Instant::now();
+        self.mark_reachable(done);
         if reusable {
-            self.checkin(conn);
+            self.checkin(conn, done);
         }
-        Ok(reply)
+        Ok((reply, done))
     }
 
-    /// Take the most recently used connection that is not too old.
-    fn checkout(&self) -> Option<Conn> {
+    /// Take the most recently used connection that is not too old at `now`.
+    fn checkout(&self, now: Instant) -> Option<Conn> {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(idle) = pool.pop_back() {
-            if idle.since.elapsed() < POOL_IDLE_TIMEOUT {
+            if now.saturating_duration_since(idle.since) < POOL_IDLE_TIMEOUT {
                 return Some(idle.conn);
             }
             // The rest are older still.
@@ -245,13 +297,10 @@ impl Receiver {
         None
     }
 
-    fn checkin(&self, conn: Conn) {
+    fn checkin(&self, conn: Conn, now: Instant) {
         let mut pool = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOL_MAX_IDLE {
-            pool.push_back(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            pool.push_back(Idle { conn, since: now });
         }
     }
 
@@ -306,7 +355,7 @@ impl Receiver {
                 )
             })??;
         let _ = stream.set_nodelay(true);
-        self.mark_reachable();
+        self.mark_reachable(Instant::now());
         Ok(stream)
     }
 
@@ -326,8 +375,8 @@ impl Receiver {
             })
     }
 
-    fn mark_reachable(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
+    fn mark_reachable(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
         self.last_reachable_ms.store(ms.max(1), Ordering::Relaxed);
     }
 
@@ -506,9 +555,14 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let mut fields = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
+    let mut fields =
+        [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(protocol(format!("invalid answer head: {e}"))),
@@ -523,26 +577,41 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, Failure> {
     let mut framing = FramingFields::default();
     let mut close = false;
     let mut keep_alive = false;
-    let mut named: Vec<&[u8]> = Vec::new();
-    for f in resp.headers.iter() {
-        if f.name.eq_ignore_ascii_case("connection") {
-            for token in http1::list_elements(f.value) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                named.push(token);
-            }
-        }
-    }
+    // Fields `Connection` names beyond the hop-by-hop ones; usually none, so the block is
+    // built in one pass and only rebuilt when there are.
+    let mut named = false;
     let mut headers = HeaderBlock::with_capacity(len);
     for f in resp.headers.iter() {
         let name = f.name.as_bytes();
-        if framing.see(name, f.value)
-            || http1::is_hop_by_hop(name)
-            || named.iter().any(|t| t.eq_ignore_ascii_case(name))
-        {
+        if name.len() == 10 && name.eq_ignore_ascii_case(b"connection") {
+            for token in http1::list_elements(f.value) {
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                named |= !http1::is_hop_by_hop(token);
+            }
+        }
+        if framing.see(name, f.value) || http1::is_hop_by_hop(name) {
             continue;
         }
         headers.push_parsed(name, f.value);
+    }
+    if named {
+        let named: Vec<&[u8]> = resp
+            .headers
+            .iter()
+            .filter(|f| f.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|f| http1::list_elements(f.value))
+            .collect();
+        headers.clear();
+        for f in resp.headers.iter() {
+            let name = f.name.as_bytes();
+            if !FramingFields::is_framing(name)
+                && !http1::is_hop_by_hop(name)
+                && !named.iter().any(|t| t.eq_ignore_ascii_case(name))
+            {
+                headers.push_parsed(name, f.value);
+            }
+        }
     }
     let framing = framing
         .response()

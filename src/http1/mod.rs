@@ -10,14 +10,14 @@ pub mod chunked;
 pub mod server;
 
 use std::cell::RefCell;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 /// Header fields that describe one hop and are never forwarded (RFC 9110 §7.6.1), in either
 /// direction, besides the ones the `Connection` header names.
-const HOP_BY_HOP: [&str; 9] = [
+pub(crate) const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -88,6 +88,8 @@ static TCHAR: [bool; 256] = {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderBlock {
     lines: Vec<u8>,
+    /// A `Date` field is among the lines: the writer of an answer need not add one.
+    has_date: bool,
 }
 
 impl HeaderBlock {
@@ -95,7 +97,14 @@ impl HeaderBlock {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             lines: Vec::with_capacity(bytes),
+            has_date: false,
         }
+    }
+
+    /// Removes every field, keeping the allocation.
+    pub fn clear(&mut self) {
+        self.lines.clear();
+        self.has_date = false;
     }
 
     /// Appends `name: value`; returns false (and appends nothing) for a name that is not a
@@ -113,6 +122,7 @@ impl HeaderBlock {
     /// per-byte check of [`HeaderBlock::push`] on the hot path; debug builds still make it.
     pub(crate) fn push_parsed(&mut self, name: &[u8], value: &[u8]) {
         debug_assert!(valid_field(name, value), "unchecked header field");
+        self.has_date |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
         self.lines.reserve(name.len() + value.len() + 4);
         self.lines.extend_from_slice(name);
         self.lines.extend_from_slice(b": ");
@@ -210,9 +220,9 @@ impl Reply {
     }
 
     /// Appends the whole message as HTTP/1.1 to `out`: status line, fields, `content-length`,
-    /// `date` unless the fields have one, `connection: close` when `close`, and the body unless
-    /// it answers a HEAD request.
-    pub fn write_to(&self, out: &mut Vec<u8>, close: bool, head_only: bool) {
+    /// `date` (of `now`) unless the fields have one, `connection: close` when `close`, and the
+    /// body unless it answers a HEAD request.
+    pub fn write_to(&self, out: &mut Vec<u8>, close: bool, head_only: bool, now: Instant) {
         out.reserve(96 + self.headers.as_bytes().len() + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(self.status.as_str().as_bytes());
@@ -230,9 +240,9 @@ impl Reply {
             out.extend_from_slice(itoa::Buffer::new().format(self.body.len()).as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        if self.headers.get("date").is_none() {
+        if !self.headers.has_date {
             out.extend_from_slice(b"date: ");
-            with_date(|d| out.extend_from_slice(d));
+            with_date(now, |d| out.extend_from_slice(d));
             out.extend_from_slice(b"\r\n");
         }
         if close {
@@ -252,25 +262,38 @@ pub fn no_body(status: StatusCode) -> bool {
         || status == StatusCode::NOT_MODIFIED
 }
 
-thread_local! {
-    /// The `Date` value, formatted at most once a second per thread.
-    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((u64::MAX, [0; 29])) };
+/// The `Date` value of one second, and until when it is current.
+struct CachedDate {
+    until: Option<Instant>,
+    text: [u8; 29],
 }
 
-/// Calls `f` with the current IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`).
-pub fn with_date<R>(f: impl FnOnce(&[u8]) -> R) -> R {
-    let now = SystemTime::now();
-    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+thread_local! {
+    /// The `Date` value, formatted and the wall clock read at most once a second per thread.
+    static DATE: RefCell<CachedDate> = const {
+        RefCell::new(CachedDate { until: None, text: [0; 29] })
+    };
+}
+
+/// Calls `f` with the IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) of `now`, a monotonic time
+/// the caller has at hand: the wall clock is read only when a new second begins.
+pub fn with_date<R>(now: Instant, f: impl FnOnce(&[u8]) -> R) -> R {
     DATE.with(|cell| {
         let mut cached = cell.borrow_mut();
-        if cached.0 != secs {
-            let text = httpdate::fmt_http_date(now);
+        if cached.until.is_none_or(|until| now >= until) {
+            let wall = SystemTime::now();
+            let text = httpdate::fmt_http_date(wall);
             if text.len() == 29 {
-                cached.1.copy_from_slice(text.as_bytes());
-                cached.0 = secs;
+                cached.text.copy_from_slice(text.as_bytes());
+                // Current until the wall clock's next second, as seen from `now`.
+                let into_second = wall
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let left = Duration::from_nanos(u64::from(1_000_000_000 - into_second));
+                cached.until = Some(now + left);
             }
         }
-        f(&cached.1)
+        f(&cached.text)
     })
 }
 
@@ -437,7 +460,7 @@ impl FramingFields {
     /// Takes in one field if it is `Content-Length` or `Transfer-Encoding`; returns whether it
     /// was one of them.
     pub fn see(&mut self, name: &[u8], value: &[u8]) -> bool {
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if name.len() == 14 && name.eq_ignore_ascii_case(b"content-length") {
             // `Content-Length: 5, 5` and repeated equal fields are one length.
             for element in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                 match parse_length(element) {
@@ -446,7 +469,7 @@ impl FramingFields {
                 }
             }
             true
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
             for coding in list_elements(value) {
                 self.codings += 1;
                 self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
@@ -455,6 +478,12 @@ impl FramingFields {
         } else {
             false
         }
+    }
+
+    /// Whether `name` is one of the fields [`FramingFields::see`] takes in.
+    pub fn is_framing(name: &[u8]) -> bool {
+        name.eq_ignore_ascii_case(b"content-length")
+            || name.eq_ignore_ascii_case(b"transfer-encoding")
     }
 
     /// The framing of a request: no length and no coding is an empty body.
@@ -599,12 +628,22 @@ mod tests {
     #[test]
     fn reply_serialization() {
         let mut out = Vec::new();
-        Reply::plain(StatusCode::NOT_FOUND, "not found\n").write_to(&mut out, true, false);
+        Reply::plain(StatusCode::NOT_FOUND, "not found\n").write_to(
+            &mut out,
+            true,
+            false,
+            Instant::now(),
+        );
         let text = String::from_utf8(out).unwrap();
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 10\r\ndate: "));
         assert!(text.ends_with("GMT\r\nconnection: close\r\n\r\nnot found\n"));
         let mut out = Vec::new();
-        Reply::plain(StatusCode::METHOD_NOT_ALLOWED, "x").write_to(&mut out, false, true);
+        Reply::plain(StatusCode::METHOD_NOT_ALLOWED, "x").write_to(
+            &mut out,
+            false,
+            true,
+            Instant::now(),
+        );
         assert!(out.ends_with(b"\r\n\r\n"));
     }
 }

@@ -7,17 +7,18 @@
 //! fields) within `--header-timeout`, the body within `--max-body` and `--body-timeout`, the
 //! wait for the next request within `--idle-timeout`.
 
+use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
-use tokio::time::timeout_at;
 
 use super::chunked::Decoder;
 use super::{spans_of, FieldSpan, Framing, FramingError, FramingFields, Reply, RequestHead};
-use crate::proxy::{ConnInfo, Proxy, Refusal};
+use crate::proxy::{ConnInfo, ConnState, Proxy, Refusal};
+use crate::timer::Deadline;
 
 /// Largest request head (request line and fields) accepted; an EWS notification's head is well
 /// under 2 KiB.
@@ -36,8 +37,12 @@ const KEEP_BUFFER: usize = 64 * 1024;
 pub struct Timeouts {
     /// From the first byte of a request (or the handshake, for the first) to its whole head.
     pub header: Duration,
-    /// Between requests on a kept-alive connection.
+    /// Between requests on a kept-alive connection, and for writing an answer: a client that
+    /// stops reading is dropped after it.
     pub idle: Duration,
+    /// The shortest timeout the connection's timer serves (these two, `--body-timeout`,
+    /// `--upstream-timeout`): how far ahead it is armed (see [`crate::timer`]).
+    pub period: Duration,
 }
 
 /// A request head parsed in the read buffer, its fields' places in `Conn::spans`.
@@ -60,11 +65,25 @@ enum HeadError {
     Answer(StatusCode, &'static str),
 }
 
+/// Where the body of the request in progress is.
+enum Body {
+    /// The first `n` bytes of the read buffer (`Content-Length`).
+    Buffered(usize),
+    /// Decoded from chunks; the read buffer no longer holds them.
+    Decoded(Vec<u8>),
+}
+
 struct Conn<'a, S> {
     io: S,
+    /// Bytes read and not yet used: the request in progress (its body, once its head is out),
+    /// then whatever the client sent after it.
     rbuf: BytesMut,
+    /// The head of the request in progress, moved out of `rbuf` so that its body starts there.
+    head: Vec<u8>,
     wbuf: Vec<u8>,
     spans: Vec<FieldSpan>,
+    /// The connection's timer and the buffers of the request it forwards.
+    state: ConnState,
     proxy: &'a Proxy,
     info: &'a ConnInfo,
     timeouts: Timeouts,
@@ -81,20 +100,25 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     timeouts: Timeouts,
     shutdown: &mut watch::Receiver<bool>,
 ) {
+    let now = Instant::now();
     let mut conn = Conn {
         io,
         // Allocated at the first read and write: an idle connection holds only TLS state.
         rbuf: BytesMut::new(),
+        head: Vec::new(),
         wbuf: Vec::new(),
         spans: Vec::new(),
+        state: ConnState::new(Deadline::new(now.into(), timeouts.period)),
         proxy,
         info,
         timeouts,
         closing: *shutdown.borrow(),
     };
-    let mut first = true;
+    // Before a request's first byte the connection is idle (for the first request, at most
+    // --header-timeout either).
+    let mut idle_until = now + timeouts.idle.min(timeouts.header);
     loop {
-        let parsed = match conn.read_head(first, shutdown).await {
+        let parsed = match conn.read_head(idle_until, shutdown).await {
             Ok(Some(p)) => p,
             Ok(None) | Err(HeadError::Gone) => return,
             Err(HeadError::Answer(status, text)) => {
@@ -102,41 +126,44 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
                 return;
             }
         };
-        first = false;
         // Boxed: an idle connection's task then holds only what waiting for a head needs,
         // not the state of a request in flight (one allocation per request).
-        if !Box::pin(conn.serve_one(parsed)).await || conn.closing {
+        let Some(done) = Box::pin(conn.serve_one(parsed)).await else {
+            let _ = conn.io.shutdown().await;
+            return;
+        };
+        if conn.closing {
             let _ = conn.io.shutdown().await;
             return;
         }
+        idle_until = done + timeouts.idle;
         if conn.rbuf.capacity() > KEEP_BUFFER && conn.rbuf.is_empty() {
             conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
         }
         if conn.wbuf.capacity() > KEEP_BUFFER {
             conn.wbuf = Vec::with_capacity(1024);
         }
+        if conn.head.capacity() > KEEP_BUFFER {
+            conn.head = Vec::new();
+        }
     }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     /// Reads until a whole head is buffered. `Ok(None)`: the connection ended cleanly between
-    /// requests (client close, idle timeout, shutdown).
+    /// requests (client close, idle timeout, shutdown). Until a request's first byte the
+    /// connection may wait until `idle_until`; from that byte the head has --header-timeout.
     async fn read_head(
         &mut self,
-        first: bool,
+        idle_until: Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Parsed>, HeadError> {
-        // Before a request's first byte the connection is idle (for the first request, at most
-        // --header-timeout either); from that byte the head has --header-timeout to arrive.
         let mut started = !self.rbuf.is_empty();
-        let mut deadline = Instant::now()
-            + if started {
-                self.timeouts.header
-            } else if first {
-                self.timeouts.idle.min(self.timeouts.header)
-            } else {
-                self.timeouts.idle
-            };
+        self.state.deadline.set(if started {
+            (Instant::now() + self.timeouts.header).into()
+        } else {
+            idle_until.into()
+        });
         loop {
             if !self.rbuf.is_empty() {
                 if let Some(parsed) = self.parse_head()? {
@@ -160,14 +187,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
             let read = tokio::select! {
                 biased;
-                r = timeout_at(deadline.into(), self.io.read_buf(&mut self.rbuf)) => r,
-                _ = shutdown.changed(), if !self.closing => {
-                    self.closing = true;
-                    continue;
-                }
-            };
-            match read {
-                Err(_) => {
+                r = self.io.read_buf(&mut self.rbuf) => r,
+                () = self.state.deadline.passed() => {
                     if started {
                         tracing::debug!(peer = %self.info.peer, "request head not received within --header-timeout");
                     } else {
@@ -175,19 +196,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     }
                     return Ok(None);
                 }
-                Ok(Ok(0)) => {
+                _ = shutdown.changed(), if !self.closing => {
+                    self.closing = true;
+                    continue;
+                }
+            };
+            match read {
+                Ok(0) => {
                     if !self.rbuf.is_empty() {
                         tracing::debug!(peer = %self.info.peer, "client closed inside a request head");
                     }
                     return Ok(None);
                 }
-                Ok(Ok(_)) => {
+                Ok(_) => {
                     if !started {
                         started = true;
-                        deadline = Instant::now() + self.timeouts.header;
+                        // The head usually comes whole in this read; the clock is read only
+                        // when it did not.
+                        if self.peek_complete() {
+                            continue;
+                        }
+                        self.state
+                            .deadline
+                            .set((Instant::now() + self.timeouts.header).into());
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::debug!(peer = %self.info.peer, error = %e, "client connection failed");
                     return Err(HeadError::Gone);
                 }
@@ -195,12 +229,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         }
     }
 
+    /// Whether the read buffer ends a head already (a cheap look for its blank line; the
+    /// parser decides).
+    fn peek_complete(&self) -> bool {
+        memchr::memmem::find(&self.rbuf, b"\r\n\r\n").is_some()
+    }
+
     /// Parses the head at the start of the read buffer if it is complete.
     fn parse_head(&mut self) -> Result<Option<Parsed>, HeadError> {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
-        let mut req = httparse::Request::new(&mut fields);
+        let mut fields =
+            [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_REQUEST_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
         let buf = &self.rbuf[..];
-        let len = match req.parse(buf) {
+        let len = match req.parse_with_uninit_headers(buf, &mut fields) {
             Ok(httparse::Status::Complete(len)) if len > MAX_REQUEST_HEAD => {
                 return Err(HeadError::Answer(
                     StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -234,15 +275,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             if framing.see(name, f.value) {
                 continue;
             }
-            if name.eq_ignore_ascii_case(b"connection") {
-                for token in super::list_elements(f.value) {
-                    close |= token.eq_ignore_ascii_case(b"close");
-                    keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+            match name.len() {
+                10 if name.eq_ignore_ascii_case(b"connection") => {
+                    for token in super::list_elements(f.value) {
+                        close |= token.eq_ignore_ascii_case(b"close");
+                        keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                    }
                 }
-            } else if name.eq_ignore_ascii_case(b"host") {
-                hosts += 1;
-            } else if name.eq_ignore_ascii_case(b"expect") {
-                expect_continue = f.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+                4 if name.eq_ignore_ascii_case(b"host") => hosts += 1,
+                6 if name.eq_ignore_ascii_case(b"expect") => {
+                    expect_continue = f.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+                }
+                _ => {}
             }
         }
         let framing = match framing.request() {
@@ -250,16 +294,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Ok(Framing::Chunked) if http10 => Err(FramingError::UnsupportedCoding),
             other => other,
         };
+        let method_at = super::offset_in(buf, method.as_bytes());
+        let target_at = super::offset_in(buf, target.as_bytes());
         let parsed = Parsed {
             len,
-            method: (
-                super::offset_in(buf, method.as_bytes()),
-                super::offset_in(buf, method.as_bytes()) + method.len(),
-            ),
-            target: (
-                super::offset_in(buf, target.as_bytes()),
-                super::offset_in(buf, target.as_bytes()) + target.len(),
-            ),
+            method: (method_at, method_at + method.len()),
+            target: (target_at, target_at + target.len()),
             http10,
             framing,
             keep_alive: if http10 {
@@ -274,172 +314,195 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         Ok(Some(parsed))
     }
 
-    /// Serves the request whose head was just parsed; false when the connection must close.
-    async fn serve_one(&mut self, p: Parsed) -> bool {
+    /// Serves the request whose head was just parsed; `None` when the connection must close,
+    /// else the time the answer was written.
+    async fn serve_one(&mut self, p: Parsed) -> Option<Instant> {
         let start = Instant::now();
-        let spans = std::mem::take(&mut self.spans);
-        let keep = self.serve_parsed(&p, &spans, start).await;
-        self.spans = spans;
-        keep
+        // The head leaves the buffer, so that the body, if any, is at its front.
+        self.head.clear();
+        self.head.extend_from_slice(&self.rbuf[..p.len]);
+        self.rbuf.advance(p.len);
+        let (keep, done) = self.serve_parsed(&p, start).await;
+        keep.then_some(done)
     }
 
-    async fn serve_parsed(&mut self, p: &Parsed, spans: &[FieldSpan], start: Instant) -> bool {
+    /// Whether the connection can go on, and when the answer was written.
+    async fn serve_parsed(&mut self, p: &Parsed, start: Instant) -> (bool, Instant) {
         let (proxy, base) = (self.proxy, self.info);
-        // The head leaves the buffer; the body, if any, is now at its front.
-        let message = self.rbuf.split_to(p.len);
-        let Some(head) = request_head(&message, p, spans) else {
-            let raw = RequestHead::new(
-                str_at(&message, p.method),
-                str_at(&message, p.target),
-                None,
-                &message,
-                spans,
-            );
-            let reply = Reply::plain(StatusCode::BAD_REQUEST, "invalid request target\n");
-            self.answer(&raw, reply, false, false, start, 0, None, base)
-                .await;
-            return false;
-        };
-        let head_only = head.method == "HEAD";
-        if p.hosts > 1 || (p.hosts == 0 && !p.http10) {
-            let reply = Reply::plain(
+        let verdict = if request_head(&self.head, p, &self.spans).is_none() {
+            Err(Reply::plain(
+                StatusCode::BAD_REQUEST,
+                "invalid request target\n",
+            ))
+        } else if p.hosts > 1 || (p.hosts == 0 && !p.http10) {
+            Err(Reply::plain(
                 StatusCode::BAD_REQUEST,
                 "exactly one Host header field required\n",
-            );
-            self.answer(&head, reply, false, head_only, start, 0, None, base)
-                .await;
-            return false;
-        }
-        let framing = match p.framing {
-            Ok(f) => f,
-            Err(e) => {
+            ))
+        } else {
+            p.framing.map_err(|e| {
                 tracing::debug!(peer = %base.peer, error = %e, "request framing refused");
-                let reply = match e {
+                match e {
                     FramingError::UnsupportedCoding => Reply::plain(
                         StatusCode::NOT_IMPLEMENTED,
                         "transfer coding not supported\n",
                     ),
                     _ => Reply::plain(StatusCode::BAD_REQUEST, "invalid message framing\n"),
-                };
-                self.answer(&head, reply, false, head_only, start, 0, None, base)
-                    .await;
-                return false;
+                }
+            })
+        };
+        let framing = match verdict {
+            Ok(f) => f,
+            Err(reply) => {
+                let (_, done) = self.answer(p, reply, false, start, 0, None, base).await;
+                return (false, done);
             }
         };
         let declared = match framing {
             Framing::Length(n) => Some(n),
             _ => None,
         };
-        let named = match proxy.admit(&head, base, declared) {
+        // From here on the target is known to be usable: head_for_log gives the routed head.
+        let admitted = proxy.admit(&head_for_log(&self.head, p, &self.spans), base, declared);
+        let named = match admitted {
             Ok(named) => named,
             Err(refusal) => {
                 // The body is read and dropped so the connection can go on, unless it is too
                 // large or a client waiting for `100 Continue` may or may not send it.
                 let drain = refusal != Refusal::TooLarge
                     && !(p.expect_continue && self.rbuf.is_empty() && declared != Some(0));
-                let keep = p.keep_alive && drain && self.read_body(framing).await.is_ok();
-                return self
-                    .answer(
-                        &head,
-                        refusal.reply(),
-                        keep,
-                        head_only,
-                        start,
-                        0,
-                        None,
-                        base,
-                    )
-                    .await
-                    && keep;
+                let keep = p.keep_alive
+                    && drain
+                    && match self.read_body(framing, start).await {
+                        Ok(Body::Buffered(n)) => {
+                            self.rbuf.advance(n);
+                            true
+                        }
+                        Ok(Body::Decoded(_)) => true,
+                        Err(_) => false,
+                    };
+                let (written, done) = self
+                    .answer(p, refusal.reply(), keep, start, 0, None, base)
+                    .await;
+                return (written && keep, done);
             }
         };
         let info = named.as_ref().unwrap_or(base);
         if p.expect_continue && self.rbuf.is_empty() && declared != Some(0) {
-            if let Err(e) = write_flush(&mut self.io, b"HTTP/1.1 100 Continue\r\n\r\n").await {
-                tracing::debug!(peer = %base.peer, error = %e, "client connection failed");
-                return false;
+            self.state.deadline.set((start + self.timeouts.idle).into());
+            let sent = self
+                .state
+                .deadline
+                .run(write_flush(&mut self.io, b"HTTP/1.1 100 Continue\r\n\r\n"))
+                .await;
+            if !matches!(sent, Some(Ok(()))) {
+                tracing::debug!(peer = %base.peer, "client connection failed or stalled before 100 Continue");
+                return (false, start);
             }
         }
-        let body = match self.read_body(framing).await {
+        let body = match self.read_body(framing, start).await {
             Ok(body) => body,
             Err(refusal) => {
-                self.answer(
-                    &head,
-                    refusal.reply(),
-                    false,
-                    head_only,
-                    start,
-                    0,
-                    None,
-                    info,
-                )
-                .await;
-                return false;
+                let (_, done) = self
+                    .answer(p, refusal.reply(), false, start, 0, None, info)
+                    .await;
+                return (false, done);
             }
         };
-        let bytes_in = body.len();
-        let relayed = proxy.relay(&head, body, info).await;
-        self.answer(
-            &head,
-            relayed.reply,
-            p.keep_alive,
-            head_only,
-            start,
-            bytes_in,
-            relayed.upstream_ms,
-            info,
-        )
-        .await
-            && p.keep_alive
+        let bytes: &[u8] = match &body {
+            Body::Buffered(n) => &self.rbuf[..*n],
+            Body::Decoded(v) => v,
+        };
+        let bytes_in = bytes.len();
+        let head = head_for_log(&self.head, p, &self.spans);
+        let relayed = proxy.relay(&head, bytes, info, &mut self.state).await;
+        if let Body::Buffered(n) = body {
+            self.rbuf.advance(n);
+        }
+        let (written, done) = self
+            .answer(
+                p,
+                relayed.reply,
+                p.keep_alive,
+                start,
+                bytes_in,
+                relayed.upstream_ms,
+                info,
+            )
+            .await;
+        (written && p.keep_alive, done)
     }
 
-    /// Writes the answer and logs the request; false if the write failed.
+    /// Writes the answer within --idle-timeout and logs the request; whether the write
+    /// succeeded, and when it ended.
     #[allow(clippy::too_many_arguments)]
     async fn answer(
         &mut self,
-        head: &RequestHead<'_>,
+        p: &Parsed,
         reply: Reply,
         keep: bool,
-        head_only: bool,
         start: Instant,
         bytes_in: usize,
         upstream_ms: Option<f64>,
         info: &ConnInfo,
-    ) -> bool {
+    ) -> (bool, Instant) {
         let close = !keep || self.closing;
+        let head = head_for_log(&self.head, p, &self.spans);
+        let now = Instant::now();
         self.wbuf.clear();
-        reply.write_to(&mut self.wbuf, close, head_only);
-        let result = write_flush(&mut self.io, &self.wbuf).await;
+        reply.write_to(&mut self.wbuf, close, head.method == "HEAD", now);
+        self.state.deadline.set((now + self.timeouts.idle).into());
+        let result = self
+            .state
+            .deadline
+            .run(write_flush(&mut self.io, &self.wbuf))
+            .await;
+        let done = Instant::now();
         self.proxy.log(
             info,
-            head,
+            &head,
             reply.status,
             bytes_in,
             reply.body.len(),
-            start,
+            done.saturating_duration_since(start),
             upstream_ms,
         );
-        if let Err(e) = result {
-            tracing::debug!(peer = %info.peer, error = %e, "client connection failed while answering");
-            return false;
+        match result {
+            Some(Ok(())) => (true, done),
+            Some(Err(e)) => {
+                tracing::debug!(peer = %info.peer, error = %e, "client connection failed while answering");
+                (false, done)
+            }
+            None => {
+                tracing::debug!(peer = %info.peer, "client did not take the answer within --idle-timeout");
+                (false, done)
+            }
         }
-        true
     }
 
     /// Answers an unparseable request and closes the connection.
     async fn answer_and_close(&mut self, reply: Reply) {
+        let now = Instant::now();
         self.wbuf.clear();
-        reply.write_to(&mut self.wbuf, true, false);
-        let _ = write_flush(&mut self.io, &self.wbuf).await;
+        reply.write_to(&mut self.wbuf, true, false, now);
+        self.state.deadline.set((now + self.timeouts.idle).into());
+        let _ = self
+            .state
+            .deadline
+            .run(write_flush(&mut self.io, &self.wbuf))
+            .await;
         self.proxy.log_unparsed(self.info, reply.status);
-        let _ = self.io.shutdown().await;
+        let _ = self.state.deadline.run(self.io.shutdown()).await;
     }
 
-    /// Reads the body at the front of the buffer and takes it out, leaving whatever follows.
-    async fn read_body(&mut self, framing: Framing) -> Result<Bytes, Refusal> {
-        let deadline = Instant::now() + self.proxy.body_timeout();
+    /// Reads the body that follows the head (now at the front of the buffer) within
+    /// --body-timeout of `start`.
+    async fn read_body(&mut self, framing: Framing, start: Instant) -> Result<Body, Refusal> {
+        self.state
+            .deadline
+            .set((start + self.proxy.body_timeout()).into());
         match framing {
-            Framing::Length(0) => Ok(Bytes::new()),
+            Framing::Length(0) => Ok(Body::Buffered(0)),
             Framing::Length(n) => {
                 // admit() checked n against --max-body.
                 let n = usize::try_from(n).map_err(|_| Refusal::TooLarge)?;
@@ -450,9 +513,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                         // --max-body holds only what it sent.
                         self.rbuf.reserve(missing.min(4 * READ_CHUNK));
                     }
-                    self.fill(deadline).await?;
+                    self.fill().await?;
                 }
-                Ok(self.rbuf.split_to(n).freeze())
+                Ok(Body::Buffered(n))
             }
             Framing::Chunked => {
                 let mut decoder = Decoder::new(self.proxy.max_body());
@@ -467,33 +530,51 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     })?;
                     self.rbuf.advance(used);
                     if decoder.is_done() {
-                        return Ok(Bytes::from(body));
+                        return Ok(Body::Decoded(body));
                     }
                     if self.rbuf.capacity() - self.rbuf.len() < 1024 {
                         self.rbuf.reserve(READ_CHUNK);
                     }
-                    self.fill(deadline).await?;
+                    self.fill().await?;
                 }
             }
             Framing::UntilClose => unreachable!("requests are never framed by close"),
         }
     }
 
-    /// One read into the buffer before `deadline`.
-    async fn fill(&mut self, deadline: Instant) -> Result<(), Refusal> {
-        match timeout_at(deadline.into(), self.io.read_buf(&mut self.rbuf)).await {
-            Err(_) => Err(Refusal::BodyTimeout),
-            Ok(Ok(0)) => {
+    /// One read into the buffer before the timer's deadline.
+    async fn fill(&mut self) -> Result<(), Refusal> {
+        match self
+            .state
+            .deadline
+            .run(self.io.read_buf(&mut self.rbuf))
+            .await
+        {
+            None => Err(Refusal::BodyTimeout),
+            Some(Ok(0)) => {
                 tracing::debug!(peer = %self.info.peer, "client closed inside a request body");
                 Err(Refusal::BadBody)
             }
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
+            Some(Ok(_)) => Ok(()),
+            Some(Err(e)) => {
                 tracing::debug!(peer = %self.info.peer, error = %e, "client connection failed inside a request body");
                 Err(Refusal::BadBody)
             }
         }
     }
+}
+
+/// The head for the access log: as routed, or as received when its target is unusable.
+fn head_for_log<'a>(bytes: &'a [u8], p: &Parsed, spans: &'a [FieldSpan]) -> RequestHead<'a> {
+    request_head(bytes, p, spans).unwrap_or_else(|| {
+        RequestHead::new(
+            str_at(bytes, p.method),
+            str_at(bytes, p.target),
+            None,
+            bytes,
+            spans,
+        )
+    })
 }
 
 async fn write_flush<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io::Result<()> {

@@ -1,0 +1,121 @@
+//! One timer per connection, re-armed lazily.
+//!
+//! A keep-alive request moves a connection through several deadlines (idle, head, body,
+//! receiver, answer). A tokio timeout per wait registers an entry in the timer wheel and removes
+//! it again, each under the driver's lock, twice or more per request. [`Deadline`] keeps one
+//! timer for the whole connection instead and only stores each new deadline: the timer is armed
+//! at most [`Deadline::new`]'s `period` ahead, so any deadline at least that far off is never
+//! earlier than it; when it fires before the deadline it is simply armed again. A request then
+//! costs no timer operation at all, and a connection wakes once per `period` while it waits.
+//! HAProxy and nginx keep their connection timers the same way.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+
+/// A connection's timer: [`Deadline::passed`] resolves once the last deadline set has passed.
+#[derive(Debug)]
+pub struct Deadline {
+    sleep: Pin<Box<Sleep>>,
+    /// When `sleep` fires: never after `deadline`.
+    armed: Instant,
+    deadline: Instant,
+    /// How far ahead the timer is armed at most: the shortest timeout the connection uses.
+    period: Duration,
+}
+
+impl Deadline {
+    /// A timer whose first deadline is `now + period`. Deadlines set later that are at least
+    /// `period` after the time they are set cost no timer operation.
+    pub fn new(now: Instant, period: Duration) -> Self {
+        let at = now + period;
+        Self {
+            sleep: Box::pin(tokio::time::sleep_until(at)),
+            armed: at,
+            deadline: at,
+            period,
+        }
+    }
+
+    /// Sets the deadline of the next waits.
+    pub fn set(&mut self, deadline: Instant) {
+        self.deadline = deadline;
+        if deadline < self.armed {
+            self.arm(deadline);
+        }
+    }
+
+    /// The deadline last set.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn arm(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.armed = at;
+    }
+
+    /// Resolves once the deadline has passed; cancel-safe.
+    pub async fn passed(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            let now = Instant::now();
+            if now >= self.deadline {
+                return;
+            }
+            self.arm(self.deadline.min(now + self.period));
+        }
+    }
+
+    /// Runs `work` until the deadline; `None` if the deadline passed first.
+    pub async fn run<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            out = work => Some(out),
+            () = self.passed() => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn fires_at_the_deadline_not_the_period() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start, Duration::from_millis(20));
+        // Later than the armed timer: stored only; the timer fires early and re-arms.
+        d.set(start + Duration::from_millis(70));
+        d.passed().await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(70), "{waited:?}");
+        assert!(waited < Duration::from_millis(1000), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn an_earlier_deadline_rearms_at_once() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start, Duration::from_secs(60));
+        d.set(start + Duration::from_millis(30));
+        d.passed().await;
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn run_returns_the_work_or_none() {
+        let start = Instant::now();
+        let mut d = Deadline::new(start, Duration::from_millis(20));
+        assert_eq!(d.run(async { 7 }).await, Some(7));
+        d.set(Instant::now() + Duration::from_millis(40));
+        assert_eq!(d.run(std::future::pending::<()>()).await, None);
+        assert!(start.elapsed() >= Duration::from_millis(40));
+        // Reusable after firing.
+        d.set(Instant::now() + Duration::from_secs(5));
+        assert_eq!(d.run(async { 1 }).await, Some(1));
+    }
+}
