@@ -598,6 +598,29 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 }
 
 #[tokio::test]
+async fn client_that_stops_reading_is_dropped_after_idle_timeout() {
+    // Answers far larger than the socket buffers between relay and client, so that the relay's
+    // writes stall as soon as the client stops reading.
+    let big = vec![b'x'; 900 * 1024];
+    let receiver = RawReceiver::start(move |_| RawReply::ok(&big)).await;
+    let relay = Relay::start(receiver.addr, &["--idle-timeout", "1s"]).await;
+    let mut c = Conn::open(&relay).await;
+    const PIPELINED: usize = 16;
+    let request = raw_post("/", "", &fixture(STATUS));
+    c.send(&request.repeat(PIPELINED)).await.unwrap();
+    // The client reads nothing for longer than the idle timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Whatever the relay wrote before it gave up, then its close (a cut answer included).
+    while c.fill("the stalled answers").await {}
+    let written = c.buf.len();
+    assert!(
+        written > 0 && written < PIPELINED * 900 * 1024,
+        "the relay kept a connection whose client stopped reading: {written} bytes written"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn slow_answer_is_not_cut_by_idle_timeout() {
     let ok = fixture(RESULT_OK);
     let receiver = RawReceiver::start(move |req| {

@@ -73,15 +73,22 @@ enum Body {
     Decoded(Vec<u8>),
 }
 
+/// A request head's bytes and where its fields are in them; kept by the connection so that
+/// their allocations serve every request.
+#[derive(Default)]
+struct Message {
+    bytes: Vec<u8>,
+    spans: Vec<FieldSpan>,
+}
+
 struct Conn<'a, S> {
     io: S,
     /// Bytes read and not yet used: the request in progress (its body, once its head is out),
     /// then whatever the client sent after it.
     rbuf: BytesMut,
     /// The head of the request in progress, moved out of `rbuf` so that its body starts there.
-    head: Vec<u8>,
+    head: Message,
     wbuf: Vec<u8>,
-    spans: Vec<FieldSpan>,
     /// The connection's timer and the buffers of the request it forwards.
     state: ConnState,
     proxy: &'a Proxy,
@@ -105,9 +112,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         io,
         // Allocated at the first read and write: an idle connection holds only TLS state.
         rbuf: BytesMut::new(),
-        head: Vec::new(),
+        head: Message::default(),
         wbuf: Vec::new(),
-        spans: Vec::new(),
         state: ConnState::new(Deadline::new(now.into(), timeouts.period)),
         proxy,
         info,
@@ -143,8 +149,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         if conn.wbuf.capacity() > KEEP_BUFFER {
             conn.wbuf = Vec::with_capacity(1024);
         }
-        if conn.head.capacity() > KEEP_BUFFER {
-            conn.head = Vec::new();
+        if conn.head.bytes.capacity() > KEEP_BUFFER {
+            conn.head = Message::default();
         }
     }
 }
@@ -310,7 +316,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             expect_continue: expect_continue && !http10,
             hosts,
         };
-        spans_of(buf, req.headers, &mut self.spans);
+        spans_of(buf, req.headers, &mut self.head.spans);
         Ok(Some(parsed))
     }
 
@@ -318,23 +324,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     /// else the time the answer was written.
     async fn serve_one(&mut self, p: Parsed) -> Option<Instant> {
         let start = Instant::now();
-        // The head leaves the buffer, so that the body, if any, is at its front.
-        self.head.clear();
-        self.head.extend_from_slice(&self.rbuf[..p.len]);
+        // The head leaves the buffer, so that the body, if any, is at its front; it is taken
+        // out of the connection for the request's time, so that one `RequestHead` borrowing it
+        // serves routing, forwarding and the log.
+        let mut message = std::mem::take(&mut self.head);
+        message.bytes.clear();
+        message.bytes.extend_from_slice(&self.rbuf[..p.len]);
         self.rbuf.advance(p.len);
-        let (keep, done) = self.serve_parsed(&p, start).await;
+        let (keep, done) = match request_head(&message.bytes, &p, &message.spans) {
+            Some(head) => self.serve_parsed(&p, &head, start).await,
+            None => {
+                let head = RequestHead::new(
+                    str_at(&message.bytes, p.method),
+                    str_at(&message.bytes, p.target),
+                    None,
+                    &message.bytes,
+                    &message.spans,
+                );
+                let reply = Reply::plain(StatusCode::BAD_REQUEST, "invalid request target\n");
+                let (_, done) = self
+                    .answer(&head, reply, false, start, 0, None, self.info)
+                    .await;
+                (false, done)
+            }
+        };
+        self.head = message;
         keep.then_some(done)
     }
 
     /// Whether the connection can go on, and when the answer was written.
-    async fn serve_parsed(&mut self, p: &Parsed, start: Instant) -> (bool, Instant) {
+    async fn serve_parsed(
+        &mut self,
+        p: &Parsed,
+        head: &RequestHead<'_>,
+        start: Instant,
+    ) -> (bool, Instant) {
         let (proxy, base) = (self.proxy, self.info);
-        let verdict = if request_head(&self.head, p, &self.spans).is_none() {
-            Err(Reply::plain(
-                StatusCode::BAD_REQUEST,
-                "invalid request target\n",
-            ))
-        } else if p.hosts > 1 || (p.hosts == 0 && !p.http10) {
+        let verdict = if p.hosts > 1 || (p.hosts == 0 && !p.http10) {
             Err(Reply::plain(
                 StatusCode::BAD_REQUEST,
                 "exactly one Host header field required\n",
@@ -354,7 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let framing = match verdict {
             Ok(f) => f,
             Err(reply) => {
-                let (_, done) = self.answer(p, reply, false, start, 0, None, base).await;
+                let (_, done) = self.answer(head, reply, false, start, 0, None, base).await;
                 return (false, done);
             }
         };
@@ -362,9 +388,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Framing::Length(n) => Some(n),
             _ => None,
         };
-        // From here on the target is known to be usable: head_for_log gives the routed head.
-        let admitted = proxy.admit(&head_for_log(&self.head, p, &self.spans), base, declared);
-        let named = match admitted {
+        let named = match proxy.admit(head, base, declared) {
             Ok(named) => named,
             Err(refusal) => {
                 // The body is read and dropped so the connection can go on, unless it is too
@@ -382,7 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                         Err(_) => false,
                     };
                 let (written, done) = self
-                    .answer(p, refusal.reply(), keep, start, 0, None, base)
+                    .answer(head, refusal.reply(), keep, start, 0, None, base)
                     .await;
                 return (written && keep, done);
             }
@@ -404,7 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Ok(body) => body,
             Err(refusal) => {
                 let (_, done) = self
-                    .answer(p, refusal.reply(), false, start, 0, None, info)
+                    .answer(head, refusal.reply(), false, start, 0, None, info)
                     .await;
                 return (false, done);
             }
@@ -414,14 +438,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Body::Decoded(v) => v,
         };
         let bytes_in = bytes.len();
-        let head = head_for_log(&self.head, p, &self.spans);
-        let relayed = proxy.relay(&head, bytes, info, &mut self.state).await;
+        let relayed = proxy.relay(head, bytes, info, &mut self.state).await;
         if let Body::Buffered(n) = body {
             self.rbuf.advance(n);
         }
         let (written, done) = self
             .answer(
-                p,
+                head,
                 relayed.reply,
                 p.keep_alive,
                 start,
@@ -438,7 +461,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     #[allow(clippy::too_many_arguments)]
     async fn answer(
         &mut self,
-        p: &Parsed,
+        head: &RequestHead<'_>,
         reply: Reply,
         keep: bool,
         start: Instant,
@@ -447,7 +470,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         info: &ConnInfo,
     ) -> (bool, Instant) {
         let close = !keep || self.closing;
-        let head = head_for_log(&self.head, p, &self.spans);
         let now = Instant::now();
         self.wbuf.clear();
         reply.write_to(&mut self.wbuf, close, head.method == "HEAD", now);
@@ -460,7 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let done = Instant::now();
         self.proxy.log(
             info,
-            &head,
+            head,
             reply.status,
             bytes_in,
             reply.body.len(),
@@ -562,19 +584,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
         }
     }
-}
-
-/// The head for the access log: as routed, or as received when its target is unusable.
-fn head_for_log<'a>(bytes: &'a [u8], p: &Parsed, spans: &'a [FieldSpan]) -> RequestHead<'a> {
-    request_head(bytes, p, spans).unwrap_or_else(|| {
-        RequestHead::new(
-            str_at(bytes, p.method),
-            str_at(bytes, p.target),
-            None,
-            bytes,
-            spans,
-        )
-    })
 }
 
 async fn write_flush<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io::Result<()> {
