@@ -160,8 +160,9 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_BODY_TIMEOUT", default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
     pub body_timeout: Duration,
 
-    /// HTTP/1.1: the longest wait for the next request on a kept-alive connection; HTTP/2: a
-    /// connection with no bytes moving and no request in flight for this long is closed.
+    /// HTTP/1.1: the longest wait for the next request on a kept-alive connection, and for a
+    /// client to take an answer (one that stops reading is dropped); HTTP/2: a connection with
+    /// no bytes moving and no request in flight for this long is closed.
     #[arg(long, env = "EWS_RELAY_IDLE_TIMEOUT", default_value = "120s", value_name = "DUR", value_parser = parse_duration)]
     pub idle_timeout: Duration,
 
