@@ -191,24 +191,31 @@ async fn serve_connection(
             return;
         }
     }
-    // Boxed, as are the HTTP/2 path and each request's relay: the connection's task is sized
-    // by its largest state, and an idle connection should hold only its TLS and read state.
+    // Boxed, as is the HTTP/2 path: the connection's task is sized by its largest state, and
+    // every idle connection holds that much.
     let handshake = Box::pin(tokio::time::timeout(
         edge.handshake_timeout,
         edge.acceptor.accept(stream),
     ));
-    let tls = match handshake.await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            edge.metrics.handshake_failed(HandshakeFailure::Error);
-            tracing::debug!(%peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            edge.metrics.handshake_failed(HandshakeFailure::Timeout);
-            tracing::debug!(%peer, "TLS handshake timed out");
-            return;
-        }
+    // The stream is borrowed here (for its ALPN protocol) in a scope of its own: a local that
+    // was ever borrowed keeps its place in the task until its scope ends, and the TLS stream is
+    // over a kilobyte that would then be held twice by every connection.
+    let (tls, h2) = {
+        let tls = match handshake.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                edge.metrics.handshake_failed(HandshakeFailure::Error);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                edge.metrics.handshake_failed(HandshakeFailure::Timeout);
+                tracing::debug!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        (tls, h2)
     };
     let mut info = ConnInfo::new(peer.ip());
     info.via_trusted_proxy = edge.client_ip_header
@@ -216,7 +223,7 @@ async fn serve_connection(
             .trusted
             .as_ref()
             .is_some_and(|t| t.allows(info.peer_ip));
-    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+    if !h2 {
         let timeouts = h1::Timeouts {
             header: edge.header_timeout,
             idle: edge.idle_timeout,

@@ -11,8 +11,10 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 /// A connection's timer: [`Deadline::passed`] resolves once the last deadline set has passed.
@@ -57,25 +59,54 @@ impl Deadline {
         self.armed = at;
     }
 
-    /// Resolves once the deadline has passed; cancel-safe.
-    pub async fn passed(&mut self) {
+    /// Polls the timer: ready once the deadline has passed, re-armed if it fired before.
+    fn poll_passed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            self.sleep.as_mut().await;
+            ready!(self.sleep.as_mut().poll(cx));
             let now = Instant::now();
             if now >= self.deadline {
-                return;
+                return Poll::Ready(());
             }
             self.arm(self.deadline.min(now + self.period));
         }
     }
 
+    /// Resolves once the deadline has passed; cancel-safe.
+    pub async fn passed(&mut self) {
+        std::future::poll_fn(|cx| self.poll_passed(cx)).await;
+    }
+
     /// Runs `work` until the deadline; `None` if the deadline passed first.
-    pub async fn run<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
-        tokio::select! {
-            biased;
-            out = work => Some(out),
-            () = self.passed() => None,
+    pub fn run<F: Future>(&mut self, work: F) -> Run<'_, F> {
+        Run {
+            work,
+            deadline: self,
         }
+    }
+}
+
+pin_project! {
+    /// [`Deadline::run`]'s future: the work, held once, and the timer. (`select!` in an
+    /// `async fn` would store the work twice, as argument and as branch, and the work is a
+    /// request's whole state, part of every connection's task.)
+    #[derive(Debug)]
+    #[must_use = "futures do nothing unless polled"]
+    pub struct Run<'a, F> {
+        #[pin]
+        work: F,
+        deadline: &'a mut Deadline,
+    }
+}
+
+impl<F: Future> Future for Run<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.work.poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        this.deadline.poll_passed(cx).map(|()| None)
     }
 }
 

@@ -255,7 +255,9 @@ impl Receiver {
                 Err(Failure::Other(e)) => return Err(e),
             }
         }
-        let conn = self.connect().await?;
+        // Boxed: connecting (resolving included) is a large state on a rare path, and the
+        // request's state is part of every client connection's task.
+        let conn = Box::pin(self.connect()).await?;
         self.exchange(conn, head, body)
             .await
             .map_err(Failure::into_error)

@@ -7,6 +7,7 @@
 //! fields) within `--header-timeout`, the body within `--max-body` and `--body-timeout`, the
 //! wait for the next request within `--idle-timeout`.
 
+use std::future::Future;
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};
 
@@ -100,13 +101,17 @@ struct Conn<'a, S> {
 
 /// Serves requests on `io` until the client closes, a timeout or error ends the connection, or
 /// shutdown begins (the request in progress is finished first).
-pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+///
+/// Not an `async fn`: the connection is built here and moved once into the future, which holds
+/// it in place. An `async fn` would keep its arguments and its locals apart, storing the TLS
+/// stream (over a kilobyte) twice in every idle connection's task.
+pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     io: S,
-    proxy: &Proxy,
-    info: &ConnInfo,
+    proxy: &'a Proxy,
+    info: &'a ConnInfo,
     timeouts: Timeouts,
-    shutdown: &mut watch::Receiver<bool>,
-) {
+    shutdown: &'a mut watch::Receiver<bool>,
+) -> impl Future<Output = ()> + 'a {
     let now = Instant::now();
     let mut conn = Conn {
         io,
@@ -123,34 +128,34 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     // Before a request's first byte the connection is idle (for the first request, at most
     // --header-timeout either).
     let mut idle_until = now + timeouts.idle.min(timeouts.header);
-    loop {
-        let parsed = match conn.read_head(idle_until, shutdown).await {
-            Ok(Some(p)) => p,
-            Ok(None) | Err(HeadError::Gone) => return,
-            Err(HeadError::Answer(status, text)) => {
-                conn.answer_and_close(Reply::plain(status, text)).await;
+    async move {
+        loop {
+            let parsed = match conn.read_head(idle_until, shutdown).await {
+                Ok(Some(p)) => p,
+                Ok(None) | Err(HeadError::Gone) => return,
+                Err(HeadError::Answer(status, text)) => {
+                    conn.answer_and_close(Reply::plain(status, text)).await;
+                    return;
+                }
+            };
+            let Some(done) = conn.serve_one(parsed).await else {
+                let _ = conn.io.shutdown().await;
+                return;
+            };
+            if conn.closing {
+                let _ = conn.io.shutdown().await;
                 return;
             }
-        };
-        // Boxed: an idle connection's task then holds only what waiting for a head needs,
-        // not the state of a request in flight (one allocation per request).
-        let Some(done) = Box::pin(conn.serve_one(parsed)).await else {
-            let _ = conn.io.shutdown().await;
-            return;
-        };
-        if conn.closing {
-            let _ = conn.io.shutdown().await;
-            return;
-        }
-        idle_until = done + timeouts.idle;
-        if conn.rbuf.capacity() > KEEP_BUFFER && conn.rbuf.is_empty() {
-            conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
-        }
-        if conn.wbuf.capacity() > KEEP_BUFFER {
-            conn.wbuf = Vec::with_capacity(1024);
-        }
-        if conn.head.bytes.capacity() > KEEP_BUFFER {
-            conn.head = Message::default();
+            idle_until = done + timeouts.idle;
+            if conn.rbuf.capacity() > KEEP_BUFFER && conn.rbuf.is_empty() {
+                conn.rbuf = BytesMut::with_capacity(READ_CHUNK);
+            }
+            if conn.wbuf.capacity() > KEEP_BUFFER {
+                conn.wbuf = Vec::with_capacity(1024);
+            }
+            if conn.head.bytes.capacity() > KEEP_BUFFER {
+                conn.head = Message::default();
+            }
         }
     }
 }
