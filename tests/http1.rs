@@ -571,6 +571,35 @@ async fn http_1_0_request_is_answered_then_closed() {
 }
 
 #[tokio::test]
+async fn http_1_0_keep_alive_is_announced_and_honoured() {
+    let receiver = RawReceiver::ok().await;
+    let relay = Relay::start(receiver.addr, &[]).await;
+    let events = fixture(EVENTS);
+    let head = format!(
+        "POST /ews HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n",
+        events.len()
+    );
+    let request = [head.as_bytes(), &events].concat();
+    let mut c = Conn::open(&relay).await;
+    for round in 0..2 {
+        c.send(&request).await.unwrap();
+        let a = c.answer().await;
+        assert_eq!(a.status, 200, "round {round}");
+        a.assert_content_length();
+        // An HTTP/1.0 client closes unless the answer says the connection persists.
+        assert_eq!(
+            a.header("connection")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("keep-alive"),
+            "round {round}: {a:?}"
+        );
+    }
+    assert_eq!(receiver.requests().len(), 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let receiver = RawReceiver::ok().await;
     let relay = Relay::start(receiver.addr, &["--idle-timeout", "1s"]).await;

@@ -220,9 +220,15 @@ impl Reply {
     }
 
     /// Appends the whole message as HTTP/1.1 to `out`: status line, fields, `content-length`,
-    /// `date` (of `now`) unless the fields have one, `connection: close` when `close`, and the
-    /// body unless it answers a HEAD request.
-    pub fn write_to(&self, out: &mut Vec<u8>, close: bool, head_only: bool, now: Instant) {
+    /// `date` (of `now`) unless the fields have one, the `connection` field `connection` asks
+    /// for, and the body unless it answers a HEAD request.
+    pub fn write_to(
+        &self,
+        out: &mut Vec<u8>,
+        connection: Connection,
+        head_only: bool,
+        now: Instant,
+    ) {
         out.reserve(96 + self.headers.as_bytes().len() + self.body.len());
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(self.status.as_str().as_bytes());
@@ -245,14 +251,27 @@ impl Reply {
             with_date(now, |d| out.extend_from_slice(d));
             out.extend_from_slice(b"\r\n");
         }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
+        match connection {
+            Connection::Implied => {}
+            Connection::Close => out.extend_from_slice(b"connection: close\r\n"),
+            Connection::KeepAlive => out.extend_from_slice(b"connection: keep-alive\r\n"),
         }
         out.extend_from_slice(b"\r\n");
         if !head_only && !no_body(self.status) {
             out.extend_from_slice(&self.body);
         }
     }
+}
+
+/// The `Connection` field of an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connection {
+    /// None: HTTP/1.1 persists by default.
+    Implied,
+    /// `close`: the relay closes the connection after this answer.
+    Close,
+    /// `keep-alive`: an HTTP/1.0 client that asked for it may send another request.
+    KeepAlive,
 }
 
 /// Statuses whose answers never carry a body (RFC 9112 §6.3).
@@ -630,7 +649,7 @@ mod tests {
         let mut out = Vec::new();
         Reply::plain(StatusCode::NOT_FOUND, "not found\n").write_to(
             &mut out,
-            true,
+            Connection::Close,
             false,
             Instant::now(),
         );
@@ -640,7 +659,7 @@ mod tests {
         let mut out = Vec::new();
         Reply::plain(StatusCode::METHOD_NOT_ALLOWED, "x").write_to(
             &mut out,
-            false,
+            Connection::Implied,
             true,
             Instant::now(),
         );

@@ -17,7 +17,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::chunked::Decoder;
-use super::{spans_of, FieldSpan, Framing, FramingError, FramingFields, Reply, RequestHead};
+use super::{
+    spans_of, Connection, FieldSpan, Framing, FramingError, FramingFields, Reply, RequestHead,
+};
 use crate::proxy::{ConnInfo, ConnState, Proxy, Refusal};
 use crate::timer::Deadline;
 
@@ -348,7 +350,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 );
                 let reply = Reply::plain(StatusCode::BAD_REQUEST, "invalid request target\n");
                 let (_, done) = self
-                    .answer(&head, reply, false, start, 0, None, self.info)
+                    .answer(&head, p.http10, reply, false, start, 0, None, self.info)
                     .await;
                 (false, done)
             }
@@ -385,7 +387,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let framing = match verdict {
             Ok(f) => f,
             Err(reply) => {
-                let (_, done) = self.answer(head, reply, false, start, 0, None, base).await;
+                let (_, done) = self
+                    .answer(head, p.http10, reply, false, start, 0, None, base)
+                    .await;
                 return (false, done);
             }
         };
@@ -411,7 +415,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                         Err(_) => false,
                     };
                 let (written, done) = self
-                    .answer(head, refusal.reply(), keep, start, 0, None, base)
+                    .answer(head, p.http10, refusal.reply(), keep, start, 0, None, base)
                     .await;
                 return (written && keep, done);
             }
@@ -433,7 +437,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Ok(body) => body,
             Err(refusal) => {
                 let (_, done) = self
-                    .answer(head, refusal.reply(), false, start, 0, None, info)
+                    .answer(head, p.http10, refusal.reply(), false, start, 0, None, info)
                     .await;
                 return (false, done);
             }
@@ -450,6 +454,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let (written, done) = self
             .answer(
                 head,
+                p.http10,
                 relayed.reply,
                 p.keep_alive,
                 start,
@@ -467,6 +472,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     async fn answer(
         &mut self,
         head: &RequestHead<'_>,
+        http10: bool,
         reply: Reply,
         keep: bool,
         start: Instant,
@@ -474,10 +480,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         upstream_ms: Option<f64>,
         info: &ConnInfo,
     ) -> (bool, Instant) {
-        let close = !keep || self.closing;
+        let connection = if !keep || self.closing {
+            Connection::Close
+        } else if http10 {
+            Connection::KeepAlive
+        } else {
+            Connection::Implied
+        };
         let now = Instant::now();
         self.wbuf.clear();
-        reply.write_to(&mut self.wbuf, close, head.method == "HEAD", now);
+        reply.write_to(&mut self.wbuf, connection, head.method == "HEAD", now);
         self.state.deadline.set((now + self.timeouts.idle).into());
         let result = self
             .state
@@ -511,7 +523,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     async fn answer_and_close(&mut self, reply: Reply) {
         let now = Instant::now();
         self.wbuf.clear();
-        reply.write_to(&mut self.wbuf, true, false, now);
+        reply.write_to(&mut self.wbuf, Connection::Close, false, now);
         self.state.deadline.set((now + self.timeouts.idle).into());
         let _ = self
             .state
