@@ -645,6 +645,22 @@ mod tests {
     }
 
     #[test]
+    fn date_is_read_once_a_second() {
+        let now = Instant::now();
+        let first = with_date(now, <[u8]>::to_vec);
+        let text = std::str::from_utf8(&first).unwrap();
+        assert!(httpdate::parse_http_date(text).is_ok(), "{text}");
+        let until = DATE.with(|c| c.borrow().until).unwrap();
+        assert!(until > now && until <= now + Duration::from_secs(1));
+        // Within the second: the cached text.
+        assert_eq!(with_date(now, <[u8]>::to_vec), first);
+        // Past it: the wall clock is read again and the cache moves on.
+        let later = now + Duration::from_secs(2);
+        with_date(later, |_| ());
+        assert!(DATE.with(|c| c.borrow().until).unwrap() > later);
+    }
+
+    #[test]
     fn reply_serialization() {
         let mut out = Vec::new();
         Reply::plain(StatusCode::NOT_FOUND, "not found\n").write_to(
