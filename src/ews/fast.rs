@@ -10,12 +10,19 @@
 //! `xml.rs`, namespace scoping. What it does not handle it does not try to: comments,
 //! processing instructions other than a leading `<?xml version="1.0"?>`, CDATA, DOCTYPE, any
 //! `&` (so nothing is ever unescaped), `\r` in a text it reads, `>` in text, names outside
-//! `[A-Za-z_][A-Za-z0-9._-]*` with at most one prefix, a text element with a child, odd
-//! namespace declarations. Every one of those sends the body down the full walk.
+//! `[A-Za-z_][A-Za-z0-9._-]*` with at most one prefix, prefixes longer than eight bytes, a
+//! text element with a child, odd namespace declarations, and any byte outside ASCII but a
+//! leading byte order mark. Every one of those sends the body down the full walk.
+//!
+//! Speed comes from looking at the body eight bytes at a time: every run of bytes (a name,
+//! an attribute value, a text, the indentation between tags) is passed over by a scan that
+//! loads a `u64` and marks, with a few additions and masks, the bytes that may end the run
+//! (see [`Stops`]). Every byte of an accepted body is looked at by one scan or one exact
+//! comparison, and every scan gives up at a byte of 0x80 or more, which is why the body needs
+//! no UTF-8 check of its own: it is ASCII. Offsets are kept as `u32` ([`Span`]), so the
+//! tables of open elements and attributes are small to set up.
 
 use std::borrow::Cow;
-
-use memchr::{memchr, memchr3};
 
 use super::notification::{EventType, MessageSummary, NotificationSummary, MAX_EVENTS};
 use super::response::ResponseClass;
@@ -43,7 +50,11 @@ type Fast<T> = Result<T, Bail>;
 /// `walk_send_notification` with `open_body`, `open_message` and
 /// `for_each_response_message` inlined.
 fn walk(body: &[u8]) -> Fast<NotificationSummary<'_>> {
-    let mut xml = Scanner::new(std::str::from_utf8(body).map_err(|_| Bail)?);
+    // Offsets are kept as `u32` (see `Span`); the relay's body limit is far below.
+    if u32::try_from(body.len()).is_err() {
+        return Err(Bail);
+    }
+    let mut xml = Scanner::new(body);
     if !xml.root()?.is(Ns::Soap, b"Envelope") {
         return Err(Bail);
     }
@@ -90,9 +101,9 @@ fn walk(body: &[u8]) -> Fast<NotificationSummary<'_>> {
 /// `read_message` and `read_response_message` in one: the response message just entered.
 fn read_message<'i>(xml: &mut Scanner<'i>, events_left: &mut usize) -> Fast<MessageSummary<'i>> {
     let class = match xml.attr(b"ResponseClass") {
-        Some("Success") => ResponseClass::Success,
-        Some("Warning") => ResponseClass::Warning,
-        Some("Error") => ResponseClass::Error,
+        Some(b"Success") => ResponseClass::Success,
+        Some(b"Warning") => ResponseClass::Warning,
+        Some(b"Error") => ResponseClass::Error,
         _ => return Err(Bail),
     };
     let mut code = None;
@@ -105,7 +116,7 @@ fn read_message<'i>(xml: &mut Scanner<'i>, events_left: &mut usize) -> Fast<Mess
     };
     while let Some(child) = xml.child()? {
         match (child.ns, child.local) {
-            (Ns::Messages, b"ResponseCode") => code = Some(Cow::Borrowed(xml.text()?)),
+            (Ns::Messages, b"ResponseCode") => code = Some(xml.text()?),
             (Ns::Messages, b"MessageText") => {
                 xml.text()?;
             }
@@ -117,17 +128,19 @@ fn read_message<'i>(xml: &mut Scanner<'i>, events_left: &mut usize) -> Fast<Mess
             _ => xml.skip()?,
         }
     }
+    // Made text only now, once per message rather than once per value read.
+    let text = |value: Option<&'i [u8]>| value.map(ascii).transpose();
     Ok(MessageSummary {
         class,
-        code,
-        subscription_id: id_in_notification.or(id_in_message_xml).map(Cow::Borrowed),
+        code: text(code)?.map(Cow::Borrowed),
+        subscription_id: text(id_in_notification.or(id_in_message_xml))?.map(Cow::Borrowed),
         event_counts: tally.event_counts,
-        last_watermark: tally.last_watermark.map(Cow::Borrowed),
+        last_watermark: text(tally.last_watermark)?.map(Cow::Borrowed),
     })
 }
 
 /// `read_message_xml`, keeping only the subscription id.
-fn read_message_xml<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i str>> {
+fn read_message_xml<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i [u8]>> {
     let mut subscription_id = None;
     while let Some(value) = xml.child()? {
         if !value.is(Ns::Types, b"Value") {
@@ -135,9 +148,9 @@ fn read_message_xml<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i str>> {
             continue;
         }
         match xml.attr(b"Name") {
-            Some("SubscriptionId") => subscription_id = Some(xml.text()?),
+            Some(b"SubscriptionId") => subscription_id = Some(xml.text()?),
             // Read as text (so checked as the full walk checks it), but not kept.
-            Some("BackOffMilliseconds") => {
+            Some(b"BackOffMilliseconds") => {
                 xml.text()?;
             }
             _ => xml.skip()?,
@@ -150,7 +163,7 @@ fn read_message_xml<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i str>> {
 /// `Notification` of the message, as in the full walk.
 struct Tally<'i> {
     event_counts: [u32; EventType::ALL.len()],
-    last_watermark: Option<&'i str>,
+    last_watermark: Option<&'i [u8]>,
 }
 
 /// `read_notification`: returns the subscription id, which is required.
@@ -158,7 +171,7 @@ fn read_notification<'i>(
     xml: &mut Scanner<'i>,
     events_left: &mut usize,
     tally: &mut Tally<'i>,
-) -> Fast<&'i str> {
+) -> Fast<&'i [u8]> {
     let mut subscription_id = None;
     while let Some(child) = xml.child()? {
         if child.ns != Ns::Types {
@@ -171,10 +184,10 @@ fn read_notification<'i>(
                 xml.text()?;
             }
             b"MoreEvents" => match xml.text()? {
-                "true" | "1" | "false" | "0" => {}
+                b"true" | b"1" | b"false" | b"0" => {}
                 _ => return Err(Bail),
             },
-            name => match EventType::from_element(name) {
+            name => match event_type(name) {
                 Some(kind) => {
                     *events_left = events_left.checked_sub(1).ok_or(Bail)?;
                     tally.event_counts[kind.index()] += 1;
@@ -190,8 +203,24 @@ fn read_notification<'i>(
     subscription_id.ok_or(Bail)
 }
 
+/// `EventType::from_element` as one `match`, which compiles to a switch on the length and a
+/// comparison or two, rather than a loop comparing against every name.
+fn event_type(name: &[u8]) -> Option<EventType> {
+    Some(match name {
+        b"CopiedEvent" => EventType::Copied,
+        b"CreatedEvent" => EventType::Created,
+        b"DeletedEvent" => EventType::Deleted,
+        b"ModifiedEvent" => EventType::Modified,
+        b"MovedEvent" => EventType::Moved,
+        b"NewMailEvent" => EventType::NewMail,
+        b"FreeBusyChangedEvent" => EventType::FreeBusyChanged,
+        b"StatusEvent" => EventType::Status,
+        _ => return None,
+    })
+}
+
 /// `read_event` without `FULL`: the event just entered, returning its watermark.
-fn read_event<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i str>> {
+fn read_event<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i [u8]>> {
     let mut watermark = None;
     while let Some(child) = xml.child()? {
         if child.ns != Ns::Types {
@@ -210,13 +239,20 @@ fn read_event<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i str>> {
             b"TimeStamp" => {
                 xml.text()?;
             }
+            // `str::parse`, exactly as the full walk reads it; one per folder event.
             b"UnreadCount" => {
-                xml.text()?.parse::<u32>().map_err(|_| Bail)?;
+                ascii(xml.text()?)?.parse::<u32>().map_err(|_| Bail)?;
             }
             _ => xml.skip()?,
         }
     }
     Ok(watermark)
+}
+
+/// A piece of the body as text. The scanner has seen every byte of it to be ASCII, so this
+/// never fails; it is the one safe way to a `&str`, and costs little on the few values kept.
+fn ascii(bytes: &[u8]) -> Fast<&str> {
+    std::str::from_utf8(bytes).map_err(|_| Bail)
 }
 
 /// A start tag, its namespace resolved.
@@ -241,64 +277,90 @@ enum Token {
     End,
 }
 
+/// A piece of the body by offset and length: half the size of a slice, so the tables below
+/// are cheap to set up, and an end tag is compared with its start tag in place.
+#[derive(Clone, Copy, Default)]
+struct Span {
+    at: u32,
+    len: u32,
+}
+
+impl Span {
+    /// `start..end`; [`Scanner::new`] refuses bodies whose offsets do not fit.
+    fn new(start: usize, end: usize) -> Span {
+        Span {
+            at: start as u32,
+            len: (end - start) as u32,
+        }
+    }
+
+    fn start(self) -> usize {
+        self.at as usize
+    }
+
+    fn len(self) -> usize {
+        self.len as usize
+    }
+}
+
 /// One attribute of the start tag just read.
-#[derive(Clone, Copy)]
-struct Attr<'i> {
-    key: &'i [u8],
-    value: &'i str,
+#[derive(Clone, Copy, Default)]
+struct Attr {
+    key: Span,
+    value: Span,
 }
 
 /// One namespace declaration in scope.
 #[derive(Clone, Copy)]
-struct Binding<'i> {
-    /// `None` for the default namespace.
-    prefix: Option<&'i [u8]>,
+struct Binding {
+    /// The prefix as a [`prefix_key`]; 0 for the default namespace.
+    prefix: u64,
     ns: Ns,
     /// Depth of the element that declared it.
     depth: usize,
 }
 
+/// [`prefix_key`] of the two prefixes that cannot be declared.
+const XML_KEY: u64 = key_of(b"xml");
+const XMLNS_KEY: u64 = key_of(b"xmlns");
+
 /// A forward-only tokenizer over a whole body, keeping the open elements, the attributes of
 /// the last start tag and the namespace declarations in scope in fixed-size tables.
 struct Scanner<'i> {
-    text: &'i str,
     bytes: &'i [u8],
     /// The next byte to read.
     pos: usize,
     /// Elements currently open; their names are `open[..depth]`.
     depth: usize,
-    open: [&'i [u8]; MAX_DEPTH],
+    open: [Span; MAX_DEPTH],
     /// The last start tag was `<a/>`: its end is the next token.
     empty_open: bool,
-    /// The name of the last start tag, split at its colon.
-    prefix: Option<&'i [u8]>,
+    /// The name of the last start tag: its prefix as a [`prefix_key`] (0 for none), and its
+    /// local part.
+    prefix: u64,
     local: &'i [u8],
-    attrs: [Attr<'i>; MAX_ATTRIBUTES],
+    attrs: [Attr; MAX_ATTRIBUTES],
     attr_count: usize,
-    bindings: [Binding<'i>; MAX_BINDINGS],
+    bindings: [Binding; MAX_BINDINGS],
     binding_count: usize,
 }
 
 impl<'i> Scanner<'i> {
-    /// A scanner over `text`, positioned on its first byte. Infallible, so it is built in
+    /// A scanner over `bytes`, positioned on its first byte. Infallible, so it is built in
     /// place rather than moved out of a `Result`.
-    fn new(text: &'i str) -> Self {
+    fn new(bytes: &'i [u8]) -> Self {
         Scanner {
-            text,
-            bytes: text.as_bytes(),
+            bytes,
             pos: 0,
             depth: 0,
-            open: [&[]; MAX_DEPTH],
+            open: [Span::default(); MAX_DEPTH],
             empty_open: false,
-            prefix: None,
+            prefix: 0,
             local: &[],
-            attrs: [Attr {
-                key: &[],
-                value: "",
-            }; MAX_ATTRIBUTES],
+            attrs: [Attr::default(); MAX_ATTRIBUTES],
             attr_count: 0,
             bindings: [Binding {
-                prefix: None,
+                prefix: 0,
                 ns: Ns::Other,
                 depth: 0,
             }; MAX_BINDINGS],
@@ -344,59 +406,74 @@ impl<'i> Scanner<'i> {
 
     /// The text of the element just entered, through its end tag, trimmed of XML white space.
     /// A child element or a `\r` (which the full walk would normalise) gives up.
-    fn text(&mut self) -> Fast<&'i str> {
+    fn text(&mut self) -> Fast<&'i [u8]> {
         if self.empty_open {
             self.empty_open = false;
             self.close();
-            return Ok("");
+            return Ok(b"");
         }
+        let bytes = self.bytes;
         let at = self.pos;
-        let len = memchr3(b'<', b'&', b'>', self.bytes.get(at..).ok_or(Bail)?).ok_or(Bail)?;
+        let mut cr = false;
+        // Texts Exchange writes have no white space: the first stop is their `<`.
+        let mut end = at;
+        for (p, b) in Stops::new(bytes, at, text_stops) {
+            match b {
+                b'<' => {
+                    end = p;
+                    break;
+                }
+                b'\r' => cr = true,
+                b'&' | b'>' | 0x80.. => return Err(Bail),
+                _ => {} // other white space and control characters, as the full walk
+            }
+        }
         // A child element is left to the full walk, which reads the text around it.
-        if self.bytes[at + len] != b'<' || len > MAX_VALUE_LEN || self.byte(at + len + 1)? != b'/' {
+        if end - at > MAX_VALUE_LEN || self.byte(end + 1)? != b'/' {
             return Err(Bail);
         }
-        self.pos = at + len;
-        self.end_tag()?;
+        self.end_tag(end)?;
         // Trimmed of XML white space, which is ASCII.
-        let start = skip_space(self.bytes, at);
-        let mut end = at + len;
-        while end > start && CLASS[usize::from(self.bytes[end - 1])] & SPACE != 0 {
+        let start = skip_space(bytes, at);
+        while end > start && is_space(bytes[end - 1]) {
             end -= 1;
         }
-        if memchr(b'\r', &self.bytes[start..end]).is_some() {
+        let text = &bytes[start..end];
+        if cr && text.contains(&b'\r') {
             return Err(Bail);
         }
-        self.str(start, end)
+        Ok(text)
     }
 
     /// Reads the rest of the document: the root's remaining content, then nothing but white
     /// space.
-    fn finish(mut self) -> Fast<()> {
+    fn finish(&mut self) -> Fast<()> {
         while self.depth > 0 {
             self.next()?;
         }
         let rest = &self.bytes[self.pos..];
-        if rest.len() > MAX_VALUE_LEN || run(rest, 0, SPACE) != rest.len() {
+        if rest.len() > MAX_VALUE_LEN || skip_space(rest, 0) != rest.len() {
             return Err(Bail);
         }
         Ok(())
     }
 
     /// The value of the unqualified attribute `key` of the start tag just read.
-    fn attr(&self, key: &[u8]) -> Option<&'i str> {
+    fn attr(&self, key: &[u8]) -> Option<&'i [u8]> {
+        let bytes = self.bytes;
         self.attrs[..self.attr_count]
             .iter()
-            .find(|attr| attr.key == key)
-            .map(|attr| attr.value)
+            .find(|attr| &bytes[attr.key.start()..][..attr.key.len()] == key)
+            .map(|attr| &bytes[attr.value.start()..][..attr.value.len()])
     }
 
-    /// The start tag just read, its namespace resolved.
+    /// The start tag just read, its namespace resolved: the innermost declaration of its
+    /// prefix, one comparison of two integers per declaration in scope.
     fn element(&self) -> Element<'i> {
         let ns = self.bindings[..self.binding_count]
             .iter()
             .rev()
-            .find(|binding| same_prefix(binding.prefix, self.prefix))
+            .find(|binding| binding.prefix == self.prefix)
             .map_or(Ns::Other, |binding| binding.ns);
         Element {
             ns,
@@ -413,14 +490,15 @@ impl<'i> Scanner<'i> {
         if self.depth == 0 {
             return Err(Bail);
         }
-        // Text between tags: ignored by every caller (`text` reads its own), so only checked.
+        // Text between tags: ignored by every caller (`text` reads its own), so only checked:
+        // no `&` (a reference) or `>` (perhaps ending a `]]>`), both left to the full walk.
         let at = markup(self.bytes, self.pos)?;
         if at - self.pos > MAX_VALUE_LEN {
             return Err(Bail);
         }
         self.pos = at;
         if self.byte(at + 1)? == b'/' {
-            self.end_tag()?;
+            self.end_tag(at)?;
             return Ok(Token::End);
         }
         // `<!` and `<?` fail the name grammar.
@@ -433,85 +511,118 @@ impl<'i> Scanner<'i> {
         let bytes = self.bytes;
         let start = self.pos + 1;
         let (end, colon) = name(bytes, start)?;
-        (self.prefix, self.local) = match colon {
-            Some(colon) => (Some(&bytes[start..colon]), &bytes[colon + 1..end]),
-            None => (None, &bytes[start..end]),
+        let local;
+        (self.prefix, local) = match colon {
+            Some(colon) => (prefix_key(bytes, start, colon)?, colon + 1),
+            None => (0, start),
         };
+        self.local = &bytes[local..end];
         // Prefixes that cannot be declared: the full walk resolves them as unbound.
-        if matches!(self.prefix, Some(b"xml" | b"xmlns")) || self.depth == MAX_DEPTH {
+        if self.prefix == XML_KEY || self.prefix == XMLNS_KEY || self.depth == MAX_DEPTH {
             return Err(Bail);
         }
         let depth = self.depth + 1;
         self.attr_count = 0;
         let mut p = end;
         let empty = loop {
-            let key = skip_space(bytes, p);
-            match self.byte(key)? {
+            match self.byte(p)? {
                 b'>' => {
-                    p = key + 1;
+                    p += 1;
                     break false;
                 }
-                b'/' if self.byte(key + 1)? == b'>' => {
-                    p = key + 2;
+                b'/' if self.byte(p + 1)? == b'>' => {
+                    p += 2;
                     break true;
                 }
                 // White space must separate the name and every attribute.
-                _ if key == p => return Err(Bail),
-                _ => {}
+                b' ' | b'\t' | b'\n' | b'\r' => {}
+                _ => return Err(Bail),
             }
-            let (key_end, _) = self::name(bytes, key)?;
-            let eq = skip_space(bytes, key_end);
-            if self.byte(eq)? != b'=' {
-                return Err(Bail);
+            p = skip_space(bytes, p + 1);
+            if !matches!(self.byte(p)?, b'>' | b'/') {
+                p = self.attribute(p, depth)?;
             }
-            let open_quote = skip_space(bytes, eq + 1);
-            let quote = self.byte(open_quote)?;
-            if quote != b'"' && quote != b'\'' {
-                return Err(Bail);
-            }
-            let value = open_quote + 1;
-            let len = memchr3(quote, b'<', b'&', &bytes[value..]).ok_or(Bail)?;
-            if bytes[value + len] != quote || len > MAX_VALUE_LEN {
-                return Err(Bail);
-            }
-            let attr = Attr {
-                key: &bytes[key..key_end],
-                value: self.str(value, value + len)?,
-            };
-            if self.attr_count == MAX_ATTRIBUTES
-                || self.attrs[..self.attr_count]
-                    .iter()
-                    .any(|seen| seen.key == attr.key)
-            {
-                return Err(Bail);
-            }
-            self.attrs[self.attr_count] = attr;
-            self.attr_count += 1;
-            if attr.key.starts_with(b"xmlns") {
-                self.declare(attr, depth)?;
-            }
-            p = value + len + 1;
         };
-        self.open[self.depth] = &bytes[start..end];
+        self.open[self.depth] = Span::new(start, end);
         self.depth = depth;
         self.pos = p;
         self.empty_open = empty;
         Ok(())
     }
 
-    /// Puts `attr` in scope if it is a namespace declaration; gives up on those the full walk
-    /// refuses or treats specially, and on a prefix bound to no namespace.
-    fn declare(&mut self, attr: Attr<'i>, depth: usize) -> Fast<()> {
-        let prefix = match attr.key.get(5) {
-            None => None,
-            Some(b':') => Some(&attr.key[6..]),
-            Some(_) => return Ok(()), // `xmlnsfoo`: an ordinary attribute
+    /// Reads the attribute at `key` of the start tag being read, for the element at `depth`;
+    /// returns where its value's closing quote ends.
+    fn attribute(&mut self, key: usize, depth: usize) -> Fast<usize> {
+        let bytes = self.bytes;
+        let (key_end, colon) = name(bytes, key)?;
+        let mut eq = key_end;
+        if self.byte(eq)? != b'=' {
+            eq = skip_space(bytes, eq);
+            if self.byte(eq)? != b'=' {
+                return Err(Bail);
+            }
+        }
+        let open_quote = skip_space(bytes, eq + 1);
+        let quote = self.byte(open_quote)?;
+        if quote != b'"' && quote != b'\'' {
+            return Err(Bail);
+        }
+        let value = open_quote + 1;
+        // Base64 ids, the one long value kind, hold no stop: one stop per value, its quote.
+        let mut end = value;
+        for (p, b) in Stops::new(bytes, value, value_stops) {
+            match b {
+                b if b == quote => {
+                    end = p;
+                    break;
+                }
+                b'<' | b'&' | 0x80.. => return Err(Bail),
+                _ => {} // the other quote, white space, `!`, `#` …
+            }
+        }
+        if end - value > MAX_VALUE_LEN {
+            return Err(Bail);
+        }
+        let attr = Attr {
+            key: Span::new(key, key_end),
+            value: Span::new(value, end),
         };
-        let uri = attr.value.as_bytes();
-        if matches!(prefix, Some(b"xml" | b"xmlns"))
+        let count = self.attr_count;
+        if count == MAX_ATTRIBUTES {
+            return Err(Bail);
+        }
+        for seen in &self.attrs[..count] {
+            if seen.key.len == attr.key.len && same(bytes, seen.key.start(), key, attr.key.len()) {
+                return Err(Bail);
+            }
+        }
+        self.attrs[count] = attr;
+        self.attr_count = count + 1;
+        // `xmlns` or `xmlns:p`, told apart from `xmlnsfoo` by where the colon is. Other
+        // prefixed attributes are not resolved, in the full walk either.
+        if word(bytes, key) & low_bytes(5) == XMLNS_KEY {
+            match colon {
+                None if key_end - key == 5 => self.declare(0, value, end, depth)?,
+                Some(colon) if colon == key + 5 => {
+                    let prefix = prefix_key(bytes, colon + 1, key_end)?;
+                    self.declare(prefix, value, end, depth)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(end + 1)
+    }
+
+    /// Puts the declaration of `prefix` (0: the default namespace) as the URI at
+    /// `value..end` in scope; gives up on those the full walk refuses or treats specially, and
+    /// on a prefix bound to no namespace.
+    fn declare(&mut self, prefix: u64, value: usize, end: usize, depth: usize) -> Fast<()> {
+        let uri = &self.bytes[value..end];
+        if prefix == XML_KEY
+            || prefix == XMLNS_KEY
             || uri == XML_NS
             || uri == XMLNS_NS
-            || (prefix.is_some() && uri.is_empty())
+            || (prefix != 0 && uri.is_empty())
             || self.binding_count == MAX_BINDINGS
         {
             return Err(Bail);
@@ -525,20 +636,20 @@ impl<'i> Scanner<'i> {
         Ok(())
     }
 
-    /// Reads the end tag at `pos`, which must close the innermost open element.
-    fn end_tag(&mut self) -> Fast<()> {
+    /// Reads the end tag at `at`, which must close the innermost open element: compared with
+    /// the start tag's name where it stands in the body.
+    fn end_tag(&mut self, at: usize) -> Fast<()> {
         let name = self.open[self.depth - 1];
-        let after_name = self.pos + 2 + name.len();
-        if !self
-            .bytes
-            .get(self.pos + 2..after_name)
-            .is_some_and(|found| same(found, name))
-        {
+        let after_name = at + 2 + name.len();
+        if !same(self.bytes, at + 2, name.start(), name.len()) {
             return Err(Bail);
         }
-        let close = skip_space(self.bytes, after_name);
+        let mut close = after_name;
         if self.byte(close)? != b'>' {
-            return Err(Bail);
+            close = skip_space(self.bytes, close);
+            if self.byte(close)? != b'>' {
+                return Err(Bail);
+            }
         }
         self.pos = close + 1;
         self.close();
@@ -556,84 +667,96 @@ impl<'i> Scanner<'i> {
     fn byte(&self, at: usize) -> Fast<u8> {
         self.bytes.get(at).copied().ok_or(Bail)
     }
-
-    fn str(&self, start: usize, end: usize) -> Fast<&'i str> {
-        self.text.get(start..end).ok_or(Bail)
-    }
-}
-
-/// Whether two prefixes (`None`: the default namespace) are the same. Prefixes are a few
-/// bytes long: compared in place, as a call to `memcmp` per binding in scope costs more.
-fn same_prefix(a: Option<&[u8]>, b: Option<&[u8]>) -> bool {
-    match (a, b) {
-        (None, None) => true,
-        (Some(a), Some(b)) => a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y),
-        _ => false,
-    }
-}
-
-/// Whether two names of the same length are equal, compared eight bytes at a time in place:
-/// names are short, and a call to `memcmp` per end tag costs more.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    let (mut a, mut b) = (a, b);
-    while let (Some((x, a_rest)), Some((y, b_rest))) =
-        (a.split_first_chunk::<8>(), b.split_first_chunk::<8>())
-    {
-        if u64::from_ne_bytes(*x) != u64::from_ne_bytes(*y) {
-            return false;
-        }
-        (a, b) = (a_rest, b_rest);
-    }
-    a.iter().zip(b).all(|(x, y)| x == y)
-}
-
-/// Byte classes, as bits: the name grammar `[A-Za-z_][A-Za-z0-9._-]*` and XML white space.
-const NAME_START: u8 = 1;
-const NAME_MORE: u8 = 2;
-const SPACE: u8 = 4;
-
-static CLASS: [u8; 256] = {
-    let mut classes = [0; 256];
-    let mut b = 0;
-    while b < 256 {
-        classes[b] = match b as u8 {
-            b'A'..=b'Z' | b'a'..=b'z' | b'_' => NAME_START | NAME_MORE,
-            b'0'..=b'9' | b'.' | b'-' => NAME_MORE,
-            b' ' | b'\t' | b'\n' | b'\r' => SPACE,
-            _ => 0,
-        };
-        b += 1;
-    }
-    classes
-};
-
-fn class(bytes: &[u8], at: usize) -> u8 {
-    bytes.get(at).map_or(0, |&b| CLASS[usize::from(b)])
-}
-
-/// How many bytes from `at` on are all of `class`.
-fn run(bytes: &[u8], at: usize, class: u8) -> usize {
-    let rest = bytes.get(at..).unwrap_or_default();
-    rest.iter()
-        .position(|&b| CLASS[usize::from(b)] & class == 0)
-        .unwrap_or(rest.len())
 }
 
 /// The end of the name that starts at `start`, and where its colon is if it has a prefix.
 /// A second colon ends the name, which its caller then refuses; so does running off the end
 /// of the body, at the caller's next read.
+///
+/// Names are mostly letters, so the scan stops at anything else, and the rare digit, `_`,
+/// `-`, `.` or colon is stepped over: a cheaper test per word than the whole name grammar.
+#[inline(always)]
 fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
-    let part = |start: usize| -> Fast<usize> {
-        if class(bytes, start) & NAME_START == 0 {
-            return Err(Bail);
-        }
-        Ok(start + 1 + run(bytes, start + 1, NAME_MORE))
-    };
-    let end = part(start)?;
-    if bytes.get(end) != Some(&b':') {
-        return Ok((end, None));
+    if !bytes.get(start).is_some_and(|&b| is_name_start(b)) {
+        return Err(Bail);
     }
-    Ok((part(end + 1)?, Some(end)))
+    let mut colon = None;
+    for (p, b) in Stops::new(bytes, start + 1, letter_stops) {
+        match b {
+            b'0'..=b'9' | b'_' | b'-' | b'.' => {}
+            // The local part starts like a name.
+            b':' if colon.is_none() => {
+                if !bytes.get(p + 1).is_some_and(|&b| is_name_start(b)) {
+                    return Err(Bail);
+                }
+                colon = Some(p);
+            }
+            _ => return Ok((p, colon)),
+        }
+    }
+    unreachable!("a scan ends at the end of the body")
+}
+
+/// `[A-Za-z_]`: what a name, and each part of a prefixed one, starts with.
+fn is_name_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'_'
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The prefix at `start..end` as a number, so that resolving an element is comparing
+/// integers: its bytes in a little-endian `u64`, zero above them. Name bytes are never zero,
+/// so two prefixes of at most eight bytes are equal exactly when their keys are, and no key
+/// is 0, which stands for no prefix. A longer prefix gives up.
+fn prefix_key(bytes: &[u8], start: usize, end: usize) -> Fast<u64> {
+    if end - start > 8 {
+        return Err(Bail);
+    }
+    Ok(word(bytes, start) & low_bytes(end - start))
+}
+
+/// [`prefix_key`] at compile time.
+const fn key_of(prefix: &[u8]) -> u64 {
+    let mut key = 0;
+    let mut i = prefix.len();
+    while i > 0 {
+        i -= 1;
+        key = key << 8 | prefix[i] as u64;
+    }
+    key
+}
+
+/// A mask of the low `n` bytes of a word (`n` at most 8).
+fn low_bytes(n: usize) -> u64 {
+    u64::MAX.checked_shr(64 - 8 * n as u32).unwrap_or(0)
+}
+
+/// Whether the `len` bytes at `a` and at `b` are the same, compared a word at a time in
+/// place: names are short, and a call to `memcmp` costs more. A name of up to eight bytes is
+/// one masked word; past the end of the body [`word`] pads with 0xFF, which is in no name, so
+/// a name cut short is not the same. A longer one is whole words, then its last eight bytes,
+/// which may overlap the last whole word.
+fn same(bytes: &[u8], a: usize, b: usize, len: usize) -> bool {
+    if len <= 8 {
+        return (word(bytes, a) ^ word(bytes, b)) & low_bytes(len) == 0;
+    }
+    let (Some(x), Some(y)) = (bytes.get(a..a + len), bytes.get(b..b + len)) else {
+        return false;
+    };
+    let load = |s: &[u8], i: usize| {
+        s.get(i..i + 8)
+            .map(|w| u64::from_le_bytes(w.try_into().expect("eight")))
+    };
+    let mut i = 0;
+    while i + 8 < len {
+        if load(x, i) != load(y, i) {
+            return false;
+        }
+        i += 8;
+    }
+    load(x, len - 8) == load(y, len - 8)
 }
 
 /// Where the XML declaration at `at` ends, if it is `<?xml version="1.0"?>` with at most an
@@ -678,7 +801,10 @@ fn declaration(bytes: &[u8], at: usize) -> Fast<usize> {
             return Err(Bail);
         }
         let value = open_quote + 1;
-        let len = memchr(quote, bytes.get(value..).ok_or(Bail)?).ok_or(Bail)?;
+        let len = bytes
+            .get(value..)
+            .and_then(|rest| rest.iter().position(|&b| b == quote))
+            .ok_or(Bail)?;
         if !valid(&bytes[value..value + len]) {
             return Err(Bail);
         }
@@ -686,43 +812,232 @@ fn declaration(bytes: &[u8], at: usize) -> Fast<usize> {
     }
 }
 
-/// Where the next tag starts at or after `at`: the next `<`, with no `&` (a reference) or `>`
-/// (perhaps ending a `]]>`) before it, both left to the full walk. Eight bytes at a time, as
-/// this passes over every run of indentation in the body.
-fn markup(bytes: &[u8], at: usize) -> Fast<usize> {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    // The high bit of each byte of `word` that equals `b`, exact up to the lowest such byte
-    // (the borrow may mark bytes after it, which are never looked at).
-    let find = |word: u64, b: u8| {
-        let x = word ^ (ONES * u64::from(b));
-        x.wrapping_sub(ONES) & !x & HIGHS
-    };
-    let rest = bytes.get(at..).ok_or(Bail)?;
-    if rest.first() == Some(&b'<') {
-        return Ok(at);
+/// The first byte at or after `at` that is not XML white space (or the end of `bytes`). A
+/// byte at a time: the runs it passes over inside tags are a byte or two long.
+fn skip_space(bytes: &[u8], at: usize) -> usize {
+    let mut p = at;
+    while bytes.get(p).is_some_and(|&b| is_space(b)) {
+        p += 1;
     }
-    let mut offset = 0;
-    while let Some(chunk) = rest.get(offset..).and_then(|r| r.first_chunk::<8>()) {
-        let word = u64::from_le_bytes(*chunk);
-        let hits = find(word, b'<') | find(word, b'&') | find(word, b'>');
-        if hits != 0 {
-            offset += (hits.trailing_zeros() / 8) as usize;
-            break;
-        }
-        offset += 8;
-    }
-    offset += rest[offset..]
-        .iter()
-        .position(|&b| matches!(b, b'<' | b'&' | b'>'))
-        .ok_or(Bail)?;
-    if rest[offset] != b'<' {
-        return Err(Bail);
-    }
-    Ok(at + offset)
+    p
 }
 
-/// The first byte at or after `at` that is not XML white space (or the end of `bytes`).
-fn skip_space(bytes: &[u8], at: usize) -> usize {
-    at + run(bytes, at, SPACE)
+// Eight bytes at a time. A scan loads a word and computes a mask with the high bit of each
+// byte ("lane") set where the byte stops the scan. Each test adds a constant to every lane or
+// XORs one in, so that a lane's high bit says whether its byte is in some range. No word is
+// masked to seven bits first: a carry can only come out of a lane holding 0x80 or more, and
+// every test marks those bytes, which are not ASCII, as stops that give up. So a wrong mark
+// can only follow a stop that ends the scan, and the stops a scan acts on are exact
+// (`stops_are_exact` checks every byte in every lane).
+
+/// `b` in every lane.
+const fn splat(b: u8) -> u64 {
+    u64::from_ne_bytes([b; 8])
+}
+
+const HIGH: u64 = splat(0x80);
+
+/// The high bit of each ASCII lane of `w` that is at least `b`: adding `0x80 - b` carries
+/// into it exactly then.
+const fn at_least(w: u64, b: u8) -> u64 {
+    w.wrapping_add(splat(0x80 - b))
+}
+
+/// The high bit of each ASCII lane of `w` that is not `b`: their XOR is not zero, and
+/// adding 0x7F carries it into the high bit.
+const fn not(w: u64, b: u8) -> u64 {
+    (w ^ splat(b)).wrapping_add(splat(0x7F))
+}
+
+/// Bytes that are not ASCII letters. Folding the case (`| 0x20`) makes the letters one
+/// range, and moves nothing else into it.
+fn letter_stops(w: u64) -> u64 {
+    let lower = w | splat(0x20);
+    !(at_least(lower, b'a') & !at_least(lower, b'z' + 1) & !w) & HIGH
+}
+
+/// Bytes that may end or spoil an attribute value: its quote, `<` and `&`, which give up,
+/// and non-ASCII. The quotes and `&` are among the bytes below `(`, tested as one range;
+/// the others there (white space, `!`, `#` …) are stepped over by the caller.
+fn value_stops(w: u64) -> u64 {
+    !(at_least(w, b'(') & not(w, b'<') & !w) & HIGH
+}
+
+/// Bytes that may end or spoil a text: `<`, `&`, `>` and non-ASCII. `&` is tested among the
+/// bytes below `'`, as one range: the others there (white space, control characters, `!`,
+/// `#` …) are stepped over by the caller, which notes a `\r`. `<` and `>` differ in one bit:
+/// with it set both are `>`.
+fn text_stops(w: u64) -> u64 {
+    !(at_least(w, b'\'') & not(w | splat(0x02), b'>') & !w) & HIGH
+}
+
+/// Bytes that end or spoil the text between tags: `<`, `&`, `>` and non-ASCII.
+fn markup_stops(w: u64) -> u64 {
+    !(not(w, b'&') & not(w | splat(0x02), b'>') & !w) & HIGH
+}
+
+/// The bytes from some offset on that a test (`letter_stops` …) marks, with their offsets,
+/// in order: a scan is a loop over these that stops at the first one it cannot step over.
+/// The marks of a word are taken lowest first, so a byte that is stepped over costs no second
+/// load. It never ends: at the end of the body [`padded`] fills in 0xFF, which every scan
+/// takes to end it, at an offset past the body, so that the caller's next read gives up.
+struct Stops<'i, F> {
+    /// The whole words after `word`, so that the bounds are checked once per scan.
+    chunks: std::slice::ChunksExact<'i, u8>,
+    /// Where `word` was loaded from.
+    at: usize,
+    word: u64,
+    /// The marks of `word` not yet handed out.
+    hits: u64,
+    stops: F,
+}
+
+impl<'i, F: Fn(u64) -> u64> Stops<'i, F> {
+    #[inline(always)]
+    fn new(bytes: &'i [u8], at: usize, stops: F) -> Self {
+        let mut chunks = bytes.get(at..).unwrap_or_default().chunks_exact(8);
+        let word = next_word(&mut chunks);
+        Stops {
+            chunks,
+            at,
+            word,
+            hits: stops(word),
+            stops,
+        }
+    }
+}
+
+impl<F: Fn(u64) -> u64> Iterator for Stops<'_, F> {
+    type Item = (usize, u8);
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<(usize, u8)> {
+        while self.hits == 0 {
+            self.at += 8;
+            self.word = next_word(&mut self.chunks);
+            self.hits = (self.stops)(self.word);
+        }
+        let lane = first_lane(self.hits);
+        self.hits &= self.hits - 1;
+        Some((self.at + lane, (self.word >> (8 * lane)) as u8))
+    }
+}
+
+/// The next whole word of `chunks`; then the rest padded as [`word`] pads, then all 0xFF.
+#[inline(always)]
+fn next_word(chunks: &mut std::slice::ChunksExact<'_, u8>) -> u64 {
+    match chunks.next() {
+        Some(chunk) => u64::from_le_bytes(chunk.try_into().expect("chunks of eight")),
+        None => {
+            let rest = chunks.remainder();
+            *chunks = [].chunks_exact(8);
+            padded(rest)
+        }
+    }
+}
+
+/// The lowest lane of a non-zero word holding a non-zero bit: with words loaded
+/// little-endian, the first such byte in the body's order.
+fn first_lane(hits: u64) -> usize {
+    (hits.trailing_zeros() / 8) as usize
+}
+
+/// Where the next tag starts at or after `at`: the next `<`, with no `&` (a reference) or
+/// `>` (perhaps ending a `]]>`) before it, both left to the full walk.
+///
+/// Between tags Exchange writes a line end and spaces, so those are tried first: XOR with
+/// spaces leaves a word zero but where a byte is not a space, and the lowest such lane is
+/// the tag if the run ends at one. Anything else takes the full scan.
+fn markup(bytes: &[u8], at: usize) -> Fast<usize> {
+    let mut p = at + usize::from(bytes.get(at) == Some(&b'\n'));
+    loop {
+        let others = word(bytes, p) ^ splat(b' ');
+        if others != 0 {
+            p += first_lane(others);
+            break;
+        }
+        p += 8;
+    }
+    if bytes.get(p) == Some(&b'<') {
+        return Ok(p);
+    }
+    match Stops::new(bytes, at, markup_stops).next() {
+        Some((p, b'<')) => Ok(p),
+        _ => Err(Bail),
+    }
+}
+
+/// The eight bytes from `at` as a little-endian word, so the first byte is the lowest lane;
+/// past the end of the body padded with 0xFF, a byte no scan accepts and no name holds.
+#[inline(always)]
+fn word(bytes: &[u8], at: usize) -> u64 {
+    match bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+        Some(chunk) => u64::from_le_bytes(*chunk),
+        None => padded(bytes.get(at..).unwrap_or_default()),
+    }
+}
+
+/// The fewer than eight bytes of `rest` as a word, padded with 0xFF: taken once or twice
+/// per body, at its end.
+#[cold]
+#[inline(never)]
+fn padded(rest: &[u8]) -> u64 {
+    let mut chunk = [0xFF; 8];
+    chunk[..rest.len()].copy_from_slice(rest);
+    u64::from_le_bytes(chunk)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_types_match_their_names() {
+        for kind in EventType::ALL {
+            assert_eq!(event_type(kind.as_str().as_bytes()), Some(kind));
+        }
+        assert_eq!(event_type(b"Event"), None);
+    }
+
+    /// Every scan's mask against the byte classes it stands for, for every byte in every lane
+    /// after bytes that do not stop it, and before any bytes at all.
+    #[test]
+    fn stops_are_exact() {
+        let letter = |b: u8| b.is_ascii_alphabetic();
+        let value = |b: u8| b < b'(' || b == b'<' || b >= 0x80;
+        let text = |b: u8| b < b'\'' || matches!(b, b'<' | b'>') || b >= 0x80;
+        let markup = |b: u8| matches!(b, b'&' | b'<' | b'>') || b >= 0x80;
+        type Scan<'a> = (fn(u64) -> u64, &'a dyn Fn(u8) -> bool);
+        let scans: [Scan; 4] = [
+            (letter_stops, &|b| !letter(b)),
+            (value_stops, &value),
+            (text_stops, &text),
+            (markup_stops, &markup),
+        ];
+        for (stops, expected) in scans {
+            for lane in 0..8 {
+                for b in 0..=255u8 {
+                    for after in [b'a', b'<', 0xFF, 0x00] {
+                        let mut bytes = [after; 8];
+                        bytes[..lane].fill(b'a');
+                        bytes[lane] = b;
+                        let mask = stops(u64::from_le_bytes(bytes));
+                        let hit = mask & (0x80 << (8 * lane)) != 0;
+                        assert_eq!(hit, expected(b), "byte {b:#x} in lane {lane}");
+                        assert_eq!(mask & ((0x80 << (8 * lane)) - 1), 0, "before lane {lane}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prefix_keys() {
+        let body = b"xmlns:xml>";
+        assert_eq!(prefix_key(body, 0, 5).ok(), Some(XMLNS_KEY));
+        assert_eq!(prefix_key(body, 6, 9).ok(), Some(XML_KEY));
+        assert!(prefix_key(b"abcdefghi:", 0, 9).is_err());
+        assert_eq!(low_bytes(0), 0);
+        assert_eq!(low_bytes(8), u64::MAX);
+    }
 }
