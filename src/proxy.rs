@@ -406,17 +406,19 @@ impl Proxy {
             // Fields of a parsed request head: httparse (HTTP/1.1) or http (HTTP/2) checked them.
             out.push_parsed(name, value);
         }
+        // Values already checked: an address the relay formatted, earlier values of parsed
+        // fields, a constant, and the parsed Host or target authority.
         if prior_xff.is_empty() {
-            out.push(b"x-forwarded-for", conn.peer.as_bytes());
+            out.push_parsed(b"x-forwarded-for", conn.peer.as_bytes());
         } else {
             let mut xff = prior_xff.join(&b", "[..]);
             xff.extend_from_slice(b", ");
             xff.extend_from_slice(conn.peer.as_bytes());
-            out.push(b"x-forwarded-for", &xff);
+            out.push_parsed(b"x-forwarded-for", &xff);
         }
-        out.push(b"x-forwarded-proto", b"https");
+        out.push_parsed(b"x-forwarded-proto", b"https");
         if let Some(host) = host {
-            out.push(b"x-forwarded-host", host);
+            out.push_parsed(b"x-forwarded-host", host);
         }
     }
 }

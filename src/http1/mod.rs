@@ -118,8 +118,9 @@ impl HeaderBlock {
     }
 
     /// Appends a field a parser already checked: from `httparse` (token names; values of
-    /// tab, visible and obs-text bytes only) or from http's `HeaderName`/`HeaderValue`. Skips the
-    /// per-byte check of [`HeaderBlock::push`] on the hot path; debug builds still make it.
+    /// tab, visible and obs-text bytes only) or from http's `HeaderName`/`HeaderValue`, or one
+    /// the relay built from such values and constants. Skips the per-byte check of
+    /// [`HeaderBlock::push`] on the hot path; debug builds still make it.
     pub(crate) fn push_parsed(&mut self, name: &[u8], value: &[u8]) {
         debug_assert!(valid_field(name, value), "unchecked header field");
         self.has_date |= name.len() == 4 && name.eq_ignore_ascii_case(b"date");
