@@ -752,6 +752,51 @@ async fn refused_request_leaves_connection_usable_or_closed_cleanly() {
 }
 
 #[tokio::test]
+async fn slow_head_of_a_later_request_is_cut_off_at_header_timeout() {
+    let receiver = RawReceiver::ok().await;
+    let relay = Relay::start(
+        receiver.addr,
+        &["--header-timeout", "300ms", "--idle-timeout", "30s"],
+    )
+    .await;
+    // Between requests the connection may idle for 30 s; once a head begins it has 300 ms,
+    // also when its first bytes are blank lines (allowed before a request line, RFC 9112
+    // §2.2) that already look like the end of a head.
+    for prefix in ["", "\r\n\r\n"] {
+        let mut c = Conn::open(&relay).await;
+        c.send(&raw_post("/", "", &fixture(STATUS))).await.unwrap();
+        assert_eq!(c.answer().await.status, 200);
+        let t = Instant::now();
+        c.send(format!("{prefix}POST / HTTP/1.1\r\nHost: localhost\r\n").as_bytes())
+            .await
+            .unwrap();
+        // A header byte every 100 ms: activity alone must not extend the deadline.
+        let mut closed = false;
+        for _ in 0..50 {
+            let mut chunk = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(100), c.tls.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(_)) => {} // an answer before the close is fine
+                Err(_) => {
+                    let _ = c.send(b"X").await;
+                }
+            }
+        }
+        let took = t.elapsed();
+        assert!(closed, "prefix {prefix:?}: still open after {took:?}");
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+            "prefix {prefix:?}: closed after {took:?}"
+        );
+    }
+    assert_eq!(receiver.requests().len(), 2);
+    relay.stop().await;
+}
+
+#[tokio::test]
 async fn request_arriving_byte_by_byte_is_forwarded() {
     let receiver = RawReceiver::ok().await;
     let relay = Relay::start(receiver.addr, &[]).await;

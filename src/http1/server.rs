@@ -171,24 +171,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         idle_until: Instant,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<Option<Parsed>, HeadError> {
-        let mut started = !self.rbuf.is_empty();
-        self.state.deadline.set(if started {
-            (Instant::now() + self.timeouts.header).into()
-        } else {
-            idle_until.into()
-        });
+        self.state.deadline.set(idle_until.into());
+        // The head has --header-timeout from its first byte; the deadline is set (and the clock
+        // read) only when the head did not come whole with it, as it usually does.
+        let mut started = false;
+        // Bytes at the front of the buffer known not to end a head: a head ends at a line
+        // feed, and parsing again only when one arrived keeps a client that sends its head a
+        // byte at a time from making the relay parse it once per byte.
+        let mut scanned = 0;
         loop {
-            if !self.rbuf.is_empty() {
-                if let Some(parsed) = self.parse_head()? {
-                    return Ok(Some(parsed));
+            if self.rbuf.len() > scanned {
+                if memchr::memchr(b'\n', &self.rbuf[scanned..]).is_some() {
+                    if let Some(parsed) = self.parse_head()? {
+                        return Ok(Some(parsed));
+                    }
                 }
-                if self.rbuf.len() >= MAX_REQUEST_HEAD {
+                scanned = self.rbuf.len();
+                if scanned >= MAX_REQUEST_HEAD {
                     return Err(HeadError::Answer(
                         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
                         "request head larger than 64 KiB\n",
                     ));
                 }
-            } else if self.closing {
+                if !started {
+                    started = true;
+                    self.state
+                        .deadline
+                        .set((Instant::now() + self.timeouts.header).into());
+                }
+            } else if self.rbuf.is_empty() && self.closing {
                 return Ok(None);
             }
             if self.rbuf.capacity() == 0 {
@@ -221,31 +232,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     }
                     return Ok(None);
                 }
-                Ok(_) => {
-                    if !started {
-                        started = true;
-                        // The head usually comes whole in this read; the clock is read only
-                        // when it did not.
-                        if self.peek_complete() {
-                            continue;
-                        }
-                        self.state
-                            .deadline
-                            .set((Instant::now() + self.timeouts.header).into());
-                    }
-                }
+                Ok(_) => {}
                 Err(e) => {
                     tracing::debug!(peer = %self.info.peer, error = %e, "client connection failed");
                     return Err(HeadError::Gone);
                 }
             }
         }
-    }
-
-    /// Whether the read buffer ends a head already (a cheap look for its blank line; the
-    /// parser decides).
-    fn peek_complete(&self) -> bool {
-        memchr::memmem::find(&self.rbuf, b"\r\n\r\n").is_some()
     }
 
     /// Parses the head at the start of the read buffer if it is complete.
