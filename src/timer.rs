@@ -7,7 +7,8 @@
 //! at most [`Deadline::new`]'s `period` ahead, so any deadline at least that far off is never
 //! earlier than it; when it fires before the deadline it is simply armed again. A request then
 //! costs no timer operation at all, and a connection wakes once per `period` while it waits.
-//! HAProxy and nginx keep their connection timers the same way.
+//! nginx (lazy timer updates) and HAProxy (a task whose expiry moved later is re-queued only
+//! when it fires) avoid the same cost.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,11 +48,6 @@ impl Deadline {
         if deadline < self.armed {
             self.arm(deadline);
         }
-    }
-
-    /// The deadline last set.
-    pub fn deadline(&self) -> Instant {
-        self.deadline
     }
 
     fn arm(&mut self, at: Instant) {
