@@ -17,7 +17,7 @@
 //! Speed comes from looking at the body eight bytes at a time: every run of bytes (a name,
 //! an attribute value, a text, the indentation between tags) is passed over by a scan that
 //! loads a `u64` and marks, with a few additions and masks, the bytes that may end the run
-//! (see [`Stops`]). Every byte of an accepted body is looked at by one scan or one exact
+//! (see [`first_stop`]). Every byte of an accepted body is looked at by one scan or one exact
 //! comparison, and every scan gives up at a byte of 0x80 or more, which is why the body needs
 //! no UTF-8 check of its own: it is ASCII. Offsets are kept as `u32` ([`Span`]), so the
 //! tables of open elements and attributes are small to set up.
@@ -307,6 +307,9 @@ impl Span {
 #[derive(Clone, Copy, Default)]
 struct Attr {
     key: Span,
+    /// The key's first bytes as [`Scanner::attribute`] compares them (at most eight, zero
+    /// above).
+    key_word: u64,
     value: Span,
 }
 
@@ -416,18 +419,17 @@ impl<'i> Scanner<'i> {
         let at = self.pos;
         let mut cr = false;
         // Texts Exchange writes have no white space: the first stop is their `<`.
-        let mut end = at;
-        for (p, b) in Stops::new(bytes, at, text_stops) {
+        let mut p = at;
+        let mut end = loop {
+            let (stop, b) = first_stop(bytes, p, text_stops);
             match b {
-                b'<' => {
-                    end = p;
-                    break;
-                }
+                b'<' => break stop,
                 b'\r' => cr = true,
                 b'&' | b'>' | 0x80.. => return Err(Bail),
                 _ => {} // other white space and control characters, as the full walk
             }
-        }
+            p = stop + 1;
+        };
         // A child element is left to the full walk, which reads the text around it.
         if end - at > MAX_VALUE_LEN || self.byte(end + 1)? != b'/' {
             return Err(Bail);
@@ -510,36 +512,51 @@ impl<'i> Scanner<'i> {
     fn start_tag(&mut self) -> Fast<()> {
         let bytes = self.bytes;
         let start = self.pos + 1;
-        let (end, colon) = name(bytes, start)?;
-        let local;
-        (self.prefix, local) = match colon {
-            Some(colon) => (prefix_key(bytes, start, colon)?, colon + 1),
-            None => (0, start),
+        let (end, colon, first) = name(bytes, start)?;
+        let local = match colon {
+            Some(colon) => {
+                // The prefix's key from the word the name scan loaded.
+                let len = colon - start;
+                if len > 8 {
+                    return Err(Bail);
+                }
+                let prefix = first & low_bytes(len);
+                // Prefixes that cannot be declared: the full walk resolves them as unbound.
+                if prefix == XML_KEY || prefix == XMLNS_KEY {
+                    return Err(Bail);
+                }
+                self.prefix = prefix;
+                colon + 1
+            }
+            None => {
+                self.prefix = 0;
+                start
+            }
         };
         self.local = &bytes[local..end];
-        // Prefixes that cannot be declared: the full walk resolves them as unbound.
-        if self.prefix == XML_KEY || self.prefix == XMLNS_KEY || self.depth == MAX_DEPTH {
+        if self.depth == MAX_DEPTH {
             return Err(Bail);
         }
         let depth = self.depth + 1;
         self.attr_count = 0;
         let mut p = end;
         let empty = loop {
-            match self.byte(p)? {
-                b'>' => {
+            match bytes.get(p) {
+                Some(b'>') => {
                     p += 1;
                     break false;
                 }
-                b'/' if self.byte(p + 1)? == b'>' => {
+                Some(b'/') if bytes.get(p + 1) == Some(&b'>') => {
                     p += 2;
                     break true;
                 }
                 // White space must separate the name and every attribute.
-                b' ' | b'\t' | b'\n' | b'\r' => {}
+                Some(b' ' | b'\t' | b'\n' | b'\r') => {}
                 _ => return Err(Bail),
             }
             p = skip_space(bytes, p + 1);
-            if !matches!(self.byte(p)?, b'>' | b'/') {
+            // Past the end, `attribute` finds no name and gives up.
+            if !matches!(bytes.get(p), Some(b'>' | b'/')) {
                 p = self.attribute(p, depth)?;
             }
         };
@@ -551,56 +568,63 @@ impl<'i> Scanner<'i> {
     }
 
     /// Reads the attribute at `key` of the start tag being read, for the element at `depth`;
-    /// returns where its value's closing quote ends.
+    /// returns where its value's closing quote ends. Out of line, so that the many tags
+    /// without attributes do not pay for its registers.
+    #[inline(never)]
     fn attribute(&mut self, key: usize, depth: usize) -> Fast<usize> {
         let bytes = self.bytes;
-        let (key_end, colon) = name(bytes, key)?;
+        let (key_end, colon, first) = name(bytes, key)?;
+        let key_len = key_end - key;
+        // The key's first (up to) eight bytes, from the word the name scan loaded: most keys
+        // are told apart, and `xmlns` told, by this alone.
+        let key_word = first & low_bytes(key_len.min(8));
         let mut eq = key_end;
-        if self.byte(eq)? != b'=' {
+        if bytes.get(eq) != Some(&b'=') {
             eq = skip_space(bytes, eq);
-            if self.byte(eq)? != b'=' {
+            if bytes.get(eq) != Some(&b'=') {
                 return Err(Bail);
             }
         }
         let open_quote = skip_space(bytes, eq + 1);
-        let quote = self.byte(open_quote)?;
-        if quote != b'"' && quote != b'\'' {
-            return Err(Bail);
-        }
+        let quote = match bytes.get(open_quote) {
+            Some(&quote @ (b'"' | b'\'')) => quote,
+            _ => return Err(Bail),
+        };
         let value = open_quote + 1;
         // Base64 ids, the one long value kind, hold no stop: one stop per value, its quote.
-        let mut end = value;
-        for (p, b) in Stops::new(bytes, value, value_stops) {
+        let mut p = value;
+        let end = loop {
+            let (stop, b) = first_stop(bytes, p, value_stops);
             match b {
-                b if b == quote => {
-                    end = p;
-                    break;
-                }
+                b if b == quote => break stop,
                 b'<' | b'&' | 0x80.. => return Err(Bail),
-                _ => {} // the other quote, white space, `!`, `#` …
+                _ => p = stop + 1, // the other quote, white space, `!`, `#` …
             }
-        }
+        };
         if end - value > MAX_VALUE_LEN {
             return Err(Bail);
         }
-        let attr = Attr {
-            key: Span::new(key, key_end),
-            value: Span::new(value, end),
-        };
         let count = self.attr_count;
         if count == MAX_ATTRIBUTES {
             return Err(Bail);
         }
         for seen in &self.attrs[..count] {
-            if seen.key.len == attr.key.len && same(bytes, seen.key.start(), key, attr.key.len()) {
+            if seen.key_word == key_word
+                && seen.key.len() == key_len
+                && (key_len <= 8 || same(bytes, seen.key.start(), key, key_len))
+            {
                 return Err(Bail);
             }
         }
-        self.attrs[count] = attr;
+        self.attrs[count] = Attr {
+            key: Span::new(key, key_end),
+            key_word,
+            value: Span::new(value, end),
+        };
         self.attr_count = count + 1;
         // `xmlns` or `xmlns:p`, told apart from `xmlnsfoo` by where the colon is. Other
         // prefixed attributes are not resolved, in the full walk either.
-        if word(bytes, key) & low_bytes(5) == XMLNS_KEY {
+        if key_word & low_bytes(5) == XMLNS_KEY {
             match colon {
                 None if key_end - key == 5 => self.declare(0, value, end, depth)?,
                 Some(colon) if colon == key + 5 => {
@@ -669,20 +693,34 @@ impl<'i> Scanner<'i> {
     }
 }
 
-/// The end of the name that starts at `start`, and where its colon is if it has a prefix.
-/// A second colon ends the name, which its caller then refuses; so does running off the end
-/// of the body, at the caller's next read.
+/// The end of the name that starts at `start`, where its colon is if it has a prefix, and
+/// the word loaded at `start` (see [`word`]), from which callers take the prefix or key
+/// without a second load. A second colon ends the name, which its caller then refuses; so
+/// does running off the end of the body, at the caller's next read.
 ///
 /// Names are mostly letters, so the scan stops at anything else, and the rare digit, `_`,
 /// `-`, `.` or colon is stepped over: a cheaper test per word than the whole name grammar.
 #[inline(always)]
-fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
-    if !bytes.get(start).is_some_and(|&b| is_name_start(b)) {
+fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>, u64)> {
+    let first = word(bytes, start);
+    if !is_name_start(first as u8) {
         return Err(Bail);
     }
+    // The first byte is a letter or `_`, stepped over whatever its mark.
+    let mut hits = letter_stops(first) & !0xFF;
+    let mut at = start;
+    let mut w = first;
     let mut colon = None;
-    for (p, b) in Stops::new(bytes, start + 1, letter_stops) {
-        match b {
+    loop {
+        while hits == 0 {
+            at += 8;
+            w = word(bytes, at);
+            hits = letter_stops(w);
+        }
+        let lane = first_lane(hits);
+        hits &= hits - 1;
+        let p = at + lane;
+        match (w >> (8 * lane)) as u8 {
             b'0'..=b'9' | b'_' | b'-' | b'.' => {}
             // The local part starts like a name.
             b':' if colon.is_none() => {
@@ -691,10 +729,9 @@ fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>)> {
                 }
                 colon = Some(p);
             }
-            _ => return Ok((p, colon)),
+            _ => return Ok((p, colon, first)),
         }
     }
-    unreachable!("a scan ends at the end of the body")
 }
 
 /// `[A-Za-z_]`: what a name, and each part of a prefixed one, starts with.
@@ -780,7 +817,7 @@ fn declaration(bytes: &[u8], at: usize) -> Fast<usize> {
         if key == p {
             return Err(Bail);
         }
-        let (key_end, _) = name(bytes, key)?;
+        let (key_end, _, _) = name(bytes, key)?;
         let i = expected
             .iter()
             .position(|(name, _)| *name == &bytes[key..key_end])
@@ -876,63 +913,22 @@ fn markup_stops(w: u64) -> u64 {
     !(not(w, b'&') & not(w | splat(0x02), b'>') & !w) & HIGH
 }
 
-/// The bytes from some offset on that a test (`letter_stops` …) marks, with their offsets,
-/// in order: a scan is a loop over these that stops at the first one it cannot step over.
-/// The marks of a word are taken lowest first, so a byte that is stepped over costs no second
-/// load. It never ends: at the end of the body [`padded`] fills in 0xFF, which every scan
-/// takes to end it, at an offset past the body, so that the caller's next read gives up.
-struct Stops<'i, F> {
-    /// The whole words after `word`, so that the bounds are checked once per scan.
-    chunks: std::slice::ChunksExact<'i, u8>,
-    /// Where `word` was loaded from.
-    at: usize,
-    word: u64,
-    /// The marks of `word` not yet handed out.
-    hits: u64,
-    stops: F,
-}
-
-impl<'i, F: Fn(u64) -> u64> Stops<'i, F> {
-    #[inline(always)]
-    fn new(bytes: &'i [u8], at: usize, stops: F) -> Self {
-        let mut chunks = bytes.get(at..).unwrap_or_default().chunks_exact(8);
-        let word = next_word(&mut chunks);
-        Stops {
-            chunks,
-            at,
-            word,
-            hits: stops(word),
-            stops,
-        }
-    }
-}
-
-impl<F: Fn(u64) -> u64> Iterator for Stops<'_, F> {
-    type Item = (usize, u8);
-
-    #[inline(always)]
-    fn next(&mut self) -> Option<(usize, u8)> {
-        while self.hits == 0 {
-            self.at += 8;
-            self.word = next_word(&mut self.chunks);
-            self.hits = (self.stops)(self.word);
-        }
-        let lane = first_lane(self.hits);
-        self.hits &= self.hits - 1;
-        Some((self.at + lane, (self.word >> (8 * lane)) as u8))
-    }
-}
-
-/// The next whole word of `chunks`; then the rest padded as [`word`] pads, then all 0xFF.
+/// The first byte at or after `at` that `stops` (`letter_stops` …) marks, and its offset: a
+/// scan is a loop over these that stops at the first one it cannot step over, starting again
+/// past each one it can. Each word is loaded in place by [`word`], with no setup per scan,
+/// as most scans end within a word or two. It always finds one: past the end of the body
+/// [`word`] fills in 0xFF, which every scan takes to end it, at an offset past the body, so
+/// that the caller's next read gives up.
 #[inline(always)]
-fn next_word(chunks: &mut std::slice::ChunksExact<'_, u8>) -> u64 {
-    match chunks.next() {
-        Some(chunk) => u64::from_le_bytes(chunk.try_into().expect("chunks of eight")),
-        None => {
-            let rest = chunks.remainder();
-            *chunks = [].chunks_exact(8);
-            padded(rest)
+fn first_stop(bytes: &[u8], mut at: usize, stops: impl Fn(u64) -> u64) -> (usize, u8) {
+    loop {
+        let w = word(bytes, at);
+        let hits = stops(w);
+        if hits != 0 {
+            let lane = first_lane(hits);
+            return (at + lane, (w >> (8 * lane)) as u8);
         }
+        at += 8;
     }
 }
 
@@ -961,8 +957,8 @@ fn markup(bytes: &[u8], at: usize) -> Fast<usize> {
     if bytes.get(p) == Some(&b'<') {
         return Ok(p);
     }
-    match Stops::new(bytes, at, markup_stops).next() {
-        Some((p, b'<')) => Ok(p),
+    match first_stop(bytes, at, markup_stops) {
+        (p, b'<') => Ok(p),
         _ => Err(Bail),
     }
 }
@@ -971,8 +967,9 @@ fn markup(bytes: &[u8], at: usize) -> Fast<usize> {
 /// past the end of the body padded with 0xFF, a byte no scan accepts and no name holds.
 #[inline(always)]
 fn word(bytes: &[u8], at: usize) -> u64 {
-    match bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
-        Some(chunk) => u64::from_le_bytes(*chunk),
+    // One comparison rather than two: `at + 8` cannot overflow, offsets fit in `u32`.
+    match bytes.get(at..at + 8) {
+        Some(chunk) => u64::from_le_bytes(chunk.try_into().expect("eight")),
         None => padded(bytes.get(at..).unwrap_or_default()),
     }
 }
