@@ -5,7 +5,8 @@
 //! `Content-Length`, differing lengths, an unknown transfer coding, bad chunking or two `Host`
 //! fields is refused and the connection closed. Bounded everywhere: the head (64 KiB, 100
 //! fields) within `--header-timeout`, the body within `--max-body` and `--body-timeout`, the
-//! wait for the next request within `--idle-timeout`.
+//! wait for the next request and the client's taking of an answer within `--idle-timeout`, all
+//! on the connection's one timer ([`crate::timer`]).
 
 use std::future::Future;
 use std::mem::MaybeUninit;
