@@ -243,8 +243,13 @@ async fn refused(relay: &Relay, request: &[u8], what: &str) -> u16 {
 /// A POST as Exchange sends it: Host, Content-Type, `extra` header lines (each ending in CRLF),
 /// Content-Length.
 fn raw_post(path: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+    raw_post_as("HTTP/1.1", path, extra, body)
+}
+
+/// [`raw_post`] with another protocol version in the request line.
+fn raw_post_as(version: &str, path: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/xml; charset=utf-8\r\n{extra}Content-Length: {}\r\n\r\n",
+        "POST {path} {version}\r\nHost: localhost\r\nContent-Type: text/xml; charset=utf-8\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     [head.as_bytes(), body].concat()
@@ -553,12 +558,10 @@ async fn http_1_0_request_is_answered_then_closed() {
     let receiver = RawReceiver::ok().await;
     let relay = Relay::start(receiver.addr, &[]).await;
     let events = fixture(EVENTS);
-    let head = format!(
-        "POST /ews HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml; charset=utf-8\r\nContent-Length: {}\r\n\r\n",
-        events.len()
-    );
     let mut c = Conn::open(&relay).await;
-    c.send(&[head.as_bytes(), &events].concat()).await.unwrap();
+    c.send(&raw_post_as("HTTP/1.0", "/ews", "", &events))
+        .await
+        .unwrap();
     let a = c.answer().await;
     assert_eq!(a.status, 200);
     assert_eq!(a.body, fixture(RESULT_OK));
@@ -574,12 +577,12 @@ async fn http_1_0_request_is_answered_then_closed() {
 async fn http_1_0_keep_alive_is_announced_and_honoured() {
     let receiver = RawReceiver::ok().await;
     let relay = Relay::start(receiver.addr, &[]).await;
-    let events = fixture(EVENTS);
-    let head = format!(
-        "POST /ews HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\nContent-Length: {}\r\n\r\n",
-        events.len()
+    let request = raw_post_as(
+        "HTTP/1.0",
+        "/ews",
+        "Connection: keep-alive\r\n",
+        &fixture(EVENTS),
     );
-    let request = [head.as_bytes(), &events].concat();
     let mut c = Conn::open(&relay).await;
     for round in 0..2 {
         c.send(&request).await.unwrap();

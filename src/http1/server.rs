@@ -391,13 +391,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Framing::Length(n) => Some(n),
             _ => None,
         };
+        // The client holds its body back until `100 Continue` (or until it tires of waiting).
+        let awaits_continue = p.expect_continue && self.rbuf.is_empty() && declared != Some(0);
         let named = match proxy.admit(head, base, declared) {
             Ok(named) => named,
             Err(refusal) => {
                 // The body is read and dropped so the connection can go on, unless it is too
                 // large or a client waiting for `100 Continue` may or may not send it.
-                let drain = refusal != Refusal::TooLarge
-                    && !(p.expect_continue && self.rbuf.is_empty() && declared != Some(0));
+                let drain = refusal != Refusal::TooLarge && !awaits_continue;
                 let keep = p.keep_alive
                     && drain
                     && match self.read_body(framing, start).await {
@@ -415,14 +416,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
         };
         let info = named.as_ref().unwrap_or(base);
-        if p.expect_continue && self.rbuf.is_empty() && declared != Some(0) {
-            self.state.deadline.set((start + self.timeouts.idle).into());
-            let sent = self
-                .state
-                .deadline
-                .run(write_flush(&mut self.io, b"HTTP/1.1 100 Continue\r\n\r\n"))
-                .await;
-            if !matches!(sent, Some(Ok(()))) {
+        if awaits_continue {
+            self.wbuf.clear();
+            self.wbuf
+                .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            if !matches!(self.write_out(start).await, Some(Ok(()))) {
                 tracing::debug!(peer = %base.peer, "client connection failed or stalled before 100 Continue");
                 return (false, start);
             }
@@ -484,12 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         let now = Instant::now();
         self.wbuf.clear();
         reply.write_to(&mut self.wbuf, connection, head.method == "HEAD", now);
-        self.state.deadline.set((now + self.timeouts.idle).into());
-        let result = self
-            .state
-            .deadline
-            .run(write_flush(&mut self.io, &self.wbuf))
-            .await;
+        let result = self.write_out(now).await;
         let done = Instant::now();
         self.proxy.log(
             info,
@@ -513,17 +506,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         }
     }
 
+    /// Writes and flushes the write buffer within --idle-timeout of `now`; `None` when the
+    /// client did not take it in time.
+    async fn write_out(&mut self, now: Instant) -> Option<std::io::Result<()>> {
+        self.state.deadline.set((now + self.timeouts.idle).into());
+        self.state
+            .deadline
+            .run(write_flush(&mut self.io, &self.wbuf))
+            .await
+    }
+
     /// Answers an unparseable request and closes the connection.
     async fn answer_and_close(&mut self, reply: Reply) {
         let now = Instant::now();
         self.wbuf.clear();
         reply.write_to(&mut self.wbuf, Connection::Close, false, now);
-        self.state.deadline.set((now + self.timeouts.idle).into());
-        let _ = self
-            .state
-            .deadline
-            .run(write_flush(&mut self.io, &self.wbuf))
-            .await;
+        let _ = self.write_out(now).await;
         self.proxy.log_unparsed(self.info, reply.status);
         let _ = self.state.deadline.run(self.io.shutdown()).await;
     }
