@@ -427,6 +427,33 @@ async fn shutdown_finishes_the_request_in_flight() {
     assert!(tcp_from(addr, None).await.is_err(), "no longer accepting");
 }
 
+/// A keep-alive connection waiting for its next request is closed as shutdown begins, not
+/// left to the grace deadline: the wait for shutdown spans all of a connection's requests.
+#[tokio::test]
+async fn shutdown_closes_idle_keep_alive_connections_at_once() {
+    let receiver = TestReceiver::answering(fixture(RESULT_OK)).await;
+    let mut relay = Relay::start(receiver.addr, &["--shutdown-grace", "30s"]).await;
+    let mut c = relay.client().await;
+    for _ in 0..2 {
+        assert_eq!(
+            send(&mut c, post("/", fixture(STATUS))).await.0,
+            StatusCode::OK
+        );
+    }
+    let t = Instant::now();
+    relay.stop_signal();
+    relay.join().await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "idle connection kept the relay up for {:?}",
+        t.elapsed()
+    );
+    assert!(
+        c.send_request(post("/", fixture(STATUS))).await.is_err(),
+        "the idle connection was closed"
+    );
+}
+
 #[tokio::test]
 async fn shutdown_grace_cuts_what_does_not_finish() {
     let receiver = TestReceiver::with(Arc::new(|_| Box::pin(std::future::pending()))).await;

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -132,8 +133,11 @@ pub fn serve<'a, S: AsyncRead + AsyncWrite + Unpin + 'a>(
     // --header-timeout either).
     let mut idle_until = now + timeouts.idle.min(timeouts.header);
     async move {
+        // One wait for shutdown for the connection's life: made per request, it would enter
+        // and leave the signal's waiter list (a lock each) on every request.
+        let mut shutdown = std::pin::pin!(shutdown.changed());
         loop {
-            let parsed = match conn.read_head(idle_until, shutdown).await {
+            let parsed = match conn.read_head(idle_until, shutdown.as_mut()).await {
                 Ok(Some(p)) => p,
                 Ok(None) | Err(HeadError::Gone) => return,
                 Err(HeadError::Answer(status, text)) => {
@@ -170,7 +174,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     async fn read_head(
         &mut self,
         idle_until: Instant,
-        shutdown: &mut watch::Receiver<bool>,
+        mut shutdown: Pin<&mut impl Future<Output = Result<(), watch::error::RecvError>>>,
     ) -> Result<Option<Parsed>, HeadError> {
         self.state.deadline.set(idle_until.into());
         // The head has --header-timeout from its first byte; the deadline is set (and the clock
@@ -221,7 +225,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     }
                     return Ok(None);
                 }
-                _ = shutdown.changed(), if !self.closing => {
+                // Not polled again once it completed: `closing` stays set.
+                _ = &mut shutdown, if !self.closing => {
                     self.closing = true;
                     continue;
                 }
