@@ -69,8 +69,18 @@ pub struct Proxy {
 pub struct Relayed {
     /// The answer for the client.
     pub reply: Reply,
-    /// Milliseconds spent with the receiver, if the request went to it.
-    pub upstream_ms: Option<f64>,
+    /// The time with the receiver, if the request went to it.
+    pub upstream: Option<UpstreamTime>,
+}
+
+/// How long the receiver took, and when its exchange ended: the answer is ready then, and the
+/// caller stamps it with that time rather than reading the clock again.
+#[derive(Clone, Copy, Debug)]
+pub struct UpstreamTime {
+    /// Milliseconds from sending the request to the complete answer (or the failure).
+    pub ms: f64,
+    /// When the exchange ended.
+    pub done: Instant,
 }
 
 /// Request header fields never forwarded besides the hop-by-hop ones: the relay frames the body
@@ -186,7 +196,7 @@ impl Proxy {
                 tracing::debug!(peer = %conn.peer, error = %e, "not a SendNotification; answered 400");
                 return Relayed {
                     reply: Refusal::NotNotification.reply(),
-                    upstream_ms: None,
+                    upstream: None,
                 };
             }
         };
@@ -194,7 +204,7 @@ impl Proxy {
             if let Some(reply) = Box::pin(self.managed(manager, n, head, body, conn)).await {
                 return Relayed {
                     reply,
-                    upstream_ms: None,
+                    upstream: None,
                 };
             }
         }
@@ -242,7 +252,10 @@ impl Proxy {
         }
         Relayed {
             reply,
-            upstream_ms: Some(millis(done.saturating_duration_since(start))),
+            upstream: Some(UpstreamTime {
+                ms: millis(done.saturating_duration_since(start)),
+                done,
+            }),
         }
     }
 

@@ -358,7 +358,7 @@ async fn h2_request(
                 proxy.upstream_timeout(),
             ));
             let relayed = proxy.relay(&head, &body, info, &mut state).await;
-            (relayed.reply, bytes_in, relayed.upstream_ms)
+            (relayed.reply, bytes_in, relayed.upstream.map(|u| u.ms))
         }
         Err(refusal) => (refusal.reply(), 0, None),
     };

@@ -22,7 +22,7 @@ use super::chunked::Decoder;
 use super::{
     spans_of, Connection, FieldSpan, Framing, FramingError, FramingFields, Reply, RequestHead,
 };
-use crate::proxy::{ConnInfo, ConnState, Proxy, Refusal};
+use crate::proxy::{ConnInfo, ConnState, Proxy, Refusal, UpstreamTime};
 use crate::timer::Deadline;
 
 /// Largest request head (request line and fields) accepted; an EWS notification's head is well
@@ -456,7 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 p.keep_alive,
                 start,
                 bytes_in,
-                relayed.upstream_ms,
+                relayed.upstream,
                 info,
             )
             .await;
@@ -474,7 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         keep: bool,
         start: Instant,
         bytes_in: usize,
-        upstream_ms: Option<f64>,
+        upstream: Option<UpstreamTime>,
         info: &ConnInfo,
     ) -> (bool, Instant) {
         let connection = if !keep || self.closing {
@@ -484,7 +484,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         } else {
             Connection::Implied
         };
-        let now = Instant::now();
+        // The answer was ready when the receiver's exchange ended, microseconds ago.
+        let now = upstream.map_or_else(Instant::now, |u| u.done);
         self.wbuf.clear();
         reply.write_to(&mut self.wbuf, connection, head.method == "HEAD", now);
         let result = self.write_out(now).await;
@@ -496,7 +497,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             bytes_in,
             reply.body.len(),
             done.saturating_duration_since(start),
-            upstream_ms,
+            upstream.map(|u| u.ms),
         );
         match result {
             Some(Ok(())) => (true, done),
