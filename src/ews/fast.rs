@@ -115,17 +115,19 @@ fn read_message<'i>(xml: &mut Scanner<'i>, events_left: &mut usize) -> Fast<Mess
         last_watermark: None,
     };
     while let Some(child) = xml.child()? {
-        match (child.ns, child.local) {
-            (Ns::Messages, b"ResponseCode") => code = Some(xml.text()?),
-            (Ns::Messages, b"MessageText") => {
-                xml.text()?;
-            }
+        if child.ns != Ns::Messages {
+            xml.skip()?;
+        } else if child.named(b"ResponseCode") {
+            code = Some(xml.text()?);
+        } else if child.named(b"MessageText") {
+            xml.text()?;
+        } else if child.named(b"MessageXml") {
             // Each MessageXml replaces what an earlier one said, as in the full walk.
-            (Ns::Messages, b"MessageXml") => id_in_message_xml = read_message_xml(xml)?,
-            (Ns::Messages, b"Notification") => {
-                id_in_notification = Some(read_notification(xml, events_left, &mut tally)?);
-            }
-            _ => xml.skip()?,
+            id_in_message_xml = read_message_xml(xml)?;
+        } else if child.named(b"Notification") {
+            id_in_notification = Some(read_notification(xml, events_left, &mut tally)?);
+        } else {
+            xml.skip()?;
         }
     }
     // Made text only now, once per message rather than once per value read.
@@ -148,9 +150,9 @@ fn read_message_xml<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i [u8]>> {
             continue;
         }
         match xml.attr(b"Name") {
-            Some(b"SubscriptionId") => subscription_id = Some(xml.text()?),
+            Some(name) if eq_lit(name, b"SubscriptionId") => subscription_id = Some(xml.text()?),
             // Read as text (so checked as the full walk checks it), but not kept.
-            Some(b"BackOffMilliseconds") => {
+            Some(name) if eq_lit(name, b"BackOffMilliseconds") => {
                 xml.text()?;
             }
             _ => xml.skip()?,
@@ -178,44 +180,58 @@ fn read_notification<'i>(
             xml.skip()?;
             continue;
         }
-        match child.local {
-            b"SubscriptionId" => subscription_id = Some(xml.text()?),
-            b"PreviousWatermark" => {
-                xml.text()?;
+        if let Some(kind) = event_type(child.local) {
+            *events_left = events_left.checked_sub(1).ok_or(Bail)?;
+            tally.event_counts[kind.index()] += 1;
+            if let Some(watermark) = read_event(xml)? {
+                tally.last_watermark = Some(watermark);
             }
-            b"MoreEvents" => match xml.text()? {
-                b"true" | b"1" | b"false" | b"0" => {}
-                _ => return Err(Bail),
-            },
-            name => match event_type(name) {
-                Some(kind) => {
-                    *events_left = events_left.checked_sub(1).ok_or(Bail)?;
-                    tally.event_counts[kind.index()] += 1;
-                    if let Some(watermark) = read_event(xml)? {
-                        tally.last_watermark = Some(watermark);
-                    }
-                }
-                // An event type newer than this code.
-                None => xml.skip()?,
-            },
+        } else if child.named(b"SubscriptionId") {
+            subscription_id = Some(xml.text()?);
+        } else if child.named(b"PreviousWatermark") {
+            xml.text()?;
+        } else if child.named(b"MoreEvents") {
+            let value = xml.text()?;
+            if !(eq_lit(value, b"true")
+                || eq_lit(value, b"1")
+                || eq_lit(value, b"false")
+                || eq_lit(value, b"0"))
+            {
+                return Err(Bail);
+            }
+        } else {
+            // An event type newer than this code, or anything else.
+            xml.skip()?;
         }
     }
     subscription_id.ok_or(Bail)
 }
 
-/// `EventType::from_element` as one `match`, which compiles to a switch on the length and a
-/// comparison or two, rather than a loop comparing against every name.
+/// `EventType::from_element`, each name compared in words by [`eq_lit`] rather than by a
+/// call to `memcmp`. Every event name ends in `Event`, which most other children do not.
+#[inline(always)]
 fn event_type(name: &[u8]) -> Option<EventType> {
-    Some(match name {
-        b"CopiedEvent" => EventType::Copied,
-        b"CreatedEvent" => EventType::Created,
-        b"DeletedEvent" => EventType::Deleted,
-        b"ModifiedEvent" => EventType::Modified,
-        b"MovedEvent" => EventType::Moved,
-        b"NewMailEvent" => EventType::NewMail,
-        b"FreeBusyChangedEvent" => EventType::FreeBusyChanged,
-        b"StatusEvent" => EventType::Status,
-        _ => return None,
+    if !name.ends_with(b"Event") {
+        return None;
+    }
+    Some(if eq_lit(name, b"NewMailEvent") {
+        EventType::NewMail
+    } else if eq_lit(name, b"CreatedEvent") {
+        EventType::Created
+    } else if eq_lit(name, b"ModifiedEvent") {
+        EventType::Modified
+    } else if eq_lit(name, b"MovedEvent") {
+        EventType::Moved
+    } else if eq_lit(name, b"DeletedEvent") {
+        EventType::Deleted
+    } else if eq_lit(name, b"CopiedEvent") {
+        EventType::Copied
+    } else if eq_lit(name, b"StatusEvent") {
+        EventType::Status
+    } else if eq_lit(name, b"FreeBusyChangedEvent") {
+        EventType::FreeBusyChanged
+    } else {
+        return None;
     })
 }
 
@@ -227,23 +243,27 @@ fn read_event<'i>(xml: &mut Scanner<'i>) -> Fast<Option<&'i [u8]>> {
             xml.skip()?;
             continue;
         }
-        match child.local {
-            b"Watermark" => watermark = Some(xml.text()?),
-            b"ItemId" | b"FolderId" | b"ParentFolderId" | b"OldItemId" | b"OldFolderId"
-            | b"OldParentFolderId" => {
-                if xml.attr(b"Id").is_none() {
-                    return Err(Bail);
-                }
-                xml.skip()?;
+        let local = child.local;
+        if eq_lit(local, b"Watermark") {
+            watermark = Some(xml.text()?);
+        } else if eq_lit(local, b"TimeStamp") {
+            xml.text()?;
+        } else if eq_lit(local, b"ItemId")
+            || eq_lit(local, b"ParentFolderId")
+            || eq_lit(local, b"FolderId")
+            || eq_lit(local, b"OldItemId")
+            || eq_lit(local, b"OldParentFolderId")
+            || eq_lit(local, b"OldFolderId")
+        {
+            if xml.attr(b"Id").is_none() {
+                return Err(Bail);
             }
-            b"TimeStamp" => {
-                xml.text()?;
-            }
+            xml.skip()?;
+        } else if eq_lit(local, b"UnreadCount") {
             // `str::parse`, exactly as the full walk reads it; one per folder event.
-            b"UnreadCount" => {
-                ascii(xml.text()?)?.parse::<u32>().map_err(|_| Bail)?;
-            }
-            _ => xml.skip()?,
+            ascii(xml.text()?)?.parse::<u32>().map_err(|_| Bail)?;
+        } else {
+            xml.skip()?;
         }
     }
     Ok(watermark)
@@ -262,8 +282,50 @@ struct Element<'i> {
 }
 
 impl Element<'_> {
+    #[inline(always)]
     fn is(&self, ns: Ns, local: &[u8]) -> bool {
-        self.ns == ns && self.local == local
+        self.ns == ns && eq_lit(self.local, local)
+    }
+
+    #[inline(always)]
+    fn named(&self, local: &[u8]) -> bool {
+        eq_lit(self.local, local)
+    }
+}
+
+/// Whether `bytes` is `lit`, a name the walk looks for. Inlined, with `lit` a constant, this
+/// is a length test and a few word comparisons with constants, where `==` on slices calls
+/// `memcmp`.
+#[inline(always)]
+fn eq_lit(bytes: &[u8], lit: &[u8]) -> bool {
+    let n = lit.len();
+    if bytes.len() != n {
+        return false;
+    }
+    // Two loads of `W` bytes, at the start and at the end (overlapping when `n < 2 * W`),
+    // cover any `n` from `W` to `2 * W`.
+    fn pair<const W: usize>(a: &[u8], b: &[u8]) -> bool {
+        let n = a.len();
+        a[..W] == b[..W] && a[n - W..] == b[n - W..]
+    }
+    match n {
+        0 => true,
+        1 => bytes[0] == lit[0],
+        2..4 => pair::<2>(bytes, lit),
+        4..8 => pair::<4>(bytes, lit),
+        8..=16 => pair::<8>(bytes, lit),
+        _ => {
+            let load =
+                |s: &[u8], i: usize| u64::from_le_bytes(s[i..i + 8].try_into().expect("eight"));
+            let mut i = 0;
+            while i + 8 < n {
+                if load(bytes, i) != load(lit, i) {
+                    return false;
+                }
+                i += 8;
+            }
+            load(bytes, n - 8) == load(lit, n - 8)
+        }
     }
 }
 
@@ -313,14 +375,21 @@ struct Attr {
     value: Span,
 }
 
+/// One element open.
+#[derive(Clone, Copy, Default)]
+struct Open {
+    /// Its name, which its end tag must repeat.
+    name: Span,
+    /// How many declarations were in scope before its own: closing it is one store.
+    bindings: u32,
+}
+
 /// One namespace declaration in scope.
 #[derive(Clone, Copy)]
 struct Binding {
     /// The prefix as a [`prefix_key`]; 0 for the default namespace.
     prefix: u64,
     ns: Ns,
-    /// Depth of the element that declared it.
-    depth: usize,
 }
 
 /// [`prefix_key`] of the two prefixes that cannot be declared.
@@ -333,9 +402,9 @@ struct Scanner<'i> {
     bytes: &'i [u8],
     /// The next byte to read.
     pos: usize,
-    /// Elements currently open; their names are `open[..depth]`.
+    /// Elements currently open: `open[..depth]`.
     depth: usize,
-    open: [Span; MAX_DEPTH],
+    open: [Open; MAX_DEPTH],
     /// The last start tag was `<a/>`: its end is the next token.
     empty_open: bool,
     /// The name of the last start tag: its prefix as a [`prefix_key`] (0 for none), and its
@@ -356,7 +425,7 @@ impl<'i> Scanner<'i> {
             bytes,
             pos: 0,
             depth: 0,
-            open: [Span::default(); MAX_DEPTH],
+            open: [Open::default(); MAX_DEPTH],
             empty_open: false,
             prefix: 0,
             local: &[],
@@ -365,7 +434,6 @@ impl<'i> Scanner<'i> {
             bindings: [Binding {
                 prefix: 0,
                 ns: Ns::Other,
-                depth: 0,
             }; MAX_BINDINGS],
             binding_count: 0,
         }
@@ -391,6 +459,7 @@ impl<'i> Scanner<'i> {
 
     /// The next child element of the element just entered, or `None` at its end tag. Text
     /// between child elements is ignored.
+    #[inline(always)]
     fn child(&mut self) -> Fast<Option<Element<'i>>> {
         match self.next()? {
             Token::Start => Ok(Some(self.element())),
@@ -400,6 +469,12 @@ impl<'i> Scanner<'i> {
 
     /// Passes over the rest of the element just entered, through its end tag.
     fn skip(&mut self) -> Fast<()> {
+        // Most elements skipped are empty (`<t:ItemId …/>`).
+        if self.empty_open {
+            self.empty_open = false;
+            self.close();
+            return Ok(());
+        }
         let outer = self.depth - 1;
         while self.depth > outer {
             self.next()?;
@@ -418,16 +493,19 @@ impl<'i> Scanner<'i> {
         let bytes = self.bytes;
         let at = self.pos;
         let mut cr = false;
-        // Texts Exchange writes have no white space: the first stop is their `<`.
+        // Texts Exchange writes have no white space: the first stop is their `<`, and there
+        // is nothing to trim.
         let mut p = at;
+        let mut plain = true;
         let mut end = loop {
-            let (stop, b) = first_stop(bytes, p, text_stops);
+            let (stop, b) = first_stop_long(bytes, p, text_stops);
             match b {
                 b'<' => break stop,
                 b'\r' => cr = true,
                 b'&' | b'>' | 0x80.. => return Err(Bail),
                 _ => {} // other white space and control characters, as the full walk
             }
+            plain = false;
             p = stop + 1;
         };
         // A child element is left to the full walk, which reads the text around it.
@@ -435,6 +513,9 @@ impl<'i> Scanner<'i> {
             return Err(Bail);
         }
         self.end_tag(end)?;
+        if plain {
+            return Ok(&bytes[at..end]);
+        }
         // Trimmed of XML white space, which is ASCII.
         let start = skip_space(bytes, at);
         while end > start && is_space(bytes[end - 1]) {
@@ -461,18 +542,22 @@ impl<'i> Scanner<'i> {
     }
 
     /// The value of the unqualified attribute `key` of the start tag just read.
+    #[inline(always)]
     fn attr(&self, key: &[u8]) -> Option<&'i [u8]> {
         let bytes = self.bytes;
-        self.attrs[..self.attr_count]
+        self.attrs[..self.attr_count.min(MAX_ATTRIBUTES)]
             .iter()
-            .find(|attr| &bytes[attr.key.start()..][..attr.key.len()] == key)
+            .find(|attr| {
+                attr.key.len() == key.len() && eq_lit(&bytes[attr.key.start()..][..key.len()], key)
+            })
             .map(|attr| &bytes[attr.value.start()..][..attr.value.len()])
     }
 
     /// The start tag just read, its namespace resolved: the innermost declaration of its
     /// prefix, one comparison of two integers per declaration in scope.
+    #[inline(always)]
     fn element(&self) -> Element<'i> {
-        let ns = self.bindings[..self.binding_count]
+        let ns = self.bindings[..self.binding_count.min(MAX_BINDINGS)]
             .iter()
             .rev()
             .find(|binding| binding.prefix == self.prefix)
@@ -483,6 +568,8 @@ impl<'i> Scanner<'i> {
         }
     }
 
+    /// Out of line, and the one call a token costs: the tag readers are inlined into it.
+    #[inline(never)]
     fn next(&mut self) -> Fast<Token> {
         if self.empty_open {
             self.empty_open = false;
@@ -509,6 +596,7 @@ impl<'i> Scanner<'i> {
     }
 
     /// Reads the start tag at `pos` and enters it: name, attributes, namespace declarations.
+    #[inline(always)]
     fn start_tag(&mut self) -> Fast<()> {
         let bytes = self.bytes;
         let start = self.pos + 1;
@@ -534,22 +622,36 @@ impl<'i> Scanner<'i> {
             }
         };
         self.local = &bytes[local..end];
-        if self.depth == MAX_DEPTH {
+        if self.depth >= MAX_DEPTH {
             return Err(Bail);
         }
-        let depth = self.depth + 1;
+        let bindings = self.binding_count as u32;
         self.attr_count = 0;
-        let mut p = end;
-        let empty = loop {
+        let (p, empty) = match bytes.get(end) {
+            Some(b'>') => (end + 1, false),
+            Some(b'/') if bytes.get(end + 1) == Some(&b'>') => (end + 2, true),
+            _ => self.attributes(end)?,
+        };
+        self.open[self.depth] = Open {
+            name: Span::new(start, end),
+            bindings,
+        };
+        self.depth += 1;
+        self.pos = p;
+        self.empty_open = empty;
+        Ok(())
+    }
+
+    /// Reads the rest of the start tag being read from `p`, just past its name: its
+    /// attributes, through its `>` or `/>`; returns where it ends and whether it was `/>`.
+    /// Out of line, so that the many tags without attributes do not pay for its registers.
+    #[inline(never)]
+    fn attributes(&mut self, mut p: usize) -> Fast<(usize, bool)> {
+        let bytes = self.bytes;
+        loop {
             match bytes.get(p) {
-                Some(b'>') => {
-                    p += 1;
-                    break false;
-                }
-                Some(b'/') if bytes.get(p + 1) == Some(&b'>') => {
-                    p += 2;
-                    break true;
-                }
+                Some(b'>') => return Ok((p + 1, false)),
+                Some(b'/') if bytes.get(p + 1) == Some(&b'>') => return Ok((p + 2, true)),
                 // White space must separate the name and every attribute.
                 Some(b' ' | b'\t' | b'\n' | b'\r') => {}
                 _ => return Err(Bail),
@@ -557,21 +659,15 @@ impl<'i> Scanner<'i> {
             p = skip_space(bytes, p + 1);
             // Past the end, `attribute` finds no name and gives up.
             if !matches!(bytes.get(p), Some(b'>' | b'/')) {
-                p = self.attribute(p, depth)?;
+                p = self.attribute(p)?;
             }
-        };
-        self.open[self.depth] = Span::new(start, end);
-        self.depth = depth;
-        self.pos = p;
-        self.empty_open = empty;
-        Ok(())
+        }
     }
 
-    /// Reads the attribute at `key` of the start tag being read, for the element at `depth`;
-    /// returns where its value's closing quote ends. Out of line, so that the many tags
-    /// without attributes do not pay for its registers.
-    #[inline(never)]
-    fn attribute(&mut self, key: usize, depth: usize) -> Fast<usize> {
+    /// Reads the attribute at `key` of the start tag being read; returns where its value's
+    /// closing quote ends.
+    #[inline(always)]
+    fn attribute(&mut self, key: usize) -> Fast<usize> {
         let bytes = self.bytes;
         let (key_end, colon, first) = name(bytes, key)?;
         let key_len = key_end - key;
@@ -594,7 +690,7 @@ impl<'i> Scanner<'i> {
         // Base64 ids, the one long value kind, hold no stop: one stop per value, its quote.
         let mut p = value;
         let end = loop {
-            let (stop, b) = first_stop(bytes, p, value_stops);
+            let (stop, b) = first_stop_long(bytes, p, value_stops);
             match b {
                 b if b == quote => break stop,
                 b'<' | b'&' | 0x80.. => return Err(Bail),
@@ -626,10 +722,10 @@ impl<'i> Scanner<'i> {
         // prefixed attributes are not resolved, in the full walk either.
         if key_word & low_bytes(5) == XMLNS_KEY {
             match colon {
-                None if key_end - key == 5 => self.declare(0, value, end, depth)?,
+                None if key_end - key == 5 => self.declare(0, value, end)?,
                 Some(colon) if colon == key + 5 => {
                     let prefix = prefix_key(bytes, colon + 1, key_end)?;
-                    self.declare(prefix, value, end, depth)?;
+                    self.declare(prefix, value, end)?;
                 }
                 _ => {}
             }
@@ -640,7 +736,7 @@ impl<'i> Scanner<'i> {
     /// Puts the declaration of `prefix` (0: the default namespace) as the URI at
     /// `value..end` in scope; gives up on those the full walk refuses or treats specially, and
     /// on a prefix bound to no namespace.
-    fn declare(&mut self, prefix: u64, value: usize, end: usize, depth: usize) -> Fast<()> {
+    fn declare(&mut self, prefix: u64, value: usize, end: usize) -> Fast<()> {
         let uri = &self.bytes[value..end];
         if prefix == XML_KEY
             || prefix == XMLNS_KEY
@@ -653,8 +749,7 @@ impl<'i> Scanner<'i> {
         }
         self.bindings[self.binding_count] = Binding {
             prefix,
-            ns: Ns::of(uri),
-            depth,
+            ns: known_ns(uri),
         };
         self.binding_count += 1;
         Ok(())
@@ -662,8 +757,9 @@ impl<'i> Scanner<'i> {
 
     /// Reads the end tag at `at`, which must close the innermost open element: compared with
     /// the start tag's name where it stands in the body.
+    #[inline(always)]
     fn end_tag(&mut self, at: usize) -> Fast<()> {
-        let name = self.open[self.depth - 1];
+        let name = self.open[self.depth - 1].name;
         let after_name = at + 2 + name.len();
         if !same(self.bytes, at + 2, name.start(), name.len()) {
             return Err(Bail);
@@ -681,11 +777,10 @@ impl<'i> Scanner<'i> {
     }
 
     /// Leaves the innermost element, dropping its declarations.
+    #[inline(always)]
     fn close(&mut self) {
         self.depth -= 1;
-        while self.binding_count > 0 && self.bindings[self.binding_count - 1].depth > self.depth {
-            self.binding_count -= 1;
-        }
+        self.binding_count = self.open[self.depth].bindings as usize;
     }
 
     fn byte(&self, at: usize) -> Fast<u8> {
@@ -754,6 +849,31 @@ fn prefix_key(bytes: &[u8], start: usize, end: usize) -> Fast<u64> {
     Ok(word(bytes, start) & low_bytes(end - start))
 }
 
+/// The namespace a declaration binds, as [`Ns::of`] says, for the price of a switch on the
+/// length and a few word comparisons (the known URIs differ in length), not of calls to
+/// `memcmp`.
+fn known_ns(uri: &[u8]) -> Ns {
+    if uri.len() == SOAP_URI.len() && eq_lit(uri, SOAP_URI) {
+        Ns::Soap
+    } else if uri.len() == MESSAGES_URI.len() && eq_lit(uri, MESSAGES_URI) {
+        Ns::Messages
+    } else if uri.len() == TYPES_URI.len() && eq_lit(uri, TYPES_URI) {
+        Ns::Types
+    } else if uri.len() == ERRORS_URI.len() && eq_lit(uri, ERRORS_URI) {
+        Ns::Errors
+    } else if uri.len() == AUTODISCOVER_URI.len() && eq_lit(uri, AUTODISCOVER_URI) {
+        Ns::Autodiscover
+    } else {
+        Ns::Other
+    }
+}
+
+const SOAP_URI: &[u8] = b"http://schemas.xmlsoap.org/soap/envelope/";
+const MESSAGES_URI: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/messages";
+const TYPES_URI: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/types";
+const ERRORS_URI: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/errors";
+const AUTODISCOVER_URI: &[u8] = b"http://schemas.microsoft.com/exchange/2010/Autodiscover";
+
 /// [`prefix_key`] at compile time.
 const fn key_of(prefix: &[u8]) -> u64 {
     let mut key = 0;
@@ -775,25 +895,19 @@ fn low_bytes(n: usize) -> u64 {
 /// one masked word; past the end of the body [`word`] pads with 0xFF, which is in no name, so
 /// a name cut short is not the same. A longer one is whole words, then its last eight bytes,
 /// which may overlap the last whole word.
+#[inline(always)]
 fn same(bytes: &[u8], a: usize, b: usize, len: usize) -> bool {
     if len <= 8 {
         return (word(bytes, a) ^ word(bytes, b)) & low_bytes(len) == 0;
     }
-    let (Some(x), Some(y)) = (bytes.get(a..a + len), bytes.get(b..b + len)) else {
-        return false;
-    };
-    let load = |s: &[u8], i: usize| {
-        s.get(i..i + 8)
-            .map(|w| u64::from_le_bytes(w.try_into().expect("eight")))
-    };
     let mut i = 0;
     while i + 8 < len {
-        if load(x, i) != load(y, i) {
+        if word(bytes, a + i) != word(bytes, b + i) {
             return false;
         }
         i += 8;
     }
-    load(x, len - 8) == load(y, len - 8)
+    word(bytes, a + len - 8) == word(bytes, b + len - 8)
 }
 
 /// Where the XML declaration at `at` ends, if it is `<?xml version="1.0"?>` with at most an
@@ -932,6 +1046,31 @@ fn first_stop(bytes: &[u8], mut at: usize, stops: impl Fn(u64) -> u64) -> (usize
     }
 }
 
+/// [`first_stop`] for the scans that pass over long runs (attribute values and texts,
+/// base64 ids): two words per step, so one bounds check and one branch per sixteen bytes.
+/// Each word's marks are exact up to its first stop, so the first word that has any holds
+/// the first stop. The last bytes of the body, fewer than sixteen, take the word scan.
+#[inline(always)]
+fn first_stop_long(bytes: &[u8], mut at: usize, stops: impl Fn(u64) -> u64) -> (usize, u8) {
+    while let Some(chunk) = bytes.get(at..).and_then(|rest| rest.first_chunk::<16>()) {
+        let (lo, hi) = chunk.split_at(8);
+        let lo = u64::from_le_bytes(lo.try_into().expect("eight"));
+        let hi = u64::from_le_bytes(hi.try_into().expect("eight"));
+        let (lo_hits, hi_hits) = (stops(lo), stops(hi));
+        if lo_hits | hi_hits != 0 {
+            let (w, hits, at) = if lo_hits != 0 {
+                (lo, lo_hits, at)
+            } else {
+                (hi, hi_hits, at + 8)
+            };
+            let lane = first_lane(hits);
+            return (at + lane, (w >> (8 * lane)) as u8);
+        }
+        at += 16;
+    }
+    first_stop(bytes, at, stops)
+}
+
 /// The lowest lane of a non-zero word holding a non-zero bit: with words loaded
 /// little-endian, the first such byte in the body's order.
 fn first_lane(hits: u64) -> usize {
@@ -1022,6 +1161,77 @@ mod tests {
                         let hit = mask & (0x80 << (8 * lane)) != 0;
                         assert_eq!(hit, expected(b), "byte {b:#x} in lane {lane}");
                         assert_eq!(mask & ((0x80 << (8 * lane)) - 1), 0, "before lane {lane}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// `known_ns` is `Ns::of`, on the known URIs and on near misses of each.
+    #[test]
+    fn known_namespaces() {
+        for uri in [
+            SOAP_URI,
+            MESSAGES_URI,
+            TYPES_URI,
+            ERRORS_URI,
+            AUTODISCOVER_URI,
+        ] {
+            assert_ne!(Ns::of(uri), Ns::Other);
+            let mut variants = vec![uri.to_vec(), uri[..uri.len() - 1].to_vec()];
+            variants.push([uri, b"/"].concat());
+            for i in 0..uri.len() {
+                let mut changed = uri.to_vec();
+                changed[i] ^= 0x20;
+                variants.push(changed);
+            }
+            for variant in variants {
+                assert_eq!(known_ns(&variant), Ns::of(&variant), "{variant:?}");
+            }
+        }
+        for uri in [&b""[..], b"urn:x", XML_NS, XMLNS_NS] {
+            assert_eq!(known_ns(uri), Ns::of(uri));
+        }
+    }
+
+    #[test]
+    fn literals() {
+        let names: [&[u8]; 8] = [
+            b"",
+            b"a",
+            b"ab",
+            b"abc",
+            b"abcdefg",
+            b"abcdefgh",
+            b"abcdefghijklmnopq",
+            b"SendNotificationResponseMessage",
+        ];
+        for name in names {
+            for other in names {
+                assert_eq!(eq_lit(name, other), name == other);
+            }
+            for i in 0..name.len() {
+                let mut changed = name.to_vec();
+                changed[i] ^= 1;
+                assert!(!eq_lit(&changed, name));
+            }
+        }
+    }
+
+    /// The two-word scan against the word scan, from every offset of bodies with one stop
+    /// byte in any of the first sixteen lanes, or none.
+    #[test]
+    fn long_scans_are_word_scans() {
+        let scans: [fn(u64) -> u64; 4] = [letter_stops, value_stops, text_stops, markup_stops];
+        for stops in scans {
+            for lane in 0..17 {
+                for b in 0..=255u8 {
+                    let mut body = [b'a'; 40];
+                    body[lane] = b;
+                    body[30] = b'<';
+                    for at in 0..body.len() {
+                        let long = first_stop_long(&body, at, stops);
+                        assert_eq!(long, first_stop(&body, at, stops), "{b:#x} at {lane}");
                     }
                 }
             }
