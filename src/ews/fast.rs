@@ -815,19 +815,40 @@ fn name(bytes: &[u8], start: usize) -> Fast<(usize, Option<usize>, u64)> {
         let lane = first_lane(hits);
         hits &= hits - 1;
         let p = at + lane;
-        match (w >> (8 * lane)) as u8 {
-            b'0'..=b'9' | b'_' | b'-' | b'.' => {}
-            // The local part starts like a name.
-            b':' if colon.is_none() => {
-                if !bytes.get(p + 1).is_some_and(|&b| is_name_start(b)) {
-                    return Err(Bail);
-                }
-                colon = Some(p);
+        let b = (w >> (8 * lane)) as u8;
+        // The stop that ends the name, the common one, is told by one test of a bitmap.
+        let inside = if b < 64 {
+            NAME_PUNCTUATION >> b & 1 != 0
+        } else {
+            b == b'_'
+        };
+        if !inside {
+            return Ok((p, colon, first));
+        }
+        if b == b':' {
+            if colon.is_some() {
+                return Ok((p, colon, first));
             }
-            _ => return Ok((p, colon, first)),
+            // The local part starts like a name.
+            if !bytes.get(p + 1).is_some_and(|&b| is_name_start(b)) {
+                return Err(Bail);
+            }
+            colon = Some(p);
         }
     }
 }
+
+/// The bytes below 64 that a name may hold past its first: `-`, `.`, digits and `:`, as
+/// bits.
+const NAME_PUNCTUATION: u64 = {
+    let mut bits = 1 << b'-' | 1 << b'.' | 1 << b':';
+    let mut digit = b'0';
+    while digit <= b'9' {
+        bits |= 1 << digit;
+        digit += 1;
+    }
+    bits
+};
 
 /// `[A-Za-z_]`: what a name, and each part of a prefixed one, starts with.
 fn is_name_start(b: u8) -> bool {
@@ -1235,6 +1256,14 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn name_punctuation() {
+        for b in 0..64u8 {
+            let expected = b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':');
+            assert_eq!(NAME_PUNCTUATION >> b & 1 != 0, expected, "{b:#x}");
         }
     }
 
