@@ -17,10 +17,13 @@
 //! Speed comes from looking at the body eight bytes at a time: every run of bytes (a name,
 //! an attribute value, a text, the indentation between tags) is passed over by a scan that
 //! loads a `u64` and marks, with a few additions and masks, the bytes that may end the run
-//! (see [`first_stop`]). Every byte of an accepted body is looked at by one scan or one exact
-//! comparison, and every scan gives up at a byte of 0x80 or more, which is why the body needs
-//! no UTF-8 check of its own: it is ASCII. Offsets are kept as `u32` ([`Span`]), so the
-//! tables of open elements and attributes are small to set up.
+//! (see [`first_stop`]; values and texts, which can be long, two words per step). Every byte
+//! of an accepted body is looked at by one scan or one exact comparison, and every scan gives
+//! up at a byte of 0x80 or more, which is why the body needs no UTF-8 check of its own: it is
+//! ASCII. Offsets are kept as `u32` ([`Span`]), so the tables of open elements and attributes
+//! are small to set up. Past the scans, the cost is per token, so a token costs one call
+//! (plus one per tag with attributes), names are compared with constants a word at a time
+//! rather than by `memcmp`, and closing an element is one store.
 
 use std::borrow::Cow;
 
