@@ -30,6 +30,7 @@ use std::borrow::Cow;
 use super::notification::{EventType, MessageSummary, NotificationSummary, MAX_EVENTS};
 use super::response::ResponseClass;
 use super::xml::{Ns, MAX_ATTRIBUTES, MAX_DEPTH, MAX_VALUE_LEN, XMLNS_NS, XML_NS};
+use super::{AUTODISCOVER_NS, ERRORS_NS, MESSAGES_NS, SOAP_NS, TYPES_NS};
 
 /// Most namespace declarations in scope at once. Exchange declares four or five per body; past
 /// this the fast path gives up rather than grow its fixed-size table.
@@ -877,26 +878,21 @@ fn prefix_key(bytes: &[u8], start: usize, end: usize) -> Fast<u64> {
 /// length and a few word comparisons (the known URIs differ in length), not of calls to
 /// `memcmp`.
 fn known_ns(uri: &[u8]) -> Ns {
-    if uri.len() == SOAP_URI.len() && eq_lit(uri, SOAP_URI) {
+    // `eq_lit` tests the length first: most URIs are told apart by it alone.
+    if eq_lit(uri, SOAP_NS.as_bytes()) {
         Ns::Soap
-    } else if uri.len() == MESSAGES_URI.len() && eq_lit(uri, MESSAGES_URI) {
+    } else if eq_lit(uri, MESSAGES_NS.as_bytes()) {
         Ns::Messages
-    } else if uri.len() == TYPES_URI.len() && eq_lit(uri, TYPES_URI) {
+    } else if eq_lit(uri, TYPES_NS.as_bytes()) {
         Ns::Types
-    } else if uri.len() == ERRORS_URI.len() && eq_lit(uri, ERRORS_URI) {
+    } else if eq_lit(uri, ERRORS_NS.as_bytes()) {
         Ns::Errors
-    } else if uri.len() == AUTODISCOVER_URI.len() && eq_lit(uri, AUTODISCOVER_URI) {
+    } else if eq_lit(uri, AUTODISCOVER_NS.as_bytes()) {
         Ns::Autodiscover
     } else {
         Ns::Other
     }
 }
-
-const SOAP_URI: &[u8] = b"http://schemas.xmlsoap.org/soap/envelope/";
-const MESSAGES_URI: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/messages";
-const TYPES_URI: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/types";
-const ERRORS_URI: &[u8] = b"http://schemas.microsoft.com/exchange/services/2006/errors";
-const AUTODISCOVER_URI: &[u8] = b"http://schemas.microsoft.com/exchange/2010/Autodiscover";
 
 /// [`prefix_key`] at compile time.
 const fn key_of(prefix: &[u8]) -> u64 {
@@ -1194,13 +1190,7 @@ mod tests {
     /// `known_ns` is `Ns::of`, on the known URIs and on near misses of each.
     #[test]
     fn known_namespaces() {
-        for uri in [
-            SOAP_URI,
-            MESSAGES_URI,
-            TYPES_URI,
-            ERRORS_URI,
-            AUTODISCOVER_URI,
-        ] {
+        for uri in [SOAP_NS, MESSAGES_NS, TYPES_NS, ERRORS_NS, AUTODISCOVER_NS].map(str::as_bytes) {
             assert_ne!(Ns::of(uri), Ns::Other);
             let mut variants = vec![uri.to_vec(), uri[..uri.len() - 1].to_vec()];
             variants.push([uri, b"/"].concat());
