@@ -26,9 +26,11 @@
 //! After O(1) closes, names and namespace URIs compared in words instead of by `memcmp`, and
 //! two-word steps for values and texts, then names ended by one bitmap test (callgrind, same
 //! settings, status fixture with `EWS_BENCH_BODY=status`): bench body 32,200 → 29,300 →
-//! 28,700, status fixture 12,000 → 11,000 → 10,900. SSE2 scans were not tried: their
-//! intrinsics are safe to call only from a `#[target_feature(enable = "sse2")]` function, and
-//! calling that from the rest of the crate needs `unsafe`, which the crate forbids.
+//! 28,700, status fixture 12,000 → 11,000 → 10,900. SSE2 is not used in the crate: its
+//! `core::arch` intrinsics need `unsafe`, which the crate forbids. Through `safe_arch`'s safe
+//! wrappers it was tried outside the crate, as a first pass marking `<`, `>` and quotes for a
+//! tag reader to jump between: 28.3k instructions per bench body, no gain (bench/README.md,
+//! "The structural index, tried", and bench/structural-index-prototype.rs).
 
 use std::hint::black_box;
 use std::time::Instant;
