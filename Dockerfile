@@ -12,12 +12,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so code changes do not rebuild them.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src
-COPY src ./src
-COPY examples ./examples
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin ews-relay
+COPY crates ./crates
+RUN cargo build --release --locked -p ews-relay --bin ews-relay
 
 FROM debian:bookworm-slim
 # ca-certificates: outbound HTTPS (Exchange, OAuth, endpoint lists) in managed mode.

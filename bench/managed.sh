@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Managed-mode scale benchmark (examples/managed_scale.rs): simulator + managed relay +
+# Managed-mode scale benchmark (crates/relay/examples/managed_scale.rs): simulator + managed relay +
 # receiver + passthrough relay in one process on 127.0.0.1. Builds it in release mode, runs
 # it with the given arguments, and keeps the output in bench/out/managed-<UTC time>.txt.
 #

@@ -3,7 +3,7 @@
 //! bug; errors are the expected outcome for almost every input. Seed with tests/fixtures.
 #![no_main]
 
-use ews_relay::ews;
+
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {

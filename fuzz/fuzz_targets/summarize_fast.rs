@@ -4,7 +4,7 @@
 //! summary the full walk does not agree with is a bug. Seed with tests/fixtures and bench/.
 #![no_main]
 
-use ews_relay::ews;
+
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|body: &[u8]| {

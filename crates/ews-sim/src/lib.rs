@@ -1,0 +1,734 @@
+//! A simulated Exchange for exercising the relay's subscription manager on one machine: EWS
+//! push `Subscribe`, SOAP Autodiscover `GetUserSettings`, an OAuth 2.0 client-credentials token
+//! endpoint, pushes (`SendNotification`) to the subscriptions' callback URLs with Exchange's
+//! keep-alive and retry behaviour, and a control API (`/_sim/…`, and the same operations on
+//! [`SimHandle`]) to create events, inspect state and inject faults.
+//!
+//! Start it with [`run`], or with [`SimHandle::new`] and [`SimHandle::serve`] to keep a handle
+//! for tests. The protocol facts it follows are in `design/PROTOCOL.md`.
+//!
+//! # Endpoints (one listener, HTTP or HTTPS)
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /EWS/Exchange.asmx` | push `Subscribe` (other EWS operations: `ErrorSchemaValidation`) |
+//! | `POST /autodiscover/autodiscover.svc` | SOAP `GetUserSettings` |
+//! | `POST [/{tenant}]/oauth2/v2.0/token` | client-credentials tokens (with [`Auth::OAuth`]) |
+//! | `GET /_sim/state` | [`Snapshot`]: mailboxes, subscriptions, faults, token and request counts |
+//! | `GET /_sim/subscriptions`, `GET /_sim/mailboxes` | [`SubscriptionInfo`]s, [`MailboxInfo`]s |
+//! | `GET /_sim/requests`, `DELETE /_sim/requests` | recorded requests ([`RecordedRequest`]), or forget them |
+//! | `POST /_sim/mailboxes` | `{"smtp", "grouping"?, "redirect_address"?, "redirect_url"?}` |
+//! | `POST /_sim/events` | `{"mailbox", "type": "NewMailEvent", "count"?: 1}` → `{"created", "watermarks"}` |
+//! | `POST /_sim/faults/stop-keepalives` | `{"subscription_id"}`: it dies silently |
+//! | `POST /_sim/faults/drop-all` | every live subscription dies silently → `{"dropped"}` |
+//! | `POST /_sim/faults/server-busy` | `{"count"?: 1, "back_off_ms"?: 2500}`: next EWS calls get `ErrorServerBusy` |
+//! | `POST /_sim/faults/unavailable` | `{"count"?: 1, "retry_after_secs"?}`: next EWS calls get HTTP 503 |
+//! | `POST /_sim/faults/invalidate-watermarks` | `{"mailbox"}`: its watermarks become `ErrorInvalidWatermark` |
+//! | `POST /_sim/faults/move-mailbox` | `{"mailbox"}`: `ErrorProxyRequestNotAllowed` until Autodiscover is asked |
+//! | `POST /_sim/faults/error-notification` | `{"subscription_id"}`: an `ErrorReadEventsFailed` push, then it is gone |
+//! | `POST /_sim/faults/delay` | `{"ms"}`: every EWS response waits this long (0 stops) |
+//! | `POST /_sim/faults/revoke-tokens` | every token stops working → `{"revoked"}` |
+//! | `POST /_sim/faults/clear` | disarm busy, 503 and delay |
+//!
+//! Control errors are JSON `{"error": "…"}` with 404 (unknown mailbox, subscription or route)
+//! or 400 (bad body or value). The control API has no authentication: it is for loopback labs
+//! and tests; do not expose it.
+#![forbid(unsafe_code)]
+
+mod http;
+mod push;
+pub mod soap;
+pub mod state;
+mod util;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use ews::EventType;
+pub use push::PushError;
+use state::{millis, State};
+pub use state::{
+    EndReason, Faults, RecordedRequest, SubscriptionCounters, SubscriptionState,
+    MAX_EVENTS_PER_CALL, MAX_EVENTS_PER_PUSH, MAX_SUBSCRIPTIONS_PER_MAILBOX,
+};
+
+/// Default period between StatusEvent keep-alives on an idle subscription. Exchange uses the
+/// subscription's StatusFrequency in minutes; the simulator has its own so tests run fast.
+pub const DEFAULT_STATUS_PERIOD: Duration = Duration::from_secs(60);
+
+/// Default lifetime of issued access tokens: Entra ID's usual hour.
+pub const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// Default limit on one push, connect to answer: a stuck callback counts as a failed push
+/// after this, and the retry schedule takes over.
+pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Shortest keep-alive period accepted: shorter would turn keep-alives into a busy loop.
+pub const MIN_STATUS_PERIOD: Duration = Duration::from_millis(10);
+
+/// How long in-flight requests and pushes get to finish after shutdown is asked.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// A configured Autodiscover redirect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MailboxRedirect {
+    /// `RedirectAddress`: Autodiscover tells the caller to ask for this address instead.
+    Address(String),
+    /// `RedirectUrl`: Autodiscover tells the caller to ask this URL.
+    Url(String),
+}
+
+/// A mailbox the simulator hosts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxConfig {
+    /// The SMTP address (compared case-insensitively).
+    pub smtp: String,
+    /// Autodiscover's `GroupingInformation`: mailboxes sharing it may share an affinity group.
+    pub grouping: String,
+    /// An Autodiscover redirect to answer instead of settings.
+    pub redirect: Option<MailboxRedirect>,
+}
+
+impl MailboxConfig {
+    /// A mailbox in the default group `SIMPR01`.
+    pub fn new(smtp: impl Into<String>) -> Self {
+        Self {
+            smtp: smtp.into(),
+            grouping: "SIMPR01".into(),
+            redirect: None,
+        }
+    }
+
+    /// The same mailbox in another group.
+    pub fn grouping(mut self, grouping: impl Into<String>) -> Self {
+        self.grouping = grouping.into();
+        self
+    }
+
+    /// The same mailbox, redirected by Autodiscover.
+    pub fn redirect(mut self, redirect: MailboxRedirect) -> Self {
+        self.redirect = Some(redirect);
+        self
+    }
+}
+
+/// How EWS and Autodiscover requests must authenticate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    /// No check (on-premises lab with anonymous access; not how Exchange is ever set up).
+    None,
+    /// `Authorization: Basic` with this user and password (on-premises Exchange).
+    Basic {
+        /// The service account.
+        user: String,
+        /// Its password.
+        password: String,
+    },
+    /// `Authorization: Bearer` with a token from the simulator's token endpoint (Exchange
+    /// Online app-only OAuth).
+    OAuth {
+        /// The application (client) id the token endpoint accepts.
+        client_id: String,
+        /// Its secret.
+        client_secret: String,
+        /// Lifetime of issued tokens.
+        token_lifetime: Duration,
+    },
+}
+
+/// Which certificates the simulator trusts when pushing to an HTTPS callback.
+#[derive(Debug, Clone)]
+pub enum CallbackTrust {
+    /// These roots (a private CA, or the relay's self-signed certificate itself).
+    Roots(Vec<CertificateDer<'static>>),
+    /// Any certificate (`--callback-insecure`, lab use only).
+    InsecureAcceptAny,
+}
+
+/// The simulator's configuration, validated by whoever builds it (the CLI or a test).
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// The mailboxes it hosts.
+    pub mailboxes: Vec<MailboxConfig>,
+    /// Period between StatusEvent keep-alives on an idle subscription.
+    pub status_period: Duration,
+    /// How EWS and Autodiscover requests authenticate.
+    pub auth: Auth,
+    /// Trust for HTTPS callbacks.
+    pub callback_trust: CallbackTrust,
+    /// Multiplies Exchange's retry schedule (30 s doubling, within StatusFrequency minutes):
+    /// 1.0 is Exchange's, 0.001 makes a StatusFrequency of 1 minute a 60 ms budget.
+    pub time_factor: f64,
+    /// Serve HTTPS with this configuration; plain HTTP when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The base URL Autodiscover hands out (`{public_url}/EWS/Exchange.asmx`); derived from
+    /// the listener's address when `None`.
+    pub public_url: Option<String>,
+    /// Limit on one push, connect to answer.
+    pub push_timeout: Duration,
+}
+
+impl SimConfig {
+    /// A plain-HTTP simulator hosting `mailboxes`, without authentication, trusting no HTTPS
+    /// callback, on Exchange's time scale.
+    pub fn new<S: Into<String>>(mailboxes: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            mailboxes: mailboxes.into_iter().map(MailboxConfig::new).collect(),
+            status_period: DEFAULT_STATUS_PERIOD,
+            auth: Auth::None,
+            callback_trust: CallbackTrust::Roots(Vec::new()),
+            time_factor: 1.0,
+            tls: None,
+            public_url: None,
+            push_timeout: DEFAULT_PUSH_TIMEOUT,
+        }
+    }
+}
+
+/// Why the simulator could not start or a control operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The callback trust could not be turned into a TLS configuration.
+    #[error("callback TLS: {0}")]
+    CallbackTls(#[from] rustls::Error),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    /// No such mailbox.
+    #[error("unknown mailbox {0}")]
+    UnknownMailbox(String),
+    /// No such subscription, or it has ended.
+    #[error("no live subscription {0}")]
+    UnknownSubscription(String),
+    /// Not an event type that can be created.
+    #[error("{0:?} is not an event type that can be created (CopiedEvent, CreatedEvent, DeletedEvent, ModifiedEvent, MovedEvent, NewMailEvent, FreeBusyChangedEvent)")]
+    InvalidEventType(String),
+    /// A configuration value the simulator cannot work with.
+    #[error("configuration: {0}")]
+    InvalidConfig(&'static str),
+    /// A count outside 1..=[`MAX_EVENTS_PER_CALL`].
+    #[error("count must be 1..={MAX_EVENTS_PER_CALL}")]
+    InvalidCount,
+}
+
+/// One subscription, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct SubscriptionInfo {
+    /// The subscription id.
+    pub id: String,
+    /// The mailbox (as configured).
+    pub mailbox: String,
+    /// The callback URL.
+    pub url: String,
+    /// Event types pushed.
+    pub event_types: Vec<&'static str>,
+    /// StatusFrequency in minutes.
+    pub status_frequency: u16,
+    /// Where it stands.
+    #[serde(flatten)]
+    pub state: SubscriptionState,
+    /// The last watermark delivered.
+    pub previous_watermark: String,
+    /// Created (RFC 3339).
+    pub created: String,
+    /// Last push answered well (RFC 3339).
+    pub last_push_ok: Option<String>,
+    /// Counters.
+    pub counters: SubscriptionCounters,
+}
+
+impl SubscriptionInfo {
+    /// Whether the subscription is still alive (active or retrying).
+    pub fn is_live(&self) -> bool {
+        !matches!(self.state, SubscriptionState::Ended(_))
+    }
+}
+
+/// One mailbox, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MailboxInfo {
+    /// The address as configured.
+    pub smtp: String,
+    /// `GroupingInformation`.
+    pub grouping: String,
+    /// Configured Autodiscover redirect (`address:…` or `url:…`).
+    pub redirect: Option<String>,
+    /// Events created so far.
+    pub events_created: u64,
+    /// The newest event's position in the log.
+    pub head: u64,
+    /// Live subscriptions.
+    pub live_subscriptions: usize,
+    /// Subscriptions created so far.
+    pub subscriptions_created: u64,
+    /// Answering `ErrorProxyRequestNotAllowed` until Autodiscover is asked for it.
+    pub moved: bool,
+    /// Watermark generation (bumped by each invalidation).
+    pub watermark_generation: u32,
+}
+
+/// Everything at once, for `GET /_sim/state`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// The mailboxes.
+    pub mailboxes: Vec<MailboxInfo>,
+    /// The subscriptions, ended ones included.
+    pub subscriptions: Vec<SubscriptionInfo>,
+    /// Armed faults.
+    pub faults: Faults,
+    /// Tokens issued so far.
+    pub tokens_issued: u64,
+    /// Tokens currently valid.
+    pub tokens_valid: usize,
+    /// Requests received so far.
+    pub requests_received: u64,
+}
+
+/// What the server side, the push tasks and the handle share.
+pub(crate) struct Shared {
+    config: SimConfig,
+    state: Mutex<State>,
+    /// Bumped on every state change, for [`SimHandle::wait_until`].
+    version: watch::Sender<u64>,
+    /// Set to `true` once to stop everything.
+    shutdown: watch::Sender<bool>,
+    /// The push tasks.
+    tasks: Mutex<JoinSet<()>>,
+    /// TLS configuration for HTTPS callbacks.
+    client_tls: Arc<rustls::ClientConfig>,
+    /// The base URL, known once the listener is.
+    base_url: OnceLock<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_tasks(&self) -> MutexGuard<'_, JoinSet<()>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    fn base_url(&self) -> &str {
+        self.base_url
+            .get()
+            .map_or("http://127.0.0.1", String::as_str)
+    }
+}
+
+/// A running (or about to run) simulator: inspect and control it directly.
+#[derive(Clone)]
+pub struct SimHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for SimHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHandle")
+            .field("base_url", &self.shared.base_url.get())
+            .finish()
+    }
+}
+
+/// Runs a simulator on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: SimConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SimError> {
+    SimHandle::new(config)?.serve(listener, shutdown).await
+}
+
+impl SimHandle {
+    /// A simulator with `config`, not serving yet.
+    pub fn new(config: SimConfig) -> Result<Self, SimError> {
+        // Duration arithmetic panics on these; refuse them here, once.
+        if !(config.time_factor.is_finite() && config.time_factor > 0.0) {
+            return Err(SimError::InvalidConfig(
+                "time_factor must be a positive number",
+            ));
+        }
+        if config.status_period < MIN_STATUS_PERIOD {
+            return Err(SimError::InvalidConfig(
+                "status_period must be at least 10ms",
+            ));
+        }
+        let client_tls = push::client_tls(&config.callback_trust)?;
+        let state = State::new(&config.mailboxes);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(state),
+                version: watch::channel(0).0,
+                shutdown: watch::channel(false).0,
+                tasks: Mutex::new(JoinSet::new()),
+                client_tls,
+                base_url: OnceLock::new(),
+                config,
+            }),
+        })
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then stops pushes and drains
+    /// connections within [`SHUTDOWN_GRACE`].
+    ///
+    /// Not an `async fn` on purpose: the base URL (and so [`SimHandle::ews_url`] …) is known
+    /// as soon as this returns, before the future is first polled or spawned.
+    pub fn serve<S: Future<Output = ()>>(
+        self,
+        listener: TcpListener,
+        shutdown: S,
+    ) -> impl Future<Output = Result<(), SimError>> {
+        let addr = listener.local_addr();
+        if let Ok(addr) = &addr {
+            let _ = self.shared.base_url.set(self.derive_base_url(*addr));
+        }
+        async move {
+            addr?;
+            self.serve_until(listener, shutdown).await
+        }
+    }
+
+    async fn serve_until(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), SimError> {
+        http::serve(self.shared.clone(), listener, shutdown).await;
+        // Stop the push tasks: they select on the shutdown signal.
+        let _ = self.shared.shutdown.send(true);
+        let mut tasks = std::mem::take(&mut *self.shared.lock_tasks());
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+        }
+        let mut state = self.shared.lock();
+        let live: Vec<String> = state
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| !matches!(s.state, SubscriptionState::Ended(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in live {
+            state.end(&id, EndReason::Shutdown);
+        }
+        drop(state);
+        self.shared.changed();
+        Ok(())
+    }
+
+    fn derive_base_url(&self, addr: SocketAddr) -> String {
+        if let Some(url) = &self.shared.config.public_url {
+            return url.trim_end_matches('/').to_owned();
+        }
+        let scheme = if self.shared.config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let ip = if addr.ip().is_unspecified() {
+            if addr.is_ipv4() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+            }
+        } else {
+            addr.ip()
+        };
+        format!("{scheme}://{}", SocketAddr::new(ip, addr.port()))
+    }
+
+    /// The base URL (`http(s)://host:port`), once serving.
+    pub fn base_url(&self) -> String {
+        self.shared.base_url().to_owned()
+    }
+
+    /// The EWS endpoint.
+    pub fn ews_url(&self) -> String {
+        format!("{}{}", self.shared.base_url(), http::EWS_PATH)
+    }
+
+    /// The SOAP Autodiscover endpoint.
+    pub fn autodiscover_url(&self) -> String {
+        format!("{}{}", self.shared.base_url(), http::AUTODISCOVER_PATH)
+    }
+
+    /// The OAuth token endpoint (the tenant-less form; `/{tenant}/oauth2/v2.0/token` works too).
+    pub fn token_url(&self) -> String {
+        format!("{}{}", self.shared.base_url(), http::TOKEN_PATH)
+    }
+
+    /// Every subscription, ended ones included, oldest first.
+    pub fn subscriptions(&self) -> Vec<SubscriptionInfo> {
+        let state = self.shared.lock();
+        let mut subs: Vec<SubscriptionInfo> = state
+            .subscriptions
+            .values()
+            .map(|s| SubscriptionInfo {
+                id: s.id.clone(),
+                mailbox: state
+                    .mailboxes
+                    .get(&s.mailbox)
+                    .map_or_else(|| s.mailbox.clone(), |m| m.smtp.clone()),
+                url: s.url.clone(),
+                event_types: s.event_types.iter().map(|t| t.as_str()).collect(),
+                status_frequency: s.status_frequency,
+                state: s.state,
+                previous_watermark: s.previous_watermark.clone(),
+                created: rfc3339(s.created),
+                last_push_ok: s.last_push_ok.map(rfc3339),
+                counters: s.counters.clone(),
+            })
+            .collect();
+        subs.sort_by(|a, b| a.created.cmp(&b.created));
+        subs
+    }
+
+    /// One subscription.
+    pub fn subscription(&self, id: &str) -> Option<SubscriptionInfo> {
+        self.subscriptions().into_iter().find(|s| s.id == id)
+    }
+
+    /// Every mailbox.
+    pub fn mailboxes(&self) -> Vec<MailboxInfo> {
+        let state = self.shared.lock();
+        state
+            .mailboxes
+            .iter()
+            .map(|(key, m)| MailboxInfo {
+                smtp: m.smtp.clone(),
+                grouping: m.grouping.clone(),
+                redirect: m.redirect.as_ref().map(|r| match r {
+                    MailboxRedirect::Address(a) => format!("address:{a}"),
+                    MailboxRedirect::Url(u) => format!("url:{u}"),
+                }),
+                events_created: m.events_created,
+                head: m.head,
+                live_subscriptions: state.live_count(key),
+                subscriptions_created: m.subscriptions_created,
+                moved: m.moved,
+                watermark_generation: m.generation,
+            })
+            .collect()
+    }
+
+    /// Adds a mailbox at run time, or changes a known one's grouping and redirect.
+    pub fn add_mailbox(&self, mailbox: MailboxConfig) {
+        self.shared.lock().add_mailbox(&mailbox);
+        self.shared.changed();
+    }
+
+    /// The requests received, oldest first (the last [`state::MAX_RECORDED_REQUESTS`]).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().requests.iter().cloned().collect()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear_requests(&self) {
+        self.shared.lock().requests.clear();
+    }
+
+    /// Everything at once.
+    pub fn snapshot(&self) -> Snapshot {
+        let (faults, tokens_issued, tokens_valid, requests_received) = {
+            let state = self.shared.lock();
+            let now = Instant::now();
+            (
+                state.faults.clone(),
+                state.tokens_issued,
+                state.tokens.values().filter(|&&exp| exp > now).count(),
+                state.request_seq,
+            )
+        };
+        Snapshot {
+            mailboxes: self.mailboxes(),
+            subscriptions: self.subscriptions(),
+            faults,
+            tokens_issued,
+            tokens_valid,
+            requests_received,
+        }
+    }
+
+    /// Creates `count` events of `kind` in a mailbox and pushes them to its subscriptions.
+    /// Returns the new events' watermarks, oldest first.
+    pub fn create_events(
+        &self,
+        mailbox: &str,
+        kind: EventType,
+        count: usize,
+    ) -> Result<Vec<String>, SimError> {
+        if kind == EventType::Status {
+            return Err(SimError::InvalidEventType(kind.as_str().into()));
+        }
+        if !(1..=MAX_EVENTS_PER_CALL).contains(&count) {
+            return Err(SimError::InvalidCount);
+        }
+        let key = mailbox.to_ascii_lowercase();
+        let mut state = self.shared.lock();
+        if !state.mailboxes.contains_key(&key) {
+            return Err(SimError::UnknownMailbox(mailbox.into()));
+        }
+        let watermarks = state.create_events(&key, kind, count);
+        drop(state);
+        self.shared.changed();
+        Ok(watermarks)
+    }
+
+    /// Fault: the subscription stops getting keep-alives (and anything else) without a word,
+    /// as when Exchange drops it on a failover. It ends with [`EndReason::Dropped`].
+    pub fn stop_keepalives(&self, id: &str) -> Result<(), SimError> {
+        let ended = self.shared.lock().end(id, EndReason::Dropped);
+        self.shared.changed();
+        ended
+            .then_some(())
+            .ok_or_else(|| SimError::UnknownSubscription(id.into()))
+    }
+
+    /// Fault: every live subscription is dropped silently (a server restart). Returns how
+    /// many were.
+    pub fn drop_all_subscriptions(&self) -> usize {
+        let mut state = self.shared.lock();
+        let live: Vec<String> = state
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| !matches!(s.state, SubscriptionState::Ended(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &live {
+            state.end(id, EndReason::Dropped);
+        }
+        drop(state);
+        self.shared.changed();
+        live.len()
+    }
+
+    /// Fault: the next `count` EWS requests get an `ErrorServerBusy` SOAP fault (HTTP 500)
+    /// with `BackOffMilliseconds` = `back_off`.
+    pub fn server_busy(&self, count: u32, back_off: Duration) {
+        let mut state = self.shared.lock();
+        state.faults.server_busy_remaining = count;
+        state.faults.server_busy_back_off_ms = millis(back_off);
+        drop(state);
+        self.shared.changed();
+    }
+
+    /// Fault: the next `count` EWS requests get HTTP 503, with `Retry-After` if given.
+    pub fn unavailable(&self, count: u32, retry_after_secs: Option<u32>) {
+        let mut state = self.shared.lock();
+        state.faults.unavailable_remaining = count;
+        state.faults.unavailable_retry_after = retry_after_secs;
+        drop(state);
+        self.shared.changed();
+    }
+
+    /// Fault: every watermark of the mailbox handed out so far becomes unknown, so the next
+    /// Subscribe with one gets `ErrorInvalidWatermark` (as after 30 days or a database move).
+    pub fn invalidate_watermarks(&self, mailbox: &str) -> Result<(), SimError> {
+        let mut state = self.shared.lock();
+        let m = state
+            .mailboxes
+            .get_mut(&mailbox.to_ascii_lowercase())
+            .ok_or_else(|| SimError::UnknownMailbox(mailbox.into()))?;
+        m.generation += 1;
+        drop(state);
+        self.shared.changed();
+        Ok(())
+    }
+
+    /// Fault: the mailbox "moved": Subscribe for it gets `ErrorProxyRequestNotAllowed` until
+    /// Autodiscover is asked about it again.
+    pub fn move_mailbox(&self, mailbox: &str) -> Result<(), SimError> {
+        let mut state = self.shared.lock();
+        let m = state
+            .mailboxes
+            .get_mut(&mailbox.to_ascii_lowercase())
+            .ok_or_else(|| SimError::UnknownMailbox(mailbox.into()))?;
+        m.moved = true;
+        drop(state);
+        self.shared.changed();
+        Ok(())
+    }
+
+    /// Fault: the subscription's next push is an `ErrorReadEventsFailed` error notification
+    /// (no `Notification`, id in `MessageXml`), after which the subscription is gone.
+    pub fn push_error_notification(&self, id: &str) -> Result<(), SimError> {
+        let mut state = self.shared.lock();
+        let sub = state
+            .subscriptions
+            .get_mut(id)
+            .filter(|s| !matches!(s.state, SubscriptionState::Ended(_)))
+            .ok_or_else(|| SimError::UnknownSubscription(id.into()))?;
+        sub.error_requested = true;
+        sub.wake.notify_one();
+        drop(state);
+        self.shared.changed();
+        Ok(())
+    }
+
+    /// Fault: every EWS response is delayed by `delay` (zero to stop).
+    pub fn set_response_delay(&self, delay: Duration) {
+        self.shared.lock().faults.response_delay_ms = millis(delay);
+        self.shared.changed();
+    }
+
+    /// Fault: every issued token stops working; the next EWS call with one gets HTTP 401.
+    pub fn revoke_tokens(&self) -> usize {
+        let mut state = self.shared.lock();
+        let n = state.tokens.len();
+        state.tokens.clear();
+        drop(state);
+        self.shared.changed();
+        n
+    }
+
+    /// Disarms every request fault (busy, 503, delay). Moved mailboxes stay moved until
+    /// Autodiscover is asked; invalidated watermarks stay invalid.
+    pub fn clear_faults(&self) {
+        self.shared.lock().faults = Faults::default();
+        self.shared.changed();
+    }
+
+    /// Waits until `check` returns `Some`, re-checking on every state change, for at most
+    /// `timeout`. For tests: no polling sleeps.
+    pub async fn wait_until<T>(
+        &self,
+        timeout: Duration,
+        mut check: impl FnMut(&SimHandle) -> Option<T>,
+    ) -> Option<T> {
+        let mut changes = self.shared.version.subscribe();
+        tokio::time::timeout(timeout, async {
+            loop {
+                changes.borrow_and_update();
+                if let Some(found) = check(self) {
+                    return Some(found);
+                }
+                if changes.changed().await.is_err() {
+                    return None;
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_millis(time).to_string()
+}

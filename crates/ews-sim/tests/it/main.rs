@@ -1,0 +1,3 @@
+//! The simulated Exchange driven as the relay drives it.
+
+mod sim;

@@ -1,0 +1,276 @@
+//! The plain-HTTP admin endpoint: `/healthz`, `/readyz`, `/metrics`, `/api/subscriptions`, and
+//! the human-readable `/status` page (see [`status`]).
+//!
+//! Meant for the container runtime and the monitoring system on the inside network; it never
+//! relays anything and is bound to loopback by default.
+
+pub mod status;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::edge::tls::CertResolver;
+use crate::metrics::Metrics;
+use crate::notify::tracker::{ReceiverAnswer, Tracker};
+use crate::receiver::Receiver;
+
+/// The receiver counts as reachable for `/readyz` if it accepted a connection or answered
+/// within this window; otherwise `/readyz` probes it with a fresh TCP connect.
+const READY_WINDOW: Duration = Duration::from_secs(30);
+/// An admin request's head must arrive within this (it is a local monitoring client).
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent admin connections; monitoring needs a handful.
+const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// What the admin endpoint reports on.
+#[derive(Debug)]
+pub struct AdminState {
+    /// All metrics.
+    pub metrics: Arc<Metrics>,
+    /// Subscriptions seen in the traffic.
+    pub tracker: Arc<Tracker>,
+    /// Managed mode's mailboxes.
+    pub manager: Option<Arc<crate::subscriptions::Manager>>,
+    /// Recently denied source addresses.
+    pub denied: Arc<crate::allow::DeniedLog>,
+    /// The allow-list in force.
+    pub allow: Arc<arc_swap::ArcSwap<crate::allow::AllowList>>,
+    /// `--path-prefix`, for display.
+    pub path_prefix: String,
+    /// The receiver, for readiness.
+    pub receiver: Arc<Receiver>,
+    /// The served certificate.
+    pub certs: Arc<CertResolver>,
+    /// Set once the TLS listener is accepting.
+    pub listening: AtomicBool,
+    /// Process start, for uptime.
+    pub started: Instant,
+}
+
+/// Serve admin requests until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = shutdown.changed() => return,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
+async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => readyz(state).await,
+        "/status" => status_page(state).await,
+        "/api/subscriptions" => {
+            let mut r = text(
+                StatusCode::OK,
+                subscriptions_json(&state.tracker, state.manager.as_deref()),
+            );
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            r
+        }
+        "/metrics" => {
+            // Fresh per-state counts and certificate expiry for the scrape.
+            state.metrics.set_subscriptions(state.tracker.sweep());
+            state
+                .metrics
+                .set_cert_expiry(state.certs.current().info.not_after);
+            let mut r = text(StatusCode::OK, state.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /status, /healthz, /readyz, /metrics, /api/subscriptions\n".into(),
+        ),
+    }
+}
+
+async fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
+    if !state.listening.load(Ordering::Relaxed) {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not listening yet\n".into(),
+        );
+    }
+    if receiver_reachable(state).await {
+        text(StatusCode::OK, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "receiver {} not accepting connections\n",
+                state.receiver.authority()
+            ),
+        )
+    }
+}
+
+/// Whether the receiver accepted a connection or answered within [`READY_WINDOW`], or accepts
+/// a fresh TCP connection now.
+async fn receiver_reachable(state: &AdminState) -> bool {
+    let recent = state
+        .receiver
+        .since_reachable()
+        .is_some_and(|d| d < READY_WINDOW);
+    recent || state.receiver.probe().await
+}
+
+/// `GET /status`: the HTML status page, never cached, under a policy that lets nothing but its
+/// own inline style and script apply.
+async fn status_page(state: &AdminState) -> Response<Full<Bytes>> {
+    let reachable = receiver_reachable(state).await;
+    let page = crate::admin::status::StatusPage::collect(state, reachable);
+    let mut r = text(StatusCode::OK, page.render());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(crate::admin::status::content_security_policy()),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    r
+}
+
+/// One tracked subscription as `/api/subscriptions` shows it.
+#[derive(serde::Serialize)]
+struct SubscriptionView<'a> {
+    subscription_id: &'a str,
+    state: &'static str,
+    first_seen: String,
+    last_seen: String,
+    seconds_since_last_seen: u64,
+    last_watermark: Option<&'a str>,
+    events: std::collections::BTreeMap<&'static str, u64>,
+    last_response_class: &'static str,
+    last_response_code: Option<&'a str>,
+    receiver_answer: Option<&'static str>,
+    receiver_http_status: Option<u16>,
+    peer: String,
+}
+
+fn subscriptions_json(
+    tracker: &Tracker,
+    manager: Option<&crate::subscriptions::Manager>,
+) -> String {
+    let snapshot = tracker.snapshot();
+    let now = std::time::SystemTime::now();
+    let views: Vec<SubscriptionView<'_>> = snapshot
+        .iter()
+        .map(|(id, s, state)| SubscriptionView {
+            subscription_id: id,
+            state: state.as_str(),
+            first_seen: humantime::format_rfc3339_seconds(s.first_seen).to_string(),
+            last_seen: humantime::format_rfc3339_seconds(s.last_seen).to_string(),
+            seconds_since_last_seen: now
+                .duration_since(s.last_seen)
+                .unwrap_or_default()
+                .as_secs(),
+            last_watermark: s.last_watermark.as_deref(),
+            events: ews::EventType::ALL
+                .iter()
+                .zip(s.events)
+                .filter(|(_, n)| *n > 0)
+                .map(|(t, n)| (t.as_str(), n))
+                .collect(),
+            last_response_class: match s.last_response_class {
+                ews::ResponseClass::Success => "Success",
+                ews::ResponseClass::Warning => "Warning",
+                ews::ResponseClass::Error => "Error",
+            },
+            last_response_code: s.last_response_code.as_deref(),
+            receiver_answer: s.receiver_answer.map(ReceiverAnswer::as_str),
+            receiver_http_status: match s.receiver_answer {
+                Some(ReceiverAnswer::HttpError(code)) => Some(code),
+                _ => None,
+            },
+            peer: s.peer.to_string(),
+        })
+        .collect();
+    let mut body = serde_json::json!({
+        "mode": if manager.is_some() { "managed" } else { "passthrough" },
+        "stale_after_seconds": tracker.stale_after().as_secs(),
+        "subscriptions": views,
+    });
+    if let Some(m) = manager {
+        body["mailboxes"] = serde_json::to_value(m.views()).unwrap_or_default();
+        body["spool_depth"] = m.delivery().waiting().into();
+    }
+    let mut out = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
+    out.push('\n');
+    out
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

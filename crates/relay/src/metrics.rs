@@ -1,0 +1,423 @@
+//! Prometheus metrics. Every labelled series the data path touches is resolved once at start-up,
+//! so recording on the request path is an atomic add, never a map lookup or an allocation.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// Why a connection was not served.
+#[derive(Debug, Clone, Copy)]
+pub enum DenyReason {
+    /// Peer address outside the allow-list.
+    Source,
+    /// PROXY protocol expected but the peer is not a trusted proxy.
+    UntrustedProxy,
+    /// A trusted proxy sent no valid PROXY header.
+    ProxyHeader,
+    /// The client address from a trusted proxy's header is outside the allow-list (or absent).
+    ClientIpHeader,
+}
+
+/// Which way a TLS handshake failed.
+#[derive(Debug, Clone, Copy)]
+pub enum HandshakeFailure {
+    /// Not finished within `--handshake-timeout`.
+    Timeout,
+    /// Protocol error (old version, no shared cipher, garbage, reset).
+    Error,
+}
+
+/// What went wrong talking to the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// TCP connect refused or failed.
+    Connect,
+    /// Connect did not finish in time.
+    ConnectTimeout,
+    /// No complete answer within `--upstream-timeout`.
+    Timeout,
+    /// The connection broke or the answer was not valid HTTP.
+    Protocol,
+    /// The answer was larger than the relay buffers.
+    ResponseTooLarge,
+}
+
+impl UpstreamErrorKind {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::ConnectTimeout => "connect_timeout",
+            Self::Timeout => "timeout",
+            Self::Protocol => "protocol",
+            Self::ResponseTooLarge => "response_too_large",
+        }
+    }
+
+    const ALL: [Self; 5] = [
+        Self::Connect,
+        Self::ConnectTimeout,
+        Self::Timeout,
+        Self::Protocol,
+        Self::ResponseTooLarge,
+    ];
+}
+
+/// The `answer` labels of `receiver_answers`, indexed by what [`Metrics::answer`] takes
+/// (the notify layer's answer kinds, in their order; a test there holds the two together).
+pub const ANSWER_LABELS: [&str; 5] = ["OK", "Unsubscribe", "unparsed", "http_error", "unreachable"];
+
+/// The `state` labels of `subscriptions`, in the order of [`Metrics::set_subscriptions`]'s
+/// counts (the tracker's states; a test there holds the two together).
+pub const SUBSCRIPTION_STATES: [&str; 4] = ["alive", "stale", "unsubscribed", "error"];
+
+/// All metrics of the relay, with pre-resolved handles for the hot path.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Connections that passed the source filter.
+    pub accepted: Counter,
+    denied_source: Counter,
+    denied_untrusted_proxy: Counter,
+    denied_proxy_header: Counter,
+    denied_client_ip_header: Counter,
+    handshake_timeout: Counter,
+    handshake_error: Counter,
+    /// Client connections currently open (after the filter).
+    pub open_connections: Gauge,
+    requests: [Counter; 5],
+    upstream_errors: [Counter; 5],
+    /// Requests retried on a fresh receiver connection after a pooled one failed.
+    pub upstream_retries: Counter,
+    /// Total request time, receipt of head to response head.
+    pub request_duration: Histogram,
+    /// Events forwarded, by EWS event type, in `EventType::ALL` order.
+    pub events: [Counter; 8],
+    /// Receiver answers to notifications, by kind.
+    answers: [Counter; 5],
+    /// POSTs refused with 400 because they were not SendNotification messages.
+    pub rejected_bodies: Counter,
+    /// Tracked subscriptions by state, in `tracker::State::ALL` order (set by the sweep).
+    pub subscriptions: [Gauge; 4],
+    /// Managed mode: Subscribe calls by outcome.
+    subscribes: Family<Labels, Counter>,
+    /// Managed mode: resubscriptions by reason.
+    resubscribes: Family<Labels, Counter>,
+    /// Managed mode: deliveries to the receiver by outcome.
+    deliveries: Family<Labels, Counter>,
+    /// Managed mode: mailboxes by state.
+    mailboxes: Family<Labels, Gauge>,
+    /// Managed mode: notifications waiting in the spool.
+    spool_depth: Gauge,
+    /// Managed mode: age of the oldest spooled notification, seconds.
+    spool_oldest_age: Gauge,
+    /// Seconds until the served certificate expires (negative once expired).
+    cert_expiry: Gauge,
+    /// Reloads of the certificate and the allow-list, by outcome.
+    reloads: Family<[(&'static str, &'static str); 2], Counter>,
+    /// Version of the refreshed exchange-online list (the service's numeric version).
+    ranges_version: Gauge,
+    /// Age of the refreshed exchange-online list.
+    ranges_age: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Create and register everything.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("ews_relay");
+        let accepted = Counter::default();
+        registry.register(
+            "connections_accepted",
+            "Client connections admitted by the source filter",
+            accepted.clone(),
+        );
+        let denied = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections_denied",
+            "Client connections closed before TLS, by reason",
+            denied.clone(),
+        );
+        let handshakes = Family::<Labels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Failed TLS handshakes, by reason",
+            handshakes.clone(),
+        );
+        let open_connections = Gauge::default();
+        registry.register(
+            "open_connections",
+            "Client connections currently open",
+            open_connections.clone(),
+        );
+        let requests_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by status class",
+            requests_family.clone(),
+        );
+        let upstream_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "upstream_errors",
+            "Failed exchanges with the receiver, by kind",
+            upstream_family.clone(),
+        );
+        let upstream_retries = Counter::default();
+        registry.register(
+            "upstream_retries",
+            "Requests retried on a fresh receiver connection after a pooled one failed",
+            upstream_retries.clone(),
+        );
+        // 0.5 ms .. ~16 s: forwarding is sub-millisecond, a slow receiver takes seconds.
+        let request_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "request_duration_seconds",
+            "Time from request head to response head",
+            request_duration.clone(),
+        );
+        let events_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "notification_events",
+            "EWS events forwarded, by type (StatusEvent = keep-alive)",
+            events_family.clone(),
+        );
+        let events =
+            ews::EventType::ALL.map(|t| events_family.get_or_create_owned(&[("type", t.as_str())]));
+        let answers_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "receiver_answers",
+            "The receiver's answers to notifications, by kind",
+            answers_family.clone(),
+        );
+        let answers = ANSWER_LABELS.map(|a| answers_family.get_or_create_owned(&[("answer", a)]));
+        let rejected_bodies = Counter::default();
+        registry.register(
+            "rejected_bodies",
+            "POSTs answered 400 because the body was not an EWS SendNotification",
+            rejected_bodies.clone(),
+        );
+        let subs_family = Family::<Labels, Gauge>::default();
+        registry.register(
+            "subscriptions",
+            "Subscriptions seen in the traffic, by state",
+            subs_family.clone(),
+        );
+        let subscriptions =
+            SUBSCRIPTION_STATES.map(|s| subs_family.get_or_create_owned(&[("state", s)]));
+        let subscribes = Family::<Labels, Counter>::default();
+        registry.register(
+            "subscribes",
+            "Managed mode: Subscribe calls by outcome",
+            subscribes.clone(),
+        );
+        let resubscribes = Family::<Labels, Counter>::default();
+        registry.register(
+            "resubscribes",
+            "Managed mode: resubscriptions by reason",
+            resubscribes.clone(),
+        );
+        let deliveries = Family::<Labels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Managed mode: deliveries to the receiver by outcome (delivered, spooled, replayed, failed, resync)",
+            deliveries.clone(),
+        );
+        let mailboxes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "mailboxes",
+            "Managed mode: mailboxes by state",
+            mailboxes.clone(),
+        );
+        let spool_depth = Gauge::default();
+        registry.register(
+            "spool_depth",
+            "Managed mode: notifications waiting in the spool",
+            spool_depth.clone(),
+        );
+        let spool_oldest_age = Gauge::default();
+        registry.register(
+            "spool_oldest_age_seconds",
+            "Managed mode: age of the oldest spooled notification",
+            spool_oldest_age.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "cert_expiry_seconds",
+            "Seconds until the served TLS certificate expires",
+            cert_expiry.clone(),
+        );
+        let reloads = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "reloads",
+            "Reloads of the certificate and the allow-list, by outcome",
+            reloads.clone(),
+        );
+        let ranges_version = Gauge::default();
+        registry.register(
+            "ranges_version",
+            "Version of the exchange-online list from the endpoint service (0: built-in snapshot)",
+            ranges_version.clone(),
+        );
+        let ranges_age = Gauge::default();
+        registry.register(
+            "ranges_age_seconds",
+            "Age of the exchange-online list from the endpoint service",
+            ranges_age.clone(),
+        );
+        let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
+        let requests = [
+            class("1xx"),
+            class("2xx"),
+            class("3xx"),
+            class("4xx"),
+            class("5xx"),
+        ];
+        let upstream_errors = UpstreamErrorKind::ALL
+            .map(|k| upstream_family.get_or_create_owned(&[("kind", k.as_str())]));
+        Self {
+            registry,
+            accepted,
+            denied_source: denied.get_or_create_owned(&[("reason", "source")]),
+            denied_untrusted_proxy: denied.get_or_create_owned(&[("reason", "untrusted_proxy")]),
+            denied_proxy_header: denied.get_or_create_owned(&[("reason", "proxy_header")]),
+            denied_client_ip_header: denied.get_or_create_owned(&[("reason", "client_ip_header")]),
+            handshake_timeout: handshakes.get_or_create_owned(&[("reason", "timeout")]),
+            handshake_error: handshakes.get_or_create_owned(&[("reason", "error")]),
+            open_connections,
+            requests,
+            upstream_errors,
+            upstream_retries,
+            request_duration,
+            events,
+            answers,
+            rejected_bodies,
+            subscriptions,
+            subscribes,
+            resubscribes,
+            deliveries,
+            mailboxes,
+            spool_depth,
+            spool_oldest_age,
+            cert_expiry,
+            reloads,
+            ranges_version,
+            ranges_age,
+        }
+    }
+
+    /// Publish the refreshed list's version and age.
+    pub fn set_ranges(&self, version: &str, age: std::time::Duration) {
+        self.ranges_version.set(version.parse().unwrap_or(0));
+        self.ranges_age.set(age.as_secs() as i64);
+    }
+
+    /// Publish the served certificate's expiry.
+    pub fn set_cert_expiry(&self, not_after: std::time::SystemTime) {
+        let secs = match not_after.duration_since(std::time::SystemTime::now()) {
+            Ok(left) => left.as_secs() as i64,
+            Err(past) => -(past.duration().as_secs() as i64),
+        };
+        self.cert_expiry.set(secs);
+    }
+
+    /// Count a reload of `what` (certificate, allow_list).
+    pub fn reload(&self, what: &'static str, ok: bool) {
+        let outcome = if ok { "applied" } else { "refused" };
+        self.reloads
+            .get_or_create(&[("what", what), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Count a Subscribe call's outcome.
+    pub fn subscribe(&self, outcome: &'static str) {
+        self.subscribes.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Count a resubscription and why it happened.
+    pub fn resubscribe(&self, reason: &'static str) {
+        self.resubscribes.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// Count a delivery outcome.
+    pub fn delivery(&self, outcome: &'static str) {
+        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    }
+
+    /// Publish mailbox counts by state.
+    pub fn set_mailboxes(&self, counts: &[(&'static str, i64)]) {
+        for (state, n) in counts {
+            self.mailboxes.get_or_create(&[("state", *state)]).set(*n);
+        }
+    }
+
+    /// Publish the spool's depth and the age of its oldest entry.
+    pub fn set_spool(&self, depth: u64, oldest: Option<std::time::Duration>) {
+        self.spool_depth.set(depth as i64);
+        self.spool_oldest_age
+            .set(oldest.map_or(0, |d| d.as_secs() as i64));
+    }
+
+    /// Count a receiver answer to a notification, by its index in [`ANSWER_LABELS`].
+    pub fn answer(&self, label: usize) {
+        self.answers[label].inc();
+    }
+
+    /// Publish the sweep's per-state counts.
+    pub fn set_subscriptions(&self, counts: [usize; 4]) {
+        for (g, n) in self.subscriptions.iter().zip(counts) {
+            g.set(n as i64);
+        }
+    }
+
+    /// Count a denied connection.
+    pub fn denied(&self, reason: DenyReason) {
+        match reason {
+            DenyReason::Source => self.denied_source.inc(),
+            DenyReason::UntrustedProxy => self.denied_untrusted_proxy.inc(),
+            DenyReason::ProxyHeader => self.denied_proxy_header.inc(),
+            DenyReason::ClientIpHeader => self.denied_client_ip_header.inc(),
+        };
+    }
+
+    /// Count a failed handshake.
+    pub fn handshake_failed(&self, why: HandshakeFailure) {
+        match why {
+            HandshakeFailure::Timeout => self.handshake_timeout.inc(),
+            HandshakeFailure::Error => self.handshake_error.inc(),
+        };
+    }
+
+    /// Count an answered request by status class.
+    pub fn request(&self, status: http::StatusCode) {
+        let i = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
+        self.requests[i].inc();
+    }
+
+    /// Count a failed exchange with the receiver.
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        self.upstream_errors[kind as usize].inc();
+    }
+
+    /// Denied connections for the source reason (for the admin API).
+    pub fn denied_source_total(&self) -> u64 {
+        self.denied_source.get()
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,210 @@
+//! Route: from a request's head and the client's address to a [`Route`] or a [`Refusal`],
+//! before a byte of the body is read. The relay is not an open proxy: the target is always
+//! `--upstream`; only POSTs under a notification prefix leave the relay, everything else is
+//! answered here.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use http1::{Reply, RequestHead};
+
+use crate::allow::AllowList;
+pub use crate::client::ConnInfo;
+use crate::config::Config;
+use crate::metrics::{DenyReason, Metrics};
+
+/// Where an admitted request goes.
+#[derive(Debug)]
+pub struct Route {
+    /// The client a trusted proxy named in `--client-ip-header`, when there is one: the request
+    /// is treated as coming from it.
+    pub named_client: Option<ConnInfo>,
+}
+
+/// The routing rules, from the configuration.
+#[derive(Debug)]
+pub struct Router {
+    path_prefix: String,
+    max_body: u64,
+    /// `--client-ip-header`: where a trusted proxy names the client.
+    client_ip_header: Option<http::HeaderName>,
+    /// The allow-list, applied per request to the client named by a trusted proxy.
+    allow: Arc<arc_swap::ArcSwap<AllowList>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Router {
+    /// The rules of `config`, with the live allow-list.
+    pub fn new(
+        config: &Config,
+        allow: Arc<arc_swap::ArcSwap<AllowList>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            path_prefix: config.path_prefix.clone(),
+            max_body: config.max_body,
+            client_ip_header: config.client_ip_header.clone(),
+            allow,
+            metrics,
+        }
+    }
+
+    /// Decides on a request from its head: 404 outside the prefix, 405 for methods other than
+    /// POST, 413 for a declared length above `--max-body`, 403 for a client a trusted proxy
+    /// names outside the allow-list, 400 for a path that could escape the prefix.
+    pub fn route(
+        &self,
+        head: &RequestHead<'_>,
+        conn: &ConnInfo,
+        declared_length: Option<u64>,
+    ) -> Result<Route, Refusal> {
+        // Behind a trusted CDN, the client is the one its header names, and the allow-list
+        // applies to that address.
+        let mut named_client = None;
+        if let (Some(name), true) = (&self.client_ip_header, conn.via_trusted_proxy) {
+            match client_from_header(head, name.as_str()) {
+                Some(ip) if self.allow.load().allows(ip) => named_client = Some(ConnInfo::new(ip)),
+                found => {
+                    self.metrics.denied(DenyReason::ClientIpHeader);
+                    tracing::info!(proxy = %conn.peer, client = ?found, header = %name, "client named by the trusted proxy is missing or outside the allow-list");
+                    return Err(Refusal::Forbidden);
+                }
+            }
+        }
+        if !plain_path(head.path()) {
+            return Err(Refusal::BadTarget);
+        }
+        if !under_prefix(head.path(), &self.path_prefix) {
+            return Err(Refusal::NotFound);
+        }
+        if head.method != "POST" {
+            return Err(Refusal::MethodNotAllowed);
+        }
+        if declared_length.is_some_and(|n| n > self.max_body) {
+            // Refused before reading a byte; with `Expect: 100-continue` the client never
+            // even sends the body.
+            return Err(Refusal::TooLarge);
+        }
+        Ok(Route { named_client })
+    }
+}
+
+/// A request the relay answers itself, without involving the receiver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Path outside `--path-prefix`.
+    NotFound,
+    /// Not a POST.
+    MethodNotAllowed,
+    /// Body above `--max-body`.
+    TooLarge,
+    /// Body not complete within `--body-timeout`.
+    BodyTimeout,
+    /// The body could not be read (client reset, bad chunking).
+    BadBody,
+    /// The body is not an EWS SendNotification SOAP message.
+    NotNotification,
+    /// Behind a trusted proxy, the client it names is missing or not admitted.
+    Forbidden,
+    /// A path with dot segments or encoded separators, which a receiver normalising paths
+    /// could resolve outside `--path-prefix`.
+    BadTarget,
+}
+
+impl Refusal {
+    /// The answer to send.
+    pub fn reply(self) -> Reply {
+        let (status, text) = match self {
+            Refusal::NotFound => (StatusCode::NOT_FOUND, "not found\n"),
+            Refusal::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "only POST is relayed\n"),
+            Refusal::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body larger than --max-body\n",
+            ),
+            Refusal::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received within --body-timeout\n",
+            ),
+            Refusal::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
+            Refusal::Forbidden => (StatusCode::FORBIDDEN, "client not admitted\n"),
+            Refusal::BadTarget => (
+                StatusCode::BAD_REQUEST,
+                "dot segments and encoded separators are not accepted in the path\n",
+            ),
+            Refusal::NotNotification => (
+                StatusCode::BAD_REQUEST,
+                "not an EWS SendNotification SOAP message\n",
+            ),
+        };
+        let mut r = Reply::plain(status, text);
+        if self == Refusal::MethodNotAllowed {
+            r.headers.push(b"allow", b"POST");
+        }
+        r
+    }
+}
+
+/// The address in `--client-ip-header` (its first value if a list).
+fn client_from_header(head: &RequestHead<'_>, name: &str) -> Option<std::net::IpAddr> {
+    let v = std::str::from_utf8(head.field(name)?).ok()?;
+    let first = v.split(',').next()?.trim();
+    first
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
+}
+
+/// Whether `path` has no `.` or `..` segment (also percent-encoded), no encoded `/` or `\\` and
+/// no `\\`: so the prefix check sees the path every receiver would see.
+pub fn plain_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+        return true; // the usual case, in one pass
+    }
+    if bytes.contains(&b'\\') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") {
+        return false;
+    }
+    !lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .any(|segment| segment == "." || segment == "..")
+}
+
+pub use crate::config::under_prefix;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert!(under_prefix("/anything", "/"));
+        assert!(under_prefix("/ews", "/ews"));
+        assert!(under_prefix("/ews/push", "/ews"));
+        assert!(!under_prefix("/ewsx", "/ews"));
+        assert!(!under_prefix("/", "/ews"));
+    }
+
+    #[test]
+    fn plain_paths() {
+        for ok in ["/", "/ews/notify", "/a.b/c..d/.e", "/x%20y", "/ews/..."] {
+            assert!(plain_path(ok), "{ok}");
+        }
+        for bad in [
+            "/ews/../admin",
+            "/ews/./x",
+            "/ews/..",
+            "/ews/%2e%2E/admin",
+            "/ews/.%2e",
+            "/ews%2fadmin",
+            "/ews%5C..",
+            "/ews\\..",
+        ] {
+            assert!(!plain_path(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! ews-relay's integration tests, one binary: a real relay on ephemeral loopback ports, real
+//! TLS, real receivers, the EWS simulator for Exchange.
+
+mod cli;
+mod client_ip;
+mod common;
+mod http1;
+mod managed;
+mod managed_discovery;
+mod ranges;
+mod relay;
+mod reload;
+mod status_page;
+mod store;
+mod tracking;
