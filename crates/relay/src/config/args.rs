@@ -1,0 +1,402 @@
+//! The command line: every flag, its environment variable and its help text. Values are only
+//! parsed here as far as clap types them; [`super::Config::from_args`] validates them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use super::parse::{parse_duration, parse_size};
+
+/// Output format of logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for container log collectors.
+    Json,
+}
+
+/// ews-relay: a TLS edge for Exchange Web Services push notifications.
+///
+/// Accepts Exchange's HTTPS POSTs, admits only allowed source networks, and forwards each
+/// notification in plain HTTP to the internal receiver.
+#[derive(Debug, Parser)]
+#[command(name = "ews-relay", version, about, long_about = None)]
+pub struct Args {
+    /// TLS listener address (IPv4 or IPv6, e.g. `[::]:443`).
+    #[arg(
+        long,
+        env = "EWS_RELAY_LISTEN",
+        default_value = "0.0.0.0:443",
+        value_name = "ADDR"
+    )]
+    pub listen: String,
+
+    /// The internal receiver, plain HTTP (`http://host:port`).
+    #[arg(
+        long,
+        env = "EWS_RELAY_UPSTREAM",
+        default_value = "http://127.0.0.1:10002",
+        value_name = "URL"
+    )]
+    pub upstream: String,
+
+    /// PEM certificate chain (leaf first). Without it a self-signed certificate is used.
+    #[arg(
+        long,
+        env = "EWS_RELAY_TLS_CERT",
+        value_name = "PATH",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, RSA or SEC1) matching --tls-cert.
+    #[arg(
+        long,
+        env = "EWS_RELAY_TLS_KEY",
+        value_name = "PATH",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+
+    /// Host name for the generated self-signed certificate.
+    #[arg(
+        long,
+        env = "EWS_RELAY_HOSTNAME",
+        default_value = "localhost",
+        value_name = "NAME"
+    )]
+    pub hostname: String,
+
+    /// Directory where the self-signed certificate and key are generated and reused.
+    #[arg(
+        long,
+        env = "EWS_RELAY_CERT_DIR",
+        default_value = "certs",
+        value_name = "DIR"
+    )]
+    pub cert_dir: PathBuf,
+
+    /// Admitted source network (repeatable; IPv4 or IPv6 CIDR, or a single address).
+    #[arg(
+        long,
+        env = "EWS_RELAY_ALLOW",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub allow: Vec<String>,
+
+    /// File with one admitted CIDR per line; `#` starts a comment.
+    #[arg(long, env = "EWS_RELAY_ALLOW_FILE", value_name = "PATH")]
+    pub allow_file: Option<PathBuf>,
+
+    /// Built-in network list: `exchange-online`, `cloudflare` (repeatable).
+    #[arg(
+        long,
+        env = "EWS_RELAY_ALLOW_PRESET",
+        value_name = "NAME",
+        value_delimiter = ','
+    )]
+    pub allow_preset: Vec<String>,
+
+    /// Only POSTs whose path lies under this prefix are forwarded.
+    #[arg(
+        long,
+        env = "EWS_RELAY_PATH_PREFIX",
+        default_value = "/",
+        value_name = "PATH"
+    )]
+    pub path_prefix: String,
+
+    /// Largest request body accepted; larger ones get 413 (e.g. `4096`, `64KiB`, `4MiB`).
+    #[arg(long, env = "EWS_RELAY_MAX_BODY", default_value = "4MiB", value_name = "BYTES", value_parser = parse_size)]
+    pub max_body: u64,
+
+    /// Concurrent client connections; further ones wait in the listen backlog.
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAX_CONNECTIONS",
+        default_value_t = 4096,
+        value_name = "N"
+    )]
+    pub max_connections: usize,
+
+    /// Time allowed for a client's TLS handshake.
+    #[arg(long, env = "EWS_RELAY_HANDSHAKE_TIMEOUT", default_value = "10s", value_name = "DUR", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Time allowed to receive a request's head, from its first byte (a new connection that
+    /// sends nothing is closed after the shorter of this and --idle-timeout).
+    #[arg(long, env = "EWS_RELAY_HEADER_TIMEOUT", default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Time allowed to receive a request's whole body once its head has arrived.
+    #[arg(long, env = "EWS_RELAY_BODY_TIMEOUT", default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
+    pub body_timeout: Duration,
+
+    /// HTTP/1.1: the longest wait for the next request on a kept-alive connection, and for a
+    /// client to take an answer (one that stops reading is dropped); HTTP/2: a connection with
+    /// no bytes moving and no request in flight for this long is closed.
+    #[arg(long, env = "EWS_RELAY_IDLE_TIMEOUT", default_value = "120s", value_name = "DUR", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Time allowed to open a TCP connection to the receiver.
+    #[arg(long, env = "EWS_RELAY_UPSTREAM_CONNECT_TIMEOUT", default_value = "5s", value_name = "DUR", value_parser = parse_duration)]
+    pub upstream_connect_timeout: Duration,
+
+    /// Time allowed for the receiver's complete answer; after it the client gets 504.
+    #[arg(long, env = "EWS_RELAY_UPSTREAM_TIMEOUT", default_value = "60s", value_name = "DUR", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Drain time on SIGTERM/SIGINT before open connections are cut.
+    #[arg(long, env = "EWS_RELAY_SHUTDOWN_GRACE", default_value = "10s", value_name = "DUR", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Plain-HTTP admin endpoint (/healthz, /readyz, /metrics). Keep it off the internet.
+    #[arg(
+        long,
+        env = "EWS_RELAY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:9090",
+        value_name = "ADDR"
+    )]
+    pub admin_listen: String,
+
+    /// Forward POST bodies that are not EWS SendNotification messages instead of answering 400.
+    #[arg(long, env = "EWS_RELAY_ACCEPT_ANY_BODY")]
+    pub accept_any_body: bool,
+
+    /// A subscription with no notification or keep-alive for this long is shown as stale
+    /// (default fits the usual StatusFrequency of 1 minute).
+    #[arg(long, env = "EWS_RELAY_STALE_AFTER", default_value = "2m", value_name = "DUR", value_parser = parse_duration)]
+    pub stale_after: Duration,
+
+    /// Keep the exchange-online preset current from Microsoft 365's endpoint web service.
+    #[arg(long, env = "EWS_RELAY_REFRESH_RANGES")]
+    pub refresh_ranges: bool,
+
+    /// The endpoint web service (override for sovereign clouds and tests).
+    #[arg(long, env = "EWS_RELAY_RANGES_URL", value_name = "URL", default_value = crate::allow::ranges::DEFAULT_SERVICE)]
+    pub ranges_url: String,
+
+    /// How often the service's version is checked (at least 1h against Microsoft's service).
+    #[arg(long, env = "EWS_RELAY_RANGES_INTERVAL", value_name = "DUR", default_value = "1h", value_parser = parse_duration)]
+    pub ranges_interval: Duration,
+
+    /// Expect a PROXY protocol v1/v2 header from --trusted-proxy peers (load balancer).
+    #[arg(long, env = "EWS_RELAY_PROXY_PROTOCOL")]
+    pub proxy_protocol: bool,
+
+    /// Load balancer or CDN allowed to state the client address: CIDR or preset (repeatable).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TRUSTED_PROXY",
+        value_name = "CIDR|PRESET",
+        value_delimiter = ','
+    )]
+    pub trusted_proxy: Vec<String>,
+
+    /// Header carrying the client address from a --trusted-proxy (e.g. CF-Connecting-IP).
+    #[arg(long, env = "EWS_RELAY_CLIENT_IP_HEADER", value_name = "NAME")]
+    pub client_ip_header: Option<String>,
+
+    /// Managed mode: the EWS endpoint, e.g. https://outlook.office365.com/EWS/Exchange.asmx.
+    #[arg(
+        long,
+        env = "EWS_RELAY_EWS_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub ews_url: Option<String>,
+
+    /// Managed mode: SOAP Autodiscover endpoint; each mailbox's EWS URL and grouping come from it.
+    #[arg(
+        long,
+        env = "EWS_RELAY_AUTODISCOVER_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub autodiscover_url: Option<String>,
+
+    /// Mailbox to keep subscribed (repeatable).
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAILBOX",
+        value_name = "SMTP",
+        value_delimiter = ',',
+        help_heading = "Managed mode"
+    )]
+    pub mailbox: Vec<String>,
+
+    /// File with one mailbox per line (`#` comments); re-read when it changes and on SIGHUP.
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAILBOXES_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub mailboxes_file: Option<PathBuf>,
+
+    /// The public URL Exchange calls back (https, path under --path-prefix).
+    #[arg(
+        long,
+        env = "EWS_RELAY_CALLBACK_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub callback_url: Option<String>,
+
+    /// Distinguished folder to watch (repeatable; default: all folders).
+    #[arg(
+        long,
+        env = "EWS_RELAY_FOLDER",
+        value_name = "ID",
+        value_delimiter = ',',
+        help_heading = "Managed mode"
+    )]
+    pub folder: Vec<String>,
+
+    /// Comma-separated EWS event types (default: all but FreeBusyChangedEvent).
+    #[arg(
+        long,
+        env = "EWS_RELAY_EVENT_TYPES",
+        value_name = "LIST",
+        help_heading = "Managed mode"
+    )]
+    pub event_types: Option<String>,
+
+    /// StatusFrequency in minutes (1..1440): how often Exchange sends a keep-alive.
+    #[arg(
+        long,
+        env = "EWS_RELAY_STATUS_FREQUENCY",
+        default_value_t = 1,
+        value_name = "MIN",
+        help_heading = "Managed mode"
+    )]
+    pub status_frequency: u16,
+
+    /// Silence after which a subscription is declared lost (default 2 x status frequency).
+    #[arg(long, env = "EWS_RELAY_HEARTBEAT_TIMEOUT", value_name = "DUR", value_parser = parse_duration, help_heading = "Managed mode")]
+    pub heartbeat_timeout: Option<Duration>,
+
+    /// How the relay authenticates to EWS: oauth, basic, none (lab servers only).
+    #[arg(
+        long,
+        env = "EWS_RELAY_AUTH",
+        default_value = "oauth",
+        value_name = "KIND",
+        help_heading = "Managed mode"
+    )]
+    pub auth: AuthKind,
+
+    /// OAuth: the Entra ID tenant (id or domain).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TENANT_ID",
+        value_name = "TENANT",
+        help_heading = "Managed mode"
+    )]
+    pub tenant_id: Option<String>,
+
+    /// OAuth: the application (client) id.
+    #[arg(
+        long,
+        env = "EWS_RELAY_CLIENT_ID",
+        value_name = "ID",
+        help_heading = "Managed mode"
+    )]
+    pub client_id: Option<String>,
+
+    /// OAuth: file holding the client secret (or set EWS_RELAY_CLIENT_SECRET; never a flag).
+    #[arg(
+        long,
+        env = "EWS_RELAY_CLIENT_SECRET_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub client_secret_file: Option<PathBuf>,
+
+    /// OAuth: token endpoint (default Microsoft's for the tenant; for sovereign clouds and tests).
+    #[arg(
+        long,
+        env = "EWS_RELAY_OAUTH_TOKEN_URL",
+        value_name = "URL",
+        help_heading = "Managed mode"
+    )]
+    pub oauth_token_url: Option<String>,
+
+    /// Basic auth: the service account (on-premises Exchange).
+    #[arg(
+        long,
+        env = "EWS_RELAY_USERNAME",
+        value_name = "USER",
+        help_heading = "Managed mode"
+    )]
+    pub username: Option<String>,
+
+    /// Basic auth: file holding the password (or set EWS_RELAY_PASSWORD; never a flag).
+    #[arg(
+        long,
+        env = "EWS_RELAY_PASSWORD_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub password_file: Option<PathBuf>,
+
+    /// Extra CA certificate (PEM) trusted for EWS/Autodiscover/OAuth, e.g. an internal CA.
+    #[arg(
+        long,
+        env = "EWS_RELAY_EWS_CA_FILE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub ews_ca_file: Option<PathBuf>,
+
+    /// Directory of the embedded store (subscriptions, watermarks, delivery spool).
+    #[arg(
+        long,
+        env = "EWS_RELAY_STATE_DIR",
+        default_value = "state",
+        value_name = "DIR"
+    )]
+    pub state_dir: PathBuf,
+
+    /// EWS requests in flight at most (Exchange allows about 27 per account).
+    #[arg(
+        long,
+        env = "EWS_RELAY_MAX_CONCURRENT_EWS",
+        default_value_t = 8,
+        value_name = "N",
+        help_heading = "Managed mode"
+    )]
+    pub max_concurrent_ews: usize,
+
+    /// Write full EWS requests/responses here (credentials redacted, size-capped rotation).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TRACE_DIR",
+        value_name = "DIR",
+        help_heading = "Managed mode"
+    )]
+    pub trace_dir: Option<PathBuf>,
+
+    /// Log format; filter with RUST_LOG (default `info`).
+    #[arg(
+        long,
+        env = "EWS_RELAY_LOG_FORMAT",
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// How the relay authenticates to EWS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthKind {
+    /// OAuth 2.0 client credentials (Exchange Online).
+    Oauth,
+    /// Basic over HTTPS with a service account (on-premises).
+    Basic,
+    /// No credentials: lab servers and the simulator only.
+    None,
+}

@@ -1,0 +1,345 @@
+//! Managed mode's flags → [`Managed`]: the EWS endpoint, credentials, mailboxes, folders and
+//! event types, callback URL and timing.
+
+use std::time::Duration;
+
+use super::parse::*;
+use super::*;
+
+/// Every DistinguishedFolderIdNameType value in Microsoft's types.xsd.
+pub(super) const DISTINGUISHED_FOLDERS: &[&str] = &[
+    "calendar",
+    "contacts",
+    "deleteditems",
+    "drafts",
+    "inbox",
+    "journal",
+    "notes",
+    "outbox",
+    "sentitems",
+    "tasks",
+    "msgfolderroot",
+    "publicfoldersroot",
+    "root",
+    "junkemail",
+    "searchfolders",
+    "voicemail",
+    "recoverableitemsroot",
+    "recoverableitemsdeletions",
+    "recoverableitemsversions",
+    "recoverableitemspurges",
+    "recoverableitemsdiscoveryholds",
+    "archiveroot",
+    "archivemsgfolderroot",
+    "archivedeleteditems",
+    "archiveinbox",
+    "archiverecoverableitemsroot",
+    "archiverecoverableitemsdeletions",
+    "archiverecoverableitemsversions",
+    "archiverecoverableitemspurges",
+    "archiverecoverableitemsdiscoveryholds",
+    "syncissues",
+    "conflicts",
+    "localfailures",
+    "serverfailures",
+    "recipientcache",
+    "quickcontacts",
+    "conversationhistory",
+    "adminauditlogs",
+    "todosearch",
+    "mycontacts",
+    "directory",
+    "imcontactlist",
+    "peopleconnect",
+    "favorites",
+    "mecontact",
+    "personmetadata",
+    "teamspaceactivity",
+    "teamspacemessaging",
+    "teamspaceworkitems",
+    "scheduled",
+    "orionnotes",
+    "tagitems",
+    "alltaggeditems",
+    "externalcontacts",
+    "teamchat",
+    "teamchathistory",
+    "yammerroot",
+    "yammerinbound",
+    "yammeroutbound",
+    "yammerfeeds",
+    "onedriveroot",
+    "onedriverecylebin",
+    "onedrivesystem",
+    "onedrivevolume",
+    "important",
+    "starred",
+    "archive",
+];
+
+/// Default event types: everything but FreeBusyChanged (noisy, rarely wanted) and Status
+/// (never subscribable).
+pub(super) const DEFAULT_EVENT_TYPES: [ews::EventType; 6] = [
+    ews::EventType::Copied,
+    ews::EventType::Created,
+    ews::EventType::Deleted,
+    ews::EventType::Modified,
+    ews::EventType::Moved,
+    ews::EventType::NewMail,
+];
+
+/// Validate the managed-mode flags; `None` means passthrough mode.
+pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>, ConfigError> {
+    let mut mailboxes = Vec::new();
+    for m in &args.mailbox {
+        mailboxes.push(parse_mailbox("--mailbox", m)?);
+    }
+    if let Some(path) = &args.mailboxes_file {
+        read_mailboxes_file(path)?;
+    }
+    let have_mailboxes = !mailboxes.is_empty() || args.mailboxes_file.is_some();
+    let endpoint = match (&args.ews_url, &args.autodiscover_url) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::new(
+                "--autodiscover-url",
+                "give either --ews-url or --autodiscover-url, not both",
+            ))
+        }
+        (Some(u), None) => EwsEndpoint::Direct(parse_https_url("--ews-url", u, true)?),
+        (None, Some(u)) => {
+            EwsEndpoint::Autodiscover(parse_https_url("--autodiscover-url", u, true)?)
+        }
+        (None, None) => {
+            if have_mailboxes {
+                return Err(ConfigError::new(
+                    "--ews-url",
+                    "mailboxes are given but no --ews-url or --autodiscover-url to subscribe them with",
+                ));
+            }
+            if args.callback_url.is_some() {
+                return Err(ConfigError::new(
+                    "--callback-url",
+                    "only used in managed mode: give --ews-url or --autodiscover-url and --mailbox too",
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    if !have_mailboxes {
+        return Err(ConfigError::new(
+            "--mailbox",
+            "managed mode needs at least one mailbox (--mailbox or --mailboxes-file)",
+        ));
+    }
+    let callback_url = args.callback_url.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            "--callback-url",
+            "managed mode needs the public https URL Exchange calls back",
+        )
+    })?;
+    let callback: Uri = callback_url.parse().map_err(|_| {
+        ConfigError::new("--callback-url", format!("'{callback_url}' is not a URL"))
+    })?;
+    if callback.scheme() != Some(&Scheme::HTTPS) || callback.host().is_none() {
+        return Err(ConfigError::new(
+            "--callback-url",
+            format!("'{callback_url}' must be an https:// URL with a host (the relay serves TLS)"),
+        ));
+    }
+    if !under_prefix(callback.path(), path_prefix) {
+        return Err(ConfigError::new(
+            "--callback-url",
+            format!(
+                "path '{}' is not under --path-prefix {path_prefix}",
+                callback.path()
+            ),
+        ));
+    }
+    if callback_url.len() >= ews::MAX_URL_LEN {
+        return Err(ConfigError::new(
+            "--callback-url",
+            "longer than EWS accepts (2083 characters)",
+        ));
+    }
+    let mut folders = Vec::new();
+    for f in &args.folder {
+        let f = f.trim().to_ascii_lowercase();
+        if !DISTINGUISHED_FOLDERS.contains(&f.as_str()) {
+            return Err(ConfigError::new(
+                "--folder",
+                format!("'{f}' is not a distinguished folder id (e.g. calendar, inbox, contacts)"),
+            ));
+        }
+        if !folders.contains(&f) {
+            folders.push(f);
+        }
+    }
+    let event_types = match &args.event_types {
+        None => DEFAULT_EVENT_TYPES.to_vec(),
+        Some(list) => parse_event_types(list)?,
+    };
+    if !(1..=ews::MAX_STATUS_FREQUENCY).contains(&args.status_frequency) {
+        return Err(ConfigError::new(
+            "--status-frequency",
+            "must be 1..1440 minutes",
+        ));
+    }
+    let heartbeat_timeout = args
+        .heartbeat_timeout
+        .unwrap_or(Duration::from_secs(120 * u64::from(args.status_frequency)));
+    let auth = match args.auth {
+        AuthKind::None => Auth::None,
+        AuthKind::Basic => {
+            let username = args
+                .username
+                .clone()
+                .ok_or_else(|| ConfigError::new("--username", "required with --auth basic"))?;
+            let password = secret(
+                "--password-file",
+                args.password_file.as_deref(),
+                "EWS_RELAY_PASSWORD",
+            )?
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "--password-file",
+                    "--auth basic needs the password in --password-file or EWS_RELAY_PASSWORD",
+                )
+            })?;
+            Auth::Basic { username, password }
+        }
+        AuthKind::Oauth => {
+            let client_id = args.client_id.clone().ok_or_else(|| {
+                ConfigError::new("--client-id", "required with --auth oauth (the default)")
+            })?;
+            let token_url = match (&args.oauth_token_url, &args.tenant_id) {
+                (Some(u), _) => parse_https_url("--oauth-token-url", u, true)?,
+                (None, Some(t))
+                    if !t.is_empty()
+                        && t.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) =>
+                {
+                    format!("https://login.microsoftonline.com/{t}/oauth2/v2.0/token")
+                }
+                (None, Some(t)) => {
+                    return Err(ConfigError::new(
+                        "--tenant-id",
+                        format!("'{t}' is not a tenant id or domain"),
+                    ))
+                }
+                (None, None) => {
+                    return Err(ConfigError::new(
+                        "--tenant-id",
+                        "required with --auth oauth (or give --oauth-token-url)",
+                    ))
+                }
+            };
+            let secret = secret(
+                "--client-secret-file",
+                args.client_secret_file.as_deref(),
+                "EWS_RELAY_CLIENT_SECRET",
+            )?
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "--client-secret-file",
+                    "--auth oauth needs the client secret in --client-secret-file or EWS_RELAY_CLIENT_SECRET",
+                )
+            })?;
+            Auth::OAuth {
+                token_url,
+                client_id,
+                secret,
+            }
+        }
+    };
+    if let Some(ca) = &args.ews_ca_file {
+        if !ca.is_file() {
+            return Err(ConfigError::new(
+                "--ews-ca-file",
+                format!("{}: not a readable file", ca.display()),
+            ));
+        }
+    }
+    if args.max_concurrent_ews == 0 || args.max_concurrent_ews > 27 {
+        return Err(ConfigError::new(
+            "--max-concurrent-ews",
+            "must be 1..27 (Exchange throttles at about 27 concurrent requests per account)",
+        ));
+    }
+    Ok(Some(Managed {
+        endpoint,
+        mailboxes,
+        mailboxes_file: args.mailboxes_file.clone(),
+        callback_url: callback_url.to_owned(),
+        folders,
+        event_types,
+        status_frequency: args.status_frequency,
+        heartbeat_timeout,
+        auth,
+        ews_ca_file: args.ews_ca_file.clone(),
+        max_concurrent_ews: args.max_concurrent_ews,
+        trace_dir: args.trace_dir.clone(),
+    }))
+}
+
+/// A secret from a file (first line, trailing newline removed) or, failing that, from an
+/// environment variable; never from a flag, which would show in `ps`.
+pub(super) fn secret(
+    flag: &'static str,
+    file: Option<&std::path::Path>,
+    env: &str,
+) -> Result<Option<Secret>, ConfigError> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(flag, format!("{}: {e}", path.display())))?;
+        let value = text.trim_end_matches(['\r', '\n']).to_owned();
+        if value.is_empty() {
+            return Err(ConfigError::new(flag, format!("{}: empty", path.display())));
+        }
+        return Ok(Some(Secret::new(value)));
+    }
+    Ok(std::env::var(env)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(Secret::new))
+}
+
+/// An SMTP address, lower-cased (Exchange compares them case-insensitively).
+pub fn parse_mailbox(flag: &'static str, value: &str) -> Result<String, ConfigError> {
+    let v = value.trim();
+    let ok = v.len() <= 320
+        && v.split('@').count() == 2
+        && v.split('@').all(|p| !p.is_empty())
+        && !v.contains(|c: char| c.is_whitespace() || c.is_control() || "<>\"(),;:[]".contains(c));
+    if ok {
+        Ok(v.to_ascii_lowercase())
+    } else {
+        Err(ConfigError::new(
+            flag,
+            format!("'{value}' is not an SMTP address"),
+        ))
+    }
+}
+
+/// Mailboxes from a file: one per line, `#` comments, blank lines ignored, duplicates removed.
+pub fn read_mailboxes_file(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
+    const FLAG: &str = "--mailboxes-file";
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new(FLAG, format!("{}: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let m = parse_mailbox(FLAG, line).map_err(|e| {
+            ConfigError::new(
+                FLAG,
+                format!("{}: line {}: {}", path.display(), i + 1, e.message),
+            )
+        })?;
+        if !out.contains(&m) {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
