@@ -6,6 +6,12 @@
 const MAX_LINE: usize = 4096;
 /// Longest trailer section accepted, in bytes.
 const MAX_TRAILERS: usize = 16 * 1024;
+/// Most chunk-extension bytes in one body, all chunks together. Extensions carry nothing the
+/// relay uses (it drops them), and no EWS sender writes any; [`MAX_LINE`] alone bounds one
+/// line, so 1-byte chunks with 4 KiB extensions would make a body thousands of times its data
+/// on the wire, all of it read within the body timeout. 16 KiB, as hyper allows per body,
+/// leaves room for any legitimate use.
+const MAX_EXTENSIONS: usize = 16 * 1024;
 
 /// Why a chunked body was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +58,8 @@ pub struct Decoder {
     decoded: u64,
     line: usize,
     trailers: usize,
+    /// Chunk-extension bytes so far, against [`MAX_EXTENSIONS`].
+    extensions: usize,
 }
 
 impl Decoder {
@@ -63,6 +71,7 @@ impl Decoder {
             decoded: 0,
             line: 0,
             trailers: 0,
+            extensions: 0,
         }
     }
 
@@ -101,6 +110,8 @@ impl Decoder {
                         self.state = State::SizeLf { size };
                     } else if b == b'\n' || b == 0 {
                         return Err(ChunkedError::Malformed("bare LF in chunk extension"));
+                    } else {
+                        self.bump_extensions()?;
                     }
                     self.bump_line()?;
                     i += 1;
@@ -147,10 +158,14 @@ impl Decoder {
                     i += 1;
                 }
                 State::TrailerStart => {
-                    self.state = if b == b'\r' {
-                        State::EndLf
-                    } else {
-                        State::Trailer
+                    // Only CR may end the section; a bare LF or a NUL here is no trailer line
+                    // either: taken as the start of one, `0\r\n\n` would not end the body and
+                    // the next request's head would be read as trailers.
+                    self.state = match b {
+                        b'\r' => State::EndLf,
+                        b'\n' => return Err(ChunkedError::Malformed("bare LF ending the body")),
+                        0 => return Err(ChunkedError::Malformed("NUL in trailer section")),
+                        _ => State::Trailer,
                     };
                     self.bump_trailers()?;
                     i += 1;
@@ -190,6 +205,7 @@ impl Decoder {
             // Extensions (`;name=value`), possibly after white space, are read and dropped.
             b';' | b' ' | b'\t' => {
                 self.bump_line()?;
+                self.bump_extensions()?;
                 Ok(State::Extension { size })
             }
             _ => Err(ChunkedError::Malformed("chunk size is not hex")),
@@ -200,6 +216,14 @@ impl Decoder {
         self.line += 1;
         if self.line > MAX_LINE {
             return Err(ChunkedError::Malformed("chunk size line too long"));
+        }
+        Ok(())
+    }
+
+    fn bump_extensions(&mut self) -> Result<(), ChunkedError> {
+        self.extensions += 1;
+        if self.extensions > MAX_EXTENSIONS {
+            return Err(ChunkedError::Malformed("chunk extensions too long"));
         }
         Ok(())
     }
@@ -297,6 +321,9 @@ mod tests {
             b"0\r\nX: 1\n\r\n",
             b"1234567890abcdef0\r\n",
             b"0\r\n\rX",
+            b"0\r\n\n",
+            b"0\r\n\0\r\n",
+            b"5\r\nhello\r\n0\r\n\nPOST / HTTP/1.1\r\n\r\n",
         ];
         for input in bad {
             let mut d = Decoder::new(1 << 20);
@@ -312,6 +339,25 @@ mod tests {
         assert_eq!(
             decode_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", 10),
             Err(ChunkedError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn extensions_are_bounded_per_body_not_only_per_line() {
+        let ext = format!(";e={}", "x".repeat(1000));
+        let encode = |chunks: usize| {
+            let mut body = Vec::new();
+            for _ in 0..chunks {
+                body.extend_from_slice(format!("1{ext}\r\nx\r\n").as_bytes());
+            }
+            body.extend_from_slice(b"0\r\n\r\n");
+            body
+        };
+        let within = MAX_EXTENSIONS / ext.len();
+        assert_eq!(decode_all(&encode(within), 1 << 20).unwrap().0.len(), within);
+        assert_eq!(
+            decode_all(&encode(within + 1), 1 << 20),
+            Err(ChunkedError::Malformed("chunk extensions too long"))
         );
     }
 }

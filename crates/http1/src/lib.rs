@@ -89,6 +89,101 @@ static TCHAR: [bool; 256] = {
     table
 };
 
+/// Whether `value` is an authority as `Host` and an absolute-form target carry it:
+/// `uri-host [":" port]` (RFC 9112 §3.2, RFC 3986 §3.2.2 and §3.2.3), where `uri-host` is an
+/// IP literal in brackets, an IPv4 address or a reg-name (unreserved, sub-delims and
+/// percent-encoded bytes). Refused besides: an empty host (RFC 9110 §4.2.1: an `http` URI with
+/// one is invalid), userinfo (`user@`, RFC 9110 §4.2.4), and a port above 65535. Whatever passes
+/// is forwarded as `X-Forwarded-Host`, where `/`, `@` or white space would let a client point
+/// the receiver's idea of its own address anywhere.
+pub fn valid_authority(value: &[u8]) -> bool {
+    let (host_ok, port) = if let Some(rest) = value.strip_prefix(b"[") {
+        let Some(close) = rest.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        (valid_ip_literal(&rest[..close]), &rest[close + 1..])
+    } else {
+        let colon = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+        let (host, port) = value.split_at(colon);
+        (!host.is_empty() && valid_reg_name(host), port)
+    };
+    host_ok
+        && match port {
+            [] => true,
+            [b':', digits @ ..] => valid_port(digits),
+            _ => false,
+        }
+}
+
+/// RFC 3986 `reg-name` (which IPv4 addresses are a case of).
+fn valid_reg_name(host: &[u8]) -> bool {
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'%' => {
+                if !host.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                    return false;
+                }
+                i += 3;
+                continue;
+            }
+            b if is_unreserved_or_sub_delim(b) => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// RFC 3986 `unreserved` and `sub-delims`.
+fn is_unreserved_or_sub_delim(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+        )
+}
+
+/// The inside of RFC 3986 `IP-literal`: an IPv6 address (no zone) or `IPvFuture`.
+fn valid_ip_literal(inside: &[u8]) -> bool {
+    if let Some(future) = inside.strip_prefix(b"v").or(inside.strip_prefix(b"V")) {
+        let Some(dot) = future.iter().position(|&b| b == b'.') else {
+            return false;
+        };
+        let (version, rest) = (&future[..dot], &future[dot + 1..]);
+        return !version.is_empty()
+            && version.iter().all(u8::is_ascii_hexdigit)
+            && !rest.is_empty()
+            && rest
+                .iter()
+                .all(|&b| b == b':' || is_unreserved_or_sub_delim(b));
+    }
+    std::str::from_utf8(inside).is_ok_and(|s| s.parse::<std::net::Ipv6Addr>().is_ok())
+}
+
+/// RFC 3986 `port` (`*DIGIT`, empty allowed), within the 16 bits a TCP port has.
+fn valid_port(digits: &[u8]) -> bool {
+    digits.len() <= 5
+        && digits.iter().all(u8::is_ascii_digit)
+        && digits
+            .iter()
+            .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'))
+            <= u32::from(u16::MAX)
+}
+
 /// Header field lines as they go on the wire, `name: value\r\n` each, in order.
 ///
 /// Every push is checked (a token name, a value without CR, LF or NUL), so no header can
@@ -480,6 +575,11 @@ pub enum FramingError {
 pub struct FramingFields {
     length: Option<u64>,
     bad_length: bool,
+    /// A `Transfer-Encoding` field was seen, whatever its value: an empty one (or only `,` and
+    /// blanks) is still a Transfer-Encoding field, one whose final coding is not `chunked`
+    /// (RFC 9112 §6.3). Taken as absent, it would let a request framed by Content-Length
+    /// through a hop that nginx and HAProxy refuse, and that another parser may frame apart.
+    transfer_encoding: bool,
     codings: u32,
     chunked_last: bool,
 }
@@ -498,6 +598,7 @@ impl FramingFields {
             }
             true
         } else if name.len() == 17 && name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding = true;
             for coding in list_elements(value) {
                 self.codings += 1;
                 self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
@@ -525,7 +626,7 @@ impl FramingFields {
     }
 
     fn resolve(&self, none: Framing) -> Result<Framing, FramingError> {
-        if self.codings > 0 {
+        if self.transfer_encoding {
             if self.length.is_some() || self.bad_length {
                 return Err(FramingError::Both);
             }
@@ -651,6 +752,68 @@ mod tests {
             framing(&[("Transfer-Encoding", "chunked, identity")]),
             Err(FramingError::UnsupportedCoding)
         );
+        // Present but empty is present: no final `chunked`, and never with a length.
+        for empty in ["", ",", " , "] {
+            assert_eq!(
+                framing(&[("Transfer-Encoding", empty)]),
+                Err(FramingError::UnsupportedCoding),
+                "{empty:?}"
+            );
+            assert_eq!(
+                framing(&[("Transfer-Encoding", empty), ("Content-Length", "3")]),
+                Err(FramingError::Both),
+                "{empty:?}"
+            );
+        }
+        assert_eq!(
+            framing(&[("Transfer-Encoding", "chunked,")]),
+            Ok(Framing::Chunked)
+        );
+    }
+
+    #[test]
+    fn authorities() {
+        for ok in [
+            "example.com",
+            "a.b-c_d~e!$&'()*+,;=",
+            "%41b",
+            "127.0.0.1:443",
+            "h:",
+            "h:65535",
+            "[::1]",
+            "[2001:db8::1]:8443",
+            "[::ffff:1.2.3.4]",
+            "[v1.fe:80]",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "",
+            ":80",
+            "a b",
+            "a/b",
+            "a@b",
+            "a?b",
+            "a#b",
+            "a\"b",
+            "%4",
+            "%zz",
+            "h:65536",
+            "h:123456",
+            "h:8x",
+            "h:-1",
+            "h:80:80",
+            "[::1",
+            "[::1]x",
+            "[fe80::1%25eth0]",
+            "[1.2.3.4]",
+            "[v.x]",
+            "[vz.x]",
+            "[v1.]",
+            "caf\u{e9}",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
     }
 
     #[test]

@@ -60,6 +60,8 @@ struct Parsed {
     keep_alive: bool,
     expect_continue: bool,
     hosts: u32,
+    /// A `Host` value that is not `uri-host [":" port]` (RFC 9112 §3.2: 400).
+    bad_host: bool,
 }
 
 /// Why no request head could be read.
@@ -282,8 +284,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
         let target = req.path.unwrap_or_default();
         let http10 = req.version == Some(0);
         let mut framing = FramingFields::default();
-        let (mut close, mut keep_alive_token, mut expect_continue, mut hosts) =
-            (false, false, false, 0);
+        let (mut close, mut keep_alive_token, mut expect_continue, mut hosts, mut bad_host) =
+            (false, false, false, 0, false);
         for f in req.headers.iter() {
             let name = f.name.as_bytes();
             if framing.see(name, f.value) {
@@ -296,7 +298,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
                         keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
                     }
                 }
-                4 if name.eq_ignore_ascii_case(b"host") => hosts += 1,
+                4 if name.eq_ignore_ascii_case(b"host") => {
+                    hosts += 1;
+                    bad_host |= !crate::valid_authority(f.value.trim_ascii());
+                }
                 6 if name.eq_ignore_ascii_case(b"expect") => {
                     expect_continue = f.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
                 }
@@ -323,6 +328,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
             },
             expect_continue: expect_continue && !http10,
             hosts,
+            bad_host,
         };
         spans_of(buf, req.headers, &mut self.head.spans);
         Ok(Some(parsed))
@@ -372,6 +378,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
             Err(Reply::plain(
                 StatusCode::BAD_REQUEST,
                 "exactly one Host header field required\n",
+            ))
+        } else if p.bad_host {
+            Err(Reply::plain(
+                StatusCode::BAD_REQUEST,
+                "invalid Host header field\n",
             ))
         } else {
             p.framing.map_err(|e| {
@@ -652,18 +663,26 @@ async fn write_flush<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io
 }
 
 fn str_at(bytes: &[u8], (start, end): (usize, usize)) -> &str {
-    // httparse only accepts token methods and visible-ASCII targets.
+    // httparse only accepts token methods; targets may hold bytes above 0x7F, and
+    // `request_head` refuses those before one is used.
     std::str::from_utf8(&bytes[start..end]).unwrap_or_default()
 }
 
 /// The head of a parsed request, with its target in origin form; `None` for a target that is
-/// neither origin form (`/path`) nor absolute form (`http://host/path`).
+/// neither origin form (`/path`) nor absolute form (`http://host/path`) with a valid authority,
+/// or that is not ASCII.
 fn request_head<'a>(
     bytes: &'a [u8],
     p: &Parsed,
     spans: &'a [FieldSpan],
 ) -> Option<RequestHead<'a>> {
     let method = str_at(bytes, p.method);
+    // httparse lets bytes above 0x7F through in a target; a URI has none (RFC 3986 §2), and
+    // what the engine hands on must be a target any next hop reads the same way.
+    let raw_target = &bytes[p.target.0..p.target.1];
+    if raw_target.is_empty() || !raw_target.is_ascii() {
+        return None;
+    }
     let target = str_at(bytes, p.target);
     let (path, authority) = if target.starts_with('/') {
         (target, None)
@@ -671,7 +690,8 @@ fn request_head<'a>(
         let rest = strip_scheme(target)?;
         let split = rest.find('/').unwrap_or(rest.len());
         let (authority, path) = rest.split_at(split);
-        if authority.is_empty() || authority.contains(['?', '#']) {
+        // The authority stands for Host (RFC 9112 §3.2.2): the same syntax, no userinfo.
+        if !crate::valid_authority(authority.as_bytes()) {
             return None;
         }
         (if path.is_empty() { "/" } else { path }, Some(authority))
