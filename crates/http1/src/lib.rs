@@ -565,9 +565,18 @@ pub enum FramingError {
     /// Content-Length not a number, or several differing values.
     #[error("invalid Content-Length")]
     BadLength,
-    /// A transfer coding other than a lone `chunked`.
+    /// Codings under a final `chunked` (`gzip, chunked`): framed, but not understood (501).
     #[error("unsupported transfer coding")]
     UnsupportedCoding,
+    /// A Transfer-Encoding whose final coding is not `chunked`, or that applies `chunked` more
+    /// than once, or that is empty: the body's length cannot be determined (RFC 9112 §6.3,
+    /// MUST 400 and close).
+    #[error("chunked is not the final transfer coding, once")]
+    NotChunkedLast,
+    /// Transfer-Encoding in an HTTP/1.0 message, which has no transfer codings: the framing
+    /// is faulty (RFC 9112 §6.1).
+    #[error("Transfer-Encoding in an HTTP/1.0 message")]
+    Http10Coding,
 }
 
 /// Accumulates the framing fields of a head, one field at a time.
@@ -582,6 +591,8 @@ pub struct FramingFields {
     transfer_encoding: bool,
     codings: u32,
     chunked_last: bool,
+    /// `chunked` appeared somewhere in the codings, last or not.
+    chunked_seen: u32,
 }
 
 impl FramingFields {
@@ -602,6 +613,7 @@ impl FramingFields {
             for coding in list_elements(value) {
                 self.codings += 1;
                 self.chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+                self.chunked_seen += u32::from(self.chunked_last);
             }
             true
         } else {
@@ -630,7 +642,10 @@ impl FramingFields {
             if self.length.is_some() || self.bad_length {
                 return Err(FramingError::Both);
             }
-            if self.codings == 1 && self.chunked_last {
+            if !self.chunked_last || self.chunked_seen > 1 {
+                return Err(FramingError::NotChunkedLast);
+            }
+            if self.codings == 1 {
                 return Ok(Framing::Chunked);
             }
             return Err(FramingError::UnsupportedCoding);
@@ -741,22 +756,28 @@ mod tests {
             framing(&[("Transfer-Encoding", "gzip, chunked")]),
             Err(FramingError::UnsupportedCoding)
         );
+        // chunked twice, or not last: no length can be determined (RFC 9112 §6.3: 400, where
+        // these were 501 before).
         assert_eq!(
             framing(&[
                 ("Transfer-Encoding", "chunked"),
                 ("Transfer-Encoding", "chunked")
             ]),
-            Err(FramingError::UnsupportedCoding)
+            Err(FramingError::NotChunkedLast)
         );
         assert_eq!(
             framing(&[("Transfer-Encoding", "chunked, identity")]),
-            Err(FramingError::UnsupportedCoding)
+            Err(FramingError::NotChunkedLast)
+        );
+        assert_eq!(
+            framing(&[("Transfer-Encoding", "gzip")]),
+            Err(FramingError::NotChunkedLast)
         );
         // Present but empty is present: no final `chunked`, and never with a length.
         for empty in ["", ",", " , "] {
             assert_eq!(
                 framing(&[("Transfer-Encoding", empty)]),
-                Err(FramingError::UnsupportedCoding),
+                Err(FramingError::NotChunkedLast),
                 "{empty:?}"
             );
             assert_eq!(

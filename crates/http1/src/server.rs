@@ -308,10 +308,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
                 _ => {}
             }
         }
-        let framing = match framing.request() {
-            // HTTP/1.0 has no chunked coding: a Transfer-Encoding there is a smuggling attempt.
-            Ok(Framing::Chunked) if http10 => Err(FramingError::UnsupportedCoding),
-            other => other,
+        let framing = if http10 && framing.transfer_encoding {
+            // HTTP/1.0 has no transfer codings: a Transfer-Encoding there is a smuggling
+            // attempt, faulty framing whatever else the head says (RFC 9112 §6.1).
+            Err(FramingError::Http10Coding)
+        } else {
+            framing.request()
         };
         let method_at = crate::offset_in(buf, method.as_bytes());
         let target_at = crate::offset_in(buf, target.as_bytes());
@@ -677,10 +679,11 @@ fn request_head<'a>(
     spans: &'a [FieldSpan],
 ) -> Option<RequestHead<'a>> {
     let method = str_at(bytes, p.method);
-    // httparse lets bytes above 0x7F through in a target; a URI has none (RFC 3986 §2), and
-    // what the engine hands on must be a target any next hop reads the same way.
+    // httparse lets bytes above 0x7F and `#` through in a target; a URI has none of the first
+    // (RFC 3986 §2) and a request target no fragment (RFC 9112 §3.2), and what the engine
+    // hands on must be a target any next hop reads the same way.
     let raw_target = &bytes[p.target.0..p.target.1];
-    if raw_target.is_empty() || !raw_target.is_ascii() {
+    if raw_target.is_empty() || !raw_target.is_ascii() || raw_target.contains(&b'#') {
         return None;
     }
     let target = str_at(bytes, p.target);

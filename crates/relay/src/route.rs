@@ -106,8 +106,8 @@ pub enum Refusal {
     NotNotification,
     /// Behind a trusted proxy, the client it names is missing or not admitted.
     Forbidden,
-    /// A path with dot segments or encoded separators, which a receiver normalising paths
-    /// could resolve outside `--path-prefix`.
+    /// A path with dot segments, path parameters or encoded separators, which a receiver
+    /// normalising paths could resolve outside `--path-prefix`.
     BadTarget,
 }
 
@@ -129,7 +129,7 @@ impl Refusal {
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "client not admitted\n"),
             Refusal::BadTarget => (
                 StatusCode::BAD_REQUEST,
-                "dot segments and encoded separators are not accepted in the path\n",
+                "dot segments, path parameters and encoded separators are not accepted in the path\n",
             ),
             Refusal::NotNotification => (
                 StatusCode::BAD_REQUEST,
@@ -154,18 +154,28 @@ fn client_from_header(head: &RequestHead<'_>, name: &str) -> Option<std::net::Ip
         .map(|ip| ip.to_canonical())
 }
 
-/// Whether `path` has no `.` or `..` segment (also percent-encoded), no encoded `/` or `\\` and
-/// no `\\`: so the prefix check sees the path every receiver would see.
+/// Whether `path` has no `.` or `..` segment (also percent-encoded), no encoded `/` or `\\`, no
+/// `\\` and no path parameter (`;`, also encoded): so the prefix check sees the path every
+/// receiver would see.
+///
+/// Path parameters are refused wherever they are: servlet containers (Tomcat, Jetty) strip
+/// `;...` from each segment before resolving dot segments, so `/ews/..;/admin` is `/admin` to
+/// them, and `/ews/notify;x` another resource than the one the prefix names. EWS callback URLs
+/// carry none (Exchange posts to the URL a subscription gave, which the relay's operator
+/// chooses).
 pub fn plain_path(path: &str) -> bool {
     let bytes = path.as_bytes();
-    if !bytes.iter().any(|&b| matches!(b, b'.' | b'%' | b'\\')) {
+    if !bytes
+        .iter()
+        .any(|&b| matches!(b, b'.' | b'%' | b'\\' | b';'))
+    {
         return true; // the usual case, in one pass
     }
-    if bytes.contains(&b'\\') {
+    if bytes.contains(&b'\\') || bytes.contains(&b';') {
         return false;
     }
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") {
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%3b") {
         return false;
     }
     !lower
@@ -206,5 +216,27 @@ mod tests {
         ] {
             assert!(!plain_path(bad), "{bad}");
         }
+    }
+
+    /// Servlet containers strip `;params` from each segment before resolving dot segments, so
+    /// `/ews/..;/admin` is `/admin` to them; the relay refuses any path parameter (EWS callback
+    /// URLs have none), encoded or not.
+    #[test]
+    fn path_parameters_are_refused() {
+        for bad in [
+            "/ews/..;/admin",
+            "/ews/%2e%2e;/admin",
+            "/ews/.;/admin",
+            "/ews/..;x=1/admin",
+            "/ews;/../admin",
+            "/ews/notify;jsessionid=1",
+            "/ews/%3b",
+            "/ews/..%3B/admin",
+            ";",
+        ] {
+            assert!(!plain_path(bad), "{bad}");
+        }
+        // Only the path: a query may hold `;` (head.path() leaves it out).
+        assert!(plain_path("/ews/notify"));
     }
 }

@@ -134,10 +134,39 @@ enum RequestField {
     Host,
 }
 
+/// Longest name [`named_field`] knows (`proxy-authorization`): a name with `_` longer than it
+/// cannot alias one.
+const LONGEST_DROPPED: usize = 19;
+
 /// Classifies a request field name: hop-by-hop names, those never forwarded and the three the
 /// relay reads. By length first, so that most names cost one comparison or none; a unit test
 /// checks it against the two lists.
+///
+/// A name with `_` that reads as one of those with `-` for `_` (`Content_Length`,
+/// `Transfer_Encoding`, `X_Forwarded_For`) is dropped as well: CGI, PHP and several WSGI and
+/// Rack servers map both spellings to one variable (`HTTP_CONTENT_LENGTH`), so forwarded it
+/// would reach such a receiver as the field the relay removed. Other names with `_` go on, as
+/// some deployments use them; nginx drops them all by default, which the relay does not need
+/// to (nothing else in a name aliases a field).
 fn request_field(name: &[u8]) -> RequestField {
+    match named_field(name) {
+        RequestField::Forwarded if name.len() <= LONGEST_DROPPED && name.contains(&b'_') => {
+            let mut dashed = [0u8; LONGEST_DROPPED];
+            let dashed = &mut dashed[..name.len()];
+            for (d, &b) in dashed.iter_mut().zip(name) {
+                *d = if b == b'_' { b'-' } else { b };
+            }
+            match named_field(dashed) {
+                RequestField::Forwarded => RequestField::Forwarded,
+                _ => RequestField::Dropped,
+            }
+        }
+        kind => kind,
+    }
+}
+
+/// [`request_field`] for names as they are spelled.
+fn named_field(name: &[u8]) -> RequestField {
     let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
     let dropped = match name.len() {
         4 if is("host") => return RequestField::Host,
@@ -194,5 +223,66 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// A name with `_` that is a dropped field's name once `_` reads `-` is dropped too: a
+    /// receiver behind CGI, PHP or some WSGI servers folds both to `HTTP_CONTENT_LENGTH`, so
+    /// `Content_Length` forwarded would reach it as the framing field the relay removed.
+    #[test]
+    fn underscore_aliases_of_dropped_fields_are_dropped() {
+        for name in http1::HOP_BY_HOP.iter().chain(&NOT_FORWARDED) {
+            if !name.contains('-') {
+                continue;
+            }
+            for spelled in [name.replace('-', "_"), name.to_ascii_uppercase().replacen('-', "_", 1)]
+            {
+                assert_eq!(
+                    request_field(spelled.as_bytes()),
+                    RequestField::Dropped,
+                    "{spelled}"
+                );
+            }
+        }
+        for name in ["x_custom", "content_type", "soap_action", "_", "x_forwarded"] {
+            assert_eq!(
+                request_field(name.as_bytes()),
+                RequestField::Forwarded,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn underscore_aliases_are_not_forwarded() {
+        let mut owned = http1::OwnedFields::default();
+        for (n, v) in [
+            ("Host", "example.com"),
+            ("Content_Length", "5"),
+            ("Transfer_Encoding", "chunked"),
+            ("X_Forwarded_For", "6.6.6.6"),
+            ("X_Forwarded_Host", "evil"),
+            ("Proxy_Authorization", "Basic x"),
+            ("X_Custom", "kept"),
+        ] {
+            owned.push(n.as_bytes(), v.as_bytes());
+        }
+        let head = owned.head("POST", "/ews", None);
+        let mut out = HeaderBlock::default();
+        forwarded_fields(&head, &ConnInfo::new([127, 0, 0, 1].into()), &mut out);
+        let names: Vec<String> = out
+            .iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "X_Custom",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+                "x-forwarded-host"
+            ]
+        );
+        assert_eq!(out.get("x-forwarded-for"), Some(&b"127.0.0.1"[..]));
+        assert_eq!(out.get("x-forwarded-host"), Some(&b"example.com"[..]));
     }
 }

@@ -1397,6 +1397,43 @@ async fn dot_segments_do_not_escape_the_path_prefix() {
     relay.stop().await;
 }
 
+#[tokio::test]
+async fn path_parameters_do_not_escape_the_path_prefix() {
+    let receiver = RawReceiver::ok().await;
+    let relay = Relay::start(receiver.addr, &["--path-prefix", "/ews"]).await;
+    // A servlet container strips `;...` from each segment before resolving dot segments: each
+    // of these is /admin to it, outside the prefix.
+    for path in [
+        "/ews/..;/admin",
+        "/ews/%2e%2e;/admin",
+        "/ews/.%2E;x=1/../admin",
+        "/ews/notify;jsessionid=1",
+        "/ews/..%3b/admin",
+    ] {
+        let mut c = Conn::open(&relay).await;
+        c.send(&raw_post(path, "", &fixture(EVENTS))).await.unwrap();
+        let a = c.answer().await;
+        assert_eq!(a.status, 400, "{path}: {a:?}");
+    }
+    assert!(receiver.requests().is_empty(), "nothing forwarded");
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn non_ascii_request_target_is_400_not_forwarded() {
+    let receiver = RawReceiver::ok().await;
+    let relay = Relay::start(receiver.addr, &[]).await;
+    for path in ["/ews/caf\u{e9}", "/ews?q=\u{e9}"] {
+        // Refused by the engine before routing: the relay's writer of the forwarded head
+        // (which debug-asserts an ASCII target) never sees it, and this debug build would
+        // drop the connection without an answer if it did.
+        let status = refused(&relay, &raw_post(path, "", &fixture(EVENTS)), path).await;
+        assert_eq!(status, 400, "{path}");
+    }
+    assert!(receiver.requests().is_empty(), "nothing forwarded");
+    relay.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Headers both ways.
 // ---------------------------------------------------------------------------------------------
@@ -1475,6 +1512,44 @@ async fn client_hop_by_hop_headers_are_removed_and_end_to_end_headers_kept() {
         .await
         .unwrap();
     assert_eq!(c.answer().await.status, 200);
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn underscore_aliases_of_framing_and_hop_by_hop_fields_never_reach_the_receiver() {
+    let receiver = RawReceiver::ok().await;
+    let relay = Relay::start(receiver.addr, &[]).await;
+    // CGI, PHP and some WSGI servers read `Content_Length` and `Content-Length` alike (both are
+    // HTTP_CONTENT_LENGTH): forwarded, these would frame or steer the receiver's request.
+    let extra = "Content_Length: 5\r\n\
+                 Transfer_Encoding: chunked\r\n\
+                 X_Forwarded_For: 6.6.6.6\r\n\
+                 X_Forwarded_Host: evil.example\r\n\
+                 X_Forwarded_Proto: http\r\n\
+                 Proxy_Authorization: Basic dXNlcjpwYXNz\r\n\
+                 Keep_Alive: timeout=5\r\n\
+                 X_Custom: kept\r\n";
+    let mut c = Conn::open(&relay).await;
+    c.send(&raw_post("/ews", extra, &fixture(EVENTS)))
+        .await
+        .unwrap();
+    assert_eq!(c.answer().await.status, 200);
+    let seen = receiver.requests();
+    assert_eq!(seen.len(), 1);
+    let r = &seen[0];
+    for (name, _) in &r.headers {
+        let dashed = name.replace('_', "-").to_ascii_lowercase();
+        if name.contains('_') {
+            assert_eq!(dashed, "x-custom", "{name} forwarded");
+        }
+    }
+    assert_eq!(r.header("x_custom"), Some(&b"kept"[..]));
+    assert_eq!(r.header("x-forwarded-proto"), Some(&b"https"[..]));
+    assert_eq!(r.header("x-forwarded-host"), Some(&b"localhost"[..]));
+    let xff = lossy(r.header("x-forwarded-for").expect("x-forwarded-for"));
+    assert!(!xff.contains("6.6.6.6"), "{xff}");
+    assert_eq!(r.body, fixture(EVENTS));
+    r.assert_content_length();
     relay.stop().await;
 }
 
