@@ -354,7 +354,10 @@ mod tests {
             body
         };
         let within = MAX_EXTENSIONS / ext.len();
-        assert_eq!(decode_all(&encode(within), 1 << 20).unwrap().0.len(), within);
+        assert_eq!(
+            decode_all(&encode(within), 1 << 20).unwrap().0.len(),
+            within
+        );
         assert_eq!(
             decode_all(&encode(within + 1), 1 << 20),
             Err(ChunkedError::Malformed("chunk extensions too long"))

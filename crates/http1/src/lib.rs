@@ -121,7 +121,10 @@ fn valid_reg_name(host: &[u8]) -> bool {
     while i < host.len() {
         match host[i] {
             b'%' => {
-                if !host.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                if !host
+                    .get(i + 1..i + 3)
+                    .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+                {
                     return false;
                 }
                 i += 3;

@@ -126,7 +126,13 @@ async fn non_ascii_request_target_is_refused() {
         b"/ews?q=\xc3\xa9",
         b"http://example.com/\xc3\xa9",
     ] {
-        let request = [b"GET ", target, b" HTTP/1.1\r\nHost: a\r\n\r\n", NEXT.as_bytes()].concat();
+        let request = [
+            b"GET ",
+            target,
+            b" HTTP/1.1\r\nHost: a\r\n\r\n",
+            NEXT.as_bytes(),
+        ]
+        .concat();
         assert_eq!(
             outline(&exchange(&request).await),
             [(400, true)],

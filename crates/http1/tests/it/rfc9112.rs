@@ -135,7 +135,11 @@ async fn section_3_request_line_and_target() {
             // "A request-line begins with a method token, followed by a single space (SP), the
             // request-target, and another single space (SP), and ends with the protocol
             // version."
-            row("origin form", then_next("GET /a?b=c HTTP/1.1\r\nHost: a\r\n\r\n"), &[OK, OK]),
+            row(
+                "origin form",
+                then_next("GET /a?b=c HTTP/1.1\r\nHost: a\r\n\r\n"),
+                &[OK, OK],
+            ),
             row(
                 "two spaces after the method",
                 then_next("GET  / HTTP/1.1\r\nHost: a\r\n\r\n"),
@@ -149,16 +153,32 @@ async fn section_3_request_line_and_target() {
             row("no version", then_next("GET /\r\nHost: a\r\n\r\n"), &[BAD]),
             // "The method token is case-sensitive": `get` is another method, the handler's
             // to judge.
-            row("lower-case method", then_next("get / HTTP/1.1\r\nHost: a\r\n\r\n"), &[OK, OK]),
+            row(
+                "lower-case method",
+                then_next("get / HTTP/1.1\r\nHost: a\r\n\r\n"),
+                &[OK, OK],
+            ),
             row(
                 "method not a token",
                 then_next("G@T / HTTP/1.1\r\nHost: a\r\n\r\n"),
                 &[BAD],
             ),
             // §2.3: "HTTP-name = %s"HTTP"", case-sensitive; only 1.0 and 1.1 are HTTP/1.
-            row("lower-case http", then_next("GET / http/1.1\r\nHost: a\r\n\r\n"), &[BAD]),
-            row("HTTP/1.2", then_next("GET / HTTP/1.2\r\nHost: a\r\n\r\n"), &[BAD]),
-            row("HTTP/2.0", then_next("GET / HTTP/2.0\r\nHost: a\r\n\r\n"), &[BAD]),
+            row(
+                "lower-case http",
+                then_next("GET / http/1.1\r\nHost: a\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "HTTP/1.2",
+                then_next("GET / HTTP/1.2\r\nHost: a\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "HTTP/2.0",
+                then_next("GET / HTTP/2.0\r\nHost: a\r\n\r\n"),
+                &[BAD],
+            ),
             // §3.2.2 absolute-form: "a server MUST accept the absolute-form in requests"
             row(
                 "absolute form",
@@ -182,12 +202,24 @@ async fn section_3_request_line_and_target() {
                 then_next("CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"),
                 &[BAD],
             ),
-            row("asterisk form", then_next("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"), &[BAD]),
+            row(
+                "asterisk form",
+                then_next("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n"),
+                &[BAD],
+            ),
             // §3.2: origin-form = absolute-path [ "?" query ]: no fragment, ASCII only.
-            row("fragment", then_next("GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n"), &[BAD]),
+            row(
+                "fragment",
+                then_next("GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n"),
+                &[BAD],
+            ),
             row(
                 "byte above 0x7F",
-                [&b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"[..], NEXT.as_bytes()].concat(),
+                [
+                    &b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+                    NEXT.as_bytes(),
+                ]
+                .concat(),
                 &[BAD],
             ),
             // A head larger than the engine parses is refused whole (431, as nginx).
@@ -212,12 +244,36 @@ async fn section_3_2_host() {
                 then_next("GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n"),
                 &[BAD],
             ),
-            row("Host with userinfo", then_next("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"), &[BAD]),
-            row("Host with a path", then_next("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"), &[BAD]),
-            row("Host with a space", then_next("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"), &[BAD]),
-            row("Host, two values", then_next("GET / HTTP/1.1\r\nHost: a, b\r\n\r\n"), &[BAD]),
-            row("Host, bad port", then_next("GET / HTTP/1.1\r\nHost: a:x\r\n\r\n"), &[BAD]),
-            row("Host, empty", then_next("GET / HTTP/1.1\r\nHost:\r\n\r\n"), &[BAD]),
+            row(
+                "Host with userinfo",
+                then_next("GET / HTTP/1.1\r\nHost: u@a\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "Host with a path",
+                then_next("GET / HTTP/1.1\r\nHost: a/b\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "Host with a space",
+                then_next("GET / HTTP/1.1\r\nHost: a b\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "Host, two values",
+                then_next("GET / HTTP/1.1\r\nHost: a, b\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "Host, bad port",
+                then_next("GET / HTTP/1.1\r\nHost: a:x\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "Host, empty",
+                then_next("GET / HTTP/1.1\r\nHost:\r\n\r\n"),
+                &[BAD],
+            ),
             row(
                 "Host, IPv6 literal and port",
                 then_next("GET / HTTP/1.1\r\nHost: [::1]:8443\r\n\r\n"),
@@ -229,7 +285,11 @@ async fn section_3_2_host() {
                 &[OK, OK],
             ),
             // HTTP/1.0 has no Host requirement; it closes after its answer (§9.3).
-            row("HTTP/1.0 without Host", then_next("GET / HTTP/1.0\r\n\r\n"), &[OK_CLOSE]),
+            row(
+                "HTTP/1.0 without Host",
+                then_next("GET / HTTP/1.0\r\n\r\n"),
+                &[OK_CLOSE],
+            ),
             // §3.2.2: with an absolute-form target "the origin server MUST ignore the received
             // Host header field (if any) and instead use the host information of the
             // request-target" (checked on the echo in a test of its own); its authority must
@@ -247,7 +307,8 @@ async fn section_3_2_host() {
 /// §3.2.2: the authority of an absolute-form target is the one the handler sees.
 #[tokio::test]
 async fn section_3_2_2_absolute_form_authority_wins_over_host() {
-    let seen = exchange(b"GET http://target.example:8080/x?y HTTP/1.1\r\nHost: other\r\n\r\n").await;
+    let seen =
+        exchange(b"GET http://target.example:8080/x?y HTTP/1.1\r\nHost: other\r\n\r\n").await;
     assert_eq!(outline(&seen), [OK]);
     assert_eq!(seen[0].text(), "GET /x?y host=target.example:8080\n");
 }
@@ -273,7 +334,11 @@ async fn section_5_field_syntax() {
                 &[BAD],
             ),
             // §5.1: field-name = token.
-            row("name not a token", then_next(&post("X@Y: 1\r\n", "")), &[BAD]),
+            row(
+                "name not a token",
+                then_next(&post("X@Y: 1\r\n", "")),
+                &[BAD],
+            ),
             row("empty name", then_next(&post(": 1\r\n", "")), &[BAD]),
             row("no colon", then_next(&post("X-No-Colon\r\n", "")), &[BAD]),
             // §5.1: "A field value does not include leading or trailing whitespace": OWS around
@@ -286,7 +351,11 @@ async fn section_5_field_syntax() {
             // §5.2: "A server that receives an obs-fold in a request message ... MUST either
             // reject the message by sending a 400 (Bad Request) ... or replace each received
             // obs-fold with one or more SP octets"
-            row("obs-fold", then_next(&post("X-Folded: a\r\n b\r\n", "")), &[BAD]),
+            row(
+                "obs-fold",
+                then_next(&post("X-Folded: a\r\n b\r\n", "")),
+                &[BAD],
+            ),
             row(
                 "obs-fold of Content-Length",
                 then_next(&post("Content-Length:\r\n 5\r\n", "hello")),
@@ -295,13 +364,21 @@ async fn section_5_field_syntax() {
             // RFC 9110 §5.5: field values may hold obs-text, opaque.
             row(
                 "obs-text in a value",
-                [post("X-Utf8: caf\u{e9}\r\n", "").as_bytes(), NEXT.as_bytes()].concat(),
+                [
+                    post("X-Utf8: caf\u{e9}\r\n", "").as_bytes(),
+                    NEXT.as_bytes(),
+                ]
+                .concat(),
                 &[OK, OK],
             ),
             // The engine's bound on fields (MAX_REQUEST_HEADERS, 100): Host and 99 more are
             // served, 102 are refused.
             row("100 fields", then_next(&post(&hundred, "")), &[OK, OK]),
-            row("102 fields", then_next(&post(&too_many, "")), &[(431, true)]),
+            row(
+                "102 fields",
+                then_next(&post(&too_many, "")),
+                &[(431, true)],
+            ),
         ],
     )
     .await;
@@ -410,13 +487,21 @@ async fn section_6_2_content_length() {
     check(
         "§6.2",
         vec![
-            row("a length", then_next(&post("Content-Length: 5\r\n", "hello")), &[OK, OK]),
+            row(
+                "a length",
+                then_next(&post("Content-Length: 5\r\n", "hello")),
+                &[OK, OK],
+            ),
             row(
                 "leading zeros",
                 then_next(&post("Content-Length: 005\r\n", "hello")),
                 &[OK, OK],
             ),
-            row("zero", then_next(&post("Content-Length: 0\r\n", "")), &[OK, OK]),
+            row(
+                "zero",
+                then_next(&post("Content-Length: 0\r\n", "")),
+                &[OK, OK],
+            ),
             // "a recipient MAY either reject the message as invalid or replace that invalid
             // field value with a single instance of the decimal value, since the duplicated
             // values are identical": the same length repeated is the length.
@@ -443,17 +528,48 @@ async fn section_6_2_content_length() {
             ),
             row(
                 "differing lines",
-                then_next(&post("Content-Length: 5\r\nContent-Length: 6\r\n", "hello!")),
+                then_next(&post(
+                    "Content-Length: 5\r\nContent-Length: 6\r\n",
+                    "hello!",
+                )),
                 &[BAD],
             ),
             // Content-Length = 1*DIGIT
-            row("plus sign", then_next(&post("Content-Length: +5\r\n", "hello")), &[BAD]),
-            row("minus sign", then_next(&post("Content-Length: -5\r\n", "hello")), &[BAD]),
-            row("hex", then_next(&post("Content-Length: 0x5\r\n", "hello")), &[BAD]),
-            row("empty", then_next(&post("Content-Length: \r\n", "")), &[BAD]),
-            row("space inside", then_next(&post("Content-Length: 5 5\r\n", "hello")), &[BAD]),
-            row("empty list element", then_next(&post("Content-Length: 5,\r\n", "hello")), &[BAD]),
-            row("decimal point", then_next(&post("Content-Length: 5.0\r\n", "hello")), &[BAD]),
+            row(
+                "plus sign",
+                then_next(&post("Content-Length: +5\r\n", "hello")),
+                &[BAD],
+            ),
+            row(
+                "minus sign",
+                then_next(&post("Content-Length: -5\r\n", "hello")),
+                &[BAD],
+            ),
+            row(
+                "hex",
+                then_next(&post("Content-Length: 0x5\r\n", "hello")),
+                &[BAD],
+            ),
+            row(
+                "empty",
+                then_next(&post("Content-Length: \r\n", "")),
+                &[BAD],
+            ),
+            row(
+                "space inside",
+                then_next(&post("Content-Length: 5 5\r\n", "hello")),
+                &[BAD],
+            ),
+            row(
+                "empty list element",
+                then_next(&post("Content-Length: 5,\r\n", "hello")),
+                &[BAD],
+            ),
+            row(
+                "decimal point",
+                then_next(&post("Content-Length: 5.0\r\n", "hello")),
+                &[BAD],
+            ),
             // "a recipient MUST anticipate potentially large decimal numerals and prevent
             // parsing errors due to integer conversion overflows or precision loss"
             row(
@@ -498,7 +614,10 @@ async fn section_6_3_message_body_length() {
             ),
             row(
                 "empty Transfer-Encoding and Content-Length",
-                then_next(&post("Transfer-Encoding:\r\nContent-Length: 5\r\n", "hello")),
+                then_next(&post(
+                    "Transfer-Encoding:\r\nContent-Length: 5\r\n",
+                    "hello",
+                )),
                 &[BAD],
             ),
             row(
@@ -554,9 +673,21 @@ async fn section_7_1_chunked() {
         "§7.1",
         vec![
             // chunk = chunk-size [ chunk-ext ] CRLF chunk-data CRLF; chunk-size = 1*HEXDIG
-            row("two chunks", chunked("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), &[OK, OK]),
-            row("upper-case hex", chunked("A\r\n0123456789\r\n0\r\n\r\n"), &[OK, OK]),
-            row("leading zeros", chunked("0005\r\nhello\r\n000\r\n\r\n"), &[OK, OK]),
+            row(
+                "two chunks",
+                chunked("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "upper-case hex",
+                chunked("A\r\n0123456789\r\n0\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "leading zeros",
+                chunked("0005\r\nhello\r\n000\r\n\r\n"),
+                &[OK, OK],
+            ),
             row("empty body", chunked("0\r\n\r\n"), &[OK, OK]),
             row("no hex digit", chunked("\r\nhello\r\n0\r\n\r\n"), &[BAD]),
             row("not hex", chunked("g\r\nhello\r\n0\r\n\r\n"), &[BAD]),
@@ -566,38 +697,122 @@ async fn section_7_1_chunked() {
             // "Recipients MUST anticipate potentially large hexadecimal numerals and prevent
             // parsing errors due to integer conversion overflows or precision loss due to
             // integer representation."
-            row("size overflows 64 bits", chunked("10000000000000005\r\nhello\r\n0\r\n\r\n"), &[BAD]),
-            row("size of 16 zeros and 5", chunked("00000000000000005\r\nhello\r\n0\r\n\r\n"), &[BAD]),
-            row("size above the body limit", chunked(&over_limit), &[(413, true)]),
+            row(
+                "size overflows 64 bits",
+                chunked("10000000000000005\r\nhello\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "size of 16 zeros and 5",
+                chunked("00000000000000005\r\nhello\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "size above the body limit",
+                chunked(&over_limit),
+                &[(413, true)],
+            ),
             // §7.1.1: chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] );
             // "A recipient MUST ignore unrecognized chunk extensions."
-            row("extension", chunked("5;a=b\r\nhello\r\n0\r\n\r\n"), &[OK, OK]),
-            row("quoted extension", chunked("5;a=\"b c\";d\r\nhello\r\n0\r\n\r\n"), &[OK, OK]),
-            row("BWS before the extension", chunked("5 ;a\r\nhello\r\n0\r\n\r\n"), &[OK, OK]),
-            row("extension on the last chunk", chunked("0;a=b\r\n\r\n"), &[OK, OK]),
+            row(
+                "extension",
+                chunked("5;a=b\r\nhello\r\n0\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "quoted extension",
+                chunked("5;a=\"b c\";d\r\nhello\r\n0\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "BWS before the extension",
+                chunked("5 ;a\r\nhello\r\n0\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "extension on the last chunk",
+                chunked("0;a=b\r\n\r\n"),
+                &[OK, OK],
+            ),
             // "A server ought to limit the total length of chunk extensions received in a
             // request to an amount reasonable for the services provided, in the same way that it
             // applies length limitations and timeouts for other parts of a message, and generate
             // an appropriate 4xx (Client Error) response if that amount is exceeded."
             row("size line over 4 KiB", chunked(&long_size_line), &[BAD]),
-            row("extensions over 16 KiB in one body", chunked(&many_extensions), &[BAD]),
-            row("bare LF in an extension", chunked("5;a\nhello\r\n0\r\n\r\n"), &[BAD]),
+            row(
+                "extensions over 16 KiB in one body",
+                chunked(&many_extensions),
+                &[BAD],
+            ),
+            row(
+                "bare LF in an extension",
+                chunked("5;a\nhello\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
             // CRLF, not bare CR or LF, ends every line of the coding.
-            row("bare LF after the size", chunked("5\nhello\r\n0\r\n\r\n"), &[BAD]),
-            row("bare CR after the size", chunked("5\rhello\r\n0\r\n\r\n"), &[BAD]),
-            row("bare LF after the data", chunked("5\r\nhello\n0\r\n\r\n"), &[BAD]),
-            row("data longer than its size", chunked("5\r\nhello!\r\n0\r\n\r\n"), &[BAD]),
-            row("data shorter than its size, cut", post("Transfer-Encoding: chunked\r\n", "9\r\nhello\r\n0\r\n\r\n"), &[BAD]),
-            row("no last chunk, cut", post("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n"), &[BAD]),
+            row(
+                "bare LF after the size",
+                chunked("5\nhello\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "bare CR after the size",
+                chunked("5\rhello\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "bare LF after the data",
+                chunked("5\r\nhello\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "data longer than its size",
+                chunked("5\r\nhello!\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "data shorter than its size, cut",
+                post("Transfer-Encoding: chunked\r\n", "9\r\nhello\r\n0\r\n\r\n"),
+                &[BAD],
+            ),
+            row(
+                "no last chunk, cut",
+                post("Transfer-Encoding: chunked\r\n", "5\r\nhello\r\n"),
+                &[BAD],
+            ),
             // §7.1.2: trailer-section = *( field-line CRLF ), then CRLF.
-            row("trailer field", chunked("5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"), &[OK, OK]),
-            row("two trailer fields", chunked("0\r\nX-T: 1\r\nX-U: 2\r\n\r\n"), &[OK, OK]),
-            row("bare LF after the last chunk", chunked("5\r\nhello\r\n0\r\n\n"), &[BAD]),
-            row("NUL after the last chunk", chunked("5\r\nhello\r\n0\r\n\0\r\n"), &[BAD]),
-            row("bare LF ending a trailer", chunked("0\r\nX-T: 1\n\r\n"), &[BAD]),
+            row(
+                "trailer field",
+                chunked("5\r\nhello\r\n0\r\nX-T: 1\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "two trailer fields",
+                chunked("0\r\nX-T: 1\r\nX-U: 2\r\n\r\n"),
+                &[OK, OK],
+            ),
+            row(
+                "bare LF after the last chunk",
+                chunked("5\r\nhello\r\n0\r\n\n"),
+                &[BAD],
+            ),
+            row(
+                "NUL after the last chunk",
+                chunked("5\r\nhello\r\n0\r\n\0\r\n"),
+                &[BAD],
+            ),
+            row(
+                "bare LF ending a trailer",
+                chunked("0\r\nX-T: 1\n\r\n"),
+                &[BAD],
+            ),
             row("NUL in a trailer", chunked("0\r\nX-T: \0\r\n\r\n"), &[BAD]),
             row("bare CR ending the trailers", chunked("0\r\n\rX"), &[BAD]),
-            row("trailer section over 16 KiB", chunked(&big_trailers), &[BAD]),
+            row(
+                "trailer section over 16 KiB",
+                chunked(&big_trailers),
+                &[BAD],
+            ),
             row(
                 "last chunk without the final CRLF, cut",
                 post("Transfer-Encoding: chunked\r\n", "0\r\n"),
@@ -696,7 +911,10 @@ async fn section_9_3_persistence() {
 async fn section_9_3_2_pipelined_answers_in_order() {
     let input = [
         post("Content-Length: 5\r\n", "first"),
-        post("Transfer-Encoding: chunked\r\n", "3\r\nsec\r\n3\r\nond\r\n0\r\nX-T: 1\r\n\r\n"),
+        post(
+            "Transfer-Encoding: chunked\r\n",
+            "3\r\nsec\r\n3\r\nond\r\n0\r\nX-T: 1\r\n\r\n",
+        ),
         "GET /third?x HTTP/1.1\r\nHost: c\r\n\r\n".to_string(),
     ]
     .concat();

@@ -41,7 +41,9 @@ impl Request {
         } else {
             "POST"
         };
-        out.extend_from_slice(format!("{method} /{} HTTP/1.1\r\nHost: a\r\n", self.path).as_bytes());
+        out.extend_from_slice(
+            format!("{method} /{} HTTP/1.1\r\nHost: a\r\n", self.path).as_bytes(),
+        );
         match &self.framing {
             Framing::None => out.extend_from_slice(b"\r\n"),
             Framing::Length => {

@@ -234,8 +234,10 @@ mod tests {
             if !name.contains('-') {
                 continue;
             }
-            for spelled in [name.replace('-', "_"), name.to_ascii_uppercase().replacen('-', "_", 1)]
-            {
+            for spelled in [
+                name.replace('-', "_"),
+                name.to_ascii_uppercase().replacen('-', "_", 1),
+            ] {
                 assert_eq!(
                     request_field(spelled.as_bytes()),
                     RequestField::Dropped,
@@ -243,7 +245,13 @@ mod tests {
                 );
             }
         }
-        for name in ["x_custom", "content_type", "soap_action", "_", "x_forwarded"] {
+        for name in [
+            "x_custom",
+            "content_type",
+            "soap_action",
+            "_",
+            "x_forwarded",
+        ] {
             assert_eq!(
                 request_field(name.as_bytes()),
                 RequestField::Forwarded,
