@@ -32,6 +32,15 @@ pub enum HandshakeFailure {
     Error,
 }
 
+/// Which body budget turned a request away with 503.
+#[derive(Debug, Clone, Copy)]
+pub enum BodyBudgetScope {
+    /// `--max-body-buffer`, shared by every connection.
+    Process,
+    /// An HTTP/2 connection's own share (its streams together).
+    Connection,
+}
+
 /// What went wrong talking to the receiver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpstreamErrorKind {
@@ -124,6 +133,10 @@ pub struct Metrics {
     ranges_version: Gauge,
     /// Age of the refreshed exchange-online list.
     ranges_age: Gauge,
+    /// Requests answered 503 because a body budget was spent, by budget.
+    body_budget_refusals: [Counter; 2],
+    /// Bytes of `--max-body-buffer` reserved by requests in flight.
+    pub body_buffer_reserved: Gauge,
 }
 
 impl Default for Metrics {
@@ -274,6 +287,20 @@ impl Metrics {
             "Age of the exchange-online list from the endpoint service",
             ranges_age.clone(),
         );
+        let budget_family = Family::<Labels, Counter>::default();
+        registry.register(
+            "body_budget_refusals",
+            "Requests answered 503 because the bodies in flight filled a budget (process: --max-body-buffer; connection: one HTTP/2 connection's share)",
+            budget_family.clone(),
+        );
+        let body_budget_refusals =
+            ["process", "connection"].map(|b| budget_family.get_or_create_owned(&[("budget", b)]));
+        let body_buffer_reserved = Gauge::default();
+        registry.register(
+            "body_buffer_reserved_bytes",
+            "Bytes of --max-body-buffer reserved by requests in flight (declared length, or --max-body when undeclared)",
+            body_buffer_reserved.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -312,6 +339,8 @@ impl Metrics {
             reloads,
             ranges_version,
             ranges_age,
+            body_budget_refusals,
+            body_buffer_reserved,
         }
     }
 
@@ -401,6 +430,11 @@ impl Metrics {
     pub fn request(&self, status: http::StatusCode) {
         let i = (status.as_u16() / 100).clamp(1, 5) as usize - 1;
         self.requests[i].inc();
+    }
+
+    /// Count a request turned away because a body budget was spent.
+    pub fn body_budget_refused(&self, scope: BodyBudgetScope) {
+        self.body_budget_refusals[scope as usize].inc();
     }
 
     /// Count a failed exchange with the receiver.

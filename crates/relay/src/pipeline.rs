@@ -126,8 +126,7 @@ impl http1::Handler for Pipeline {
             .route(head, conn, declared_length)
             .map_err(|refusal| Refused {
                 reply: refusal.reply(),
-                // A body over the limit is not worth reading to keep the connection.
-                drain: refusal != Refusal::TooLarge,
+                drain: refusal.drain(),
             })
     }
 

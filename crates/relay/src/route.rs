@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use http::StatusCode;
 use http1::{Reply, RequestHead};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::allow::AllowList;
 pub use crate::client::ConnInfo;
 use crate::config::Config;
-use crate::metrics::{DenyReason, Metrics};
+use crate::metrics::{BodyBudgetScope, DenyReason, Metrics};
 
 /// Where an admitted request goes.
 #[derive(Debug)]
@@ -19,6 +21,9 @@ pub struct Route {
     /// The client a trusted proxy named in `--client-ip-header`, when there is one: the request
     /// is treated as coming from it.
     pub named_client: Option<ConnInfo>,
+    /// Its share of `--max-body-buffer`, given back when the route is dropped: after the
+    /// request is answered and logged.
+    pub body: BodyReservation,
 }
 
 /// The routing rules, from the configuration.
@@ -31,6 +36,8 @@ pub struct Router {
     /// The allow-list, applied per request to the client named by a trusted proxy.
     allow: Arc<arc_swap::ArcSwap<AllowList>>,
     metrics: Arc<Metrics>,
+    /// `--max-body-buffer`: body bytes the relay buffers at once, over all connections.
+    bodies: BodyBudget,
 }
 
 impl Router {
@@ -44,6 +51,8 @@ impl Router {
             path_prefix: config.path_prefix.clone(),
             max_body: config.max_body,
             client_ip_header: config.client_ip_header.clone(),
+            bodies: BodyBudget::new(config.max_body_buffer)
+                .reported_in(metrics.body_buffer_reserved.clone()),
             allow,
             metrics,
         }
@@ -51,7 +60,8 @@ impl Router {
 
     /// Decides on a request from its head: 404 outside the prefix, 405 for methods other than
     /// POST, 413 for a declared length above `--max-body`, 403 for a client a trusted proxy
-    /// names outside the allow-list, 400 for a path that could escape the prefix.
+    /// names outside the allow-list, 400 for a path that could escape the prefix, 503 when the
+    /// body would not fit in what is left of `--max-body-buffer`.
     pub fn route(
         &self,
         head: &RequestHead<'_>,
@@ -85,7 +95,80 @@ impl Router {
             // even sends the body.
             return Err(Refusal::TooLarge);
         }
-        Ok(Route { named_client })
+        // Last, so that only a request about to be read takes a share: the declared length,
+        // or as much as a body of unknown length may grow to.
+        let Some(body) = self
+            .bodies
+            .try_reserve(declared_length.unwrap_or(self.max_body))
+        else {
+            self.metrics.body_budget_refused(BodyBudgetScope::Process);
+            return Err(Refusal::BodyBufferFull);
+        };
+        Ok(Route { named_client, body })
+    }
+}
+
+/// The unit body budgets count in. A semaphore hands out at most `u32::MAX` permits at once;
+/// counted in KiB, one reservation covers a body of up to 4 TiB, so any `--max-body` fits, and
+/// a budget of 64 MiB is 65536 permits.
+const BUDGET_UNIT: u64 = 1024;
+
+/// A budget of request body bytes being buffered, shared by the requests that reserve from it
+/// (the whole relay's, or one HTTP/2 connection's). Reservations never wait: one that does not
+/// fit is refused, and the client retries.
+#[derive(Debug, Clone)]
+pub struct BodyBudget {
+    units: Arc<Semaphore>,
+    /// Where the bytes reserved are published, if anywhere.
+    reserved: Option<Gauge>,
+}
+
+impl BodyBudget {
+    /// A budget of `bytes` (rounded up to [`BUDGET_UNIT`]).
+    pub fn new(bytes: u64) -> Self {
+        let units = usize::try_from(bytes.div_ceil(BUDGET_UNIT))
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            units: Arc::new(Semaphore::new(units)),
+            reserved: None,
+        }
+    }
+
+    /// Publishes the bytes reserved in `gauge`.
+    pub fn reported_in(mut self, gauge: Gauge) -> Self {
+        self.reserved = Some(gauge);
+        self
+    }
+
+    /// Reserves room for a body of `bytes` (rounded up to [`BUDGET_UNIT`]); `None` when the
+    /// budget has not that much left.
+    pub fn try_reserve(&self, bytes: u64) -> Option<BodyReservation> {
+        let units = u32::try_from(bytes.div_ceil(BUDGET_UNIT)).unwrap_or(u32::MAX);
+        let permit = self.units.clone().try_acquire_many_owned(units).ok()?;
+        let bytes = i64::from(units) * BUDGET_UNIT as i64;
+        if let Some(g) = &self.reserved {
+            g.inc_by(bytes);
+        }
+        Some(BodyReservation {
+            _permit: permit,
+            reported: self.reserved.clone().map(|g| (g, bytes)),
+        })
+    }
+}
+
+/// Room for one request's body in a [`BodyBudget`], given back on drop.
+#[derive(Debug)]
+pub struct BodyReservation {
+    _permit: OwnedSemaphorePermit,
+    reported: Option<(Gauge, i64)>,
+}
+
+impl Drop for BodyReservation {
+    fn drop(&mut self) {
+        if let Some((g, bytes)) = &self.reported {
+            g.dec_by(*bytes);
+        }
     }
 }
 
@@ -109,7 +192,16 @@ pub enum Refusal {
     /// A path with dot segments, path parameters or encoded separators, which a receiver
     /// normalising paths could resolve outside `--path-prefix`.
     BadTarget,
+    /// The body does not fit in what is left of `--max-body-buffer`.
+    BodyBufferFull,
+    /// HTTP/2: the body does not fit in what is left of its connection's share.
+    ConnectionBodiesFull,
 }
+
+/// `Retry-After` of a 503 for a full body budget, in seconds: bodies in flight are usually
+/// through in milliseconds, and a second lets a burst pass without inviting a tight retry loop
+/// (the worst case, a slow client, is bounded by `--body-timeout`).
+const BODY_BUDGET_RETRY_AFTER: &[u8] = b"1";
 
 impl Refusal {
     /// The answer to send.
@@ -135,12 +227,35 @@ impl Refusal {
                 StatusCode::BAD_REQUEST,
                 "not an EWS SendNotification SOAP message\n",
             ),
+            Refusal::BodyBufferFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies in flight (--max-body-buffer); retry\n",
+            ),
+            Refusal::ConnectionBodiesFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies in flight on this connection; retry\n",
+            ),
         };
         let mut r = Reply::plain(status, text);
-        if self == Refusal::MethodNotAllowed {
-            r.headers.push(b"allow", b"POST");
+        match self {
+            Refusal::MethodNotAllowed => {
+                r.headers.push(b"allow", b"POST");
+            }
+            Refusal::BodyBufferFull | Refusal::ConnectionBodiesFull => {
+                r.headers.push(b"retry-after", BODY_BUDGET_RETRY_AFTER);
+            }
+            _ => {}
         }
         r
+    }
+
+    /// Whether the body is worth reading (and dropping) to keep the connection: not when it
+    /// is too large, nor when the relay has no room for bodies.
+    pub fn drain(self) -> bool {
+        !matches!(
+            self,
+            Refusal::TooLarge | Refusal::BodyBufferFull | Refusal::ConnectionBodiesFull
+        )
     }
 }
 

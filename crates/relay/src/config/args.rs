@@ -113,6 +113,13 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_MAX_BODY", default_value = "4MiB", value_name = "BYTES", value_parser = parse_size)]
     pub max_body: u64,
 
+    /// Request body bytes buffered at once over all connections; a request that would go over
+    /// gets 503 with Retry-After. Each request reserves its Content-Length (or --max-body when
+    /// it declares none) from its head until it is answered. Default 64MiB, or --max-body if
+    /// larger: 16 bodies at the default --max-body, thousands of notifications of a few KiB.
+    #[arg(long, env = "EWS_RELAY_MAX_BODY_BUFFER", value_name = "BYTES", value_parser = parse_size)]
+    pub max_body_buffer: Option<u64>,
+
     /// Concurrent client connections; further ones wait in the listen backlog.
     #[arg(
         long,
@@ -127,7 +134,8 @@ pub struct Args {
     pub handshake_timeout: Duration,
 
     /// Time allowed to receive a request's head, from its first byte (a new connection that
-    /// sends nothing is closed after the shorter of this and --idle-timeout).
+    /// sends nothing is closed after the shorter of this and --idle-timeout). HTTP/2: the first
+    /// head from the connection's start, later ones from their first frame's first byte.
     #[arg(long, env = "EWS_RELAY_HEADER_TIMEOUT", default_value = "30s", value_name = "DUR", value_parser = parse_duration)]
     pub header_timeout: Duration,
 

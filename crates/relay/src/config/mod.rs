@@ -24,6 +24,13 @@ pub use managed::{parse_mailbox, read_mailboxes_file};
 use parse::*;
 pub use parse::{parse_duration, parse_size, under_prefix};
 
+/// `--max-body-buffer` when not given (or `--max-body`, if larger): 64 MiB holds 16 bodies of
+/// the default `--max-body` (4 MiB) at once, or thousands of notifications of a few KiB (their
+/// usual size), and is small next to the memory of the smallest machine a relay runs on. A
+/// burst of slow large bodies then costs at most this much, not `--max-body` × connections
+/// (16 GiB at the defaults).
+const DEFAULT_MAX_BODY_BUFFER: u64 = 64 << 20;
+
 /// A configuration error: which flag, and what is wrong with its value.
 #[derive(Debug, thiserror::Error)]
 #[error("{flag}: {message}")]
@@ -202,6 +209,8 @@ pub struct Config {
     pub path_prefix: String,
     /// Largest accepted request body in bytes.
     pub max_body: u64,
+    /// `--max-body-buffer`: request body bytes buffered at once over all connections.
+    pub max_body_buffer: u64,
     /// Concurrent client connections.
     pub max_connections: usize,
     /// Time limits.
@@ -296,6 +305,19 @@ impl Config {
         if args.max_body == 0 {
             return Err(ConfigError::new("--max-body", "must be at least 1 byte"));
         }
+        let max_body_buffer = match args.max_body_buffer {
+            Some(n) if n < args.max_body => {
+                return Err(ConfigError::new(
+                    "--max-body-buffer",
+                    format!(
+                        "must be at least --max-body ({} bytes), or no body of that size could ever be admitted",
+                        args.max_body
+                    ),
+                ))
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_BODY_BUFFER.max(args.max_body),
+        };
         if args.max_connections == 0 {
             return Err(ConfigError::new("--max-connections", "must be at least 1"));
         }
@@ -312,6 +334,7 @@ impl Config {
             allow_source,
             path_prefix,
             max_body: args.max_body,
+            max_body_buffer,
             max_connections: args.max_connections,
             timeouts: Timeouts {
                 handshake: args.handshake_timeout,
@@ -423,6 +446,21 @@ mod tests {
         assert_eq!(c.max_body, 4 << 20);
         assert!(matches!(c.tls, TlsSource::SelfSigned { .. }));
         assert!(c.allow.describe().contains("exchange-online"));
+    }
+
+    #[test]
+    fn body_buffer() {
+        let c = Config::parse_from(["ews-relay"]).unwrap();
+        assert_eq!(c.max_body_buffer, 64 << 20);
+        // A --max-body above the default budget raises it: one such body must fit.
+        let c = Config::parse_from(["ews-relay", "--max-body", "100MiB"]).unwrap();
+        assert_eq!(c.max_body_buffer, 100 << 20);
+        let c = Config::parse_from(["ews-relay", "--max-body-buffer", "4MiB"]).unwrap();
+        assert_eq!(c.max_body_buffer, 4 << 20);
+        let e = Config::parse_from(["ews-relay", "--max-body-buffer", "1MiB"]).unwrap_err();
+        assert!(e.to_string().contains("--max-body-buffer"), "{e}");
+        let e = Config::parse_from(["ews-relay", "--max-body-buffer", "lots"]).unwrap_err();
+        assert!(e.to_string().contains("--max-body-buffer"), "{e}");
     }
 
     #[test]
