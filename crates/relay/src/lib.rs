@@ -122,10 +122,11 @@ fn bind_hint(addr: SocketAddr, e: &std::io::Error) -> String {
                     "; ports below {first_free} need root or the CAP_NET_BIND_SERVICE capability: \
                      `sudo setcap cap_net_bind_service=+ep {}` (again after each upgrade of the binary), \
                      or AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit (see the README), \
-                     or listen on a port from {first_free} up and forward 443 to it",
+                     or listen on a port from {first_free} up and forward {} to it",
                     std::env::current_exe()
                         .map(|p| p.display().to_string())
-                        .unwrap_or_else(|_| "/usr/local/bin/ews-relay".into())
+                        .unwrap_or_else(|_| "/usr/local/bin/ews-relay".into()),
+                    addr.port()
                 )
             } else {
                 "; not a privileged port: a security module (SELinux, AppArmor) or a seccomp \
