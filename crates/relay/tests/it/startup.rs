@@ -477,6 +477,44 @@ fn allow_replaces_the_default_and_the_log_says_so() {
 }
 
 #[test]
+fn managed_mode_at_exchange_online_without_its_networks_is_warned_about() {
+    let managed = |extra: &[&str]| {
+        let mut args = with_local(&[
+            "--ews-url",
+            "https://outlook.office365.com/EWS/Exchange.asmx",
+            "--mailbox",
+            "room1@example.com",
+            "--auth",
+            "none",
+            "--callback-url",
+            "https://relay.example.com/push",
+            // Stops start-up right after the allow-list is checked.
+            "--max-connections",
+            "0",
+        ]);
+        args.extend_from_slice(extra);
+        run_to_exit(command(BIN, &args))
+    };
+    let run = managed(&["--allow", "10.1.2.3"]);
+    assert_eq!(run.code, Some(64), "{}", run.all());
+    assert!(
+        run.stdout.contains("WARN")
+            && run.stdout.contains("outlook.office365.com")
+            && run.stdout.contains("add --allow-preset exchange-online"),
+        "{}",
+        run.all()
+    );
+    let run = managed(&["--allow", "10.1.2.3", "--allow-preset", "exchange-online"]);
+    assert!(!run.stdout.contains("WARN"), "{}", run.all());
+    let run = managed(&[]);
+    assert!(
+        !run.stdout.contains("WARN"),
+        "the default admits it: {}",
+        run.all()
+    );
+}
+
+#[test]
 fn help_documents_exit_codes_and_the_allow_list() {
     let run = run_to_exit(command(BIN, &["--help"]));
     assert_eq!(run.code, Some(0));
