@@ -26,7 +26,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use tokio::net::TcpListener;
 
@@ -39,10 +39,13 @@ const POOL_REAP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 const TRACKER_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the relay could not start.
+///
+/// Each variant's message includes its cause's, so `main` prints one line; the cause is also
+/// kept as the error's `source()` for callers that walk the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound.
-    #[error("{flag} {addr}: cannot listen: {source}")]
+    #[error("{flag} {addr}: cannot listen: {source}{hint}")]
     Bind {
         /// `--listen` or `--admin-listen`.
         flag: &'static str,
@@ -50,13 +53,36 @@ pub enum StartError {
         addr: SocketAddr,
         /// The OS error.
         source: std::io::Error,
+        /// What to do about it, when the OS error has a usual cause (`; …`), else empty.
+        hint: String,
     },
-    /// The embedded store could not be opened.
+    /// The embedded store could not be opened, read or written.
     #[error("--state-dir: {0}")]
-    State(String),
+    Store(#[source] store::StoreError),
+    /// `--callback-url` does not parse as a URI (validated in config, so only a bug gets here).
+    #[error("--callback-url {url}: {source}")]
+    CallbackUrl {
+        /// The URL.
+        url: String,
+        /// Why it does not parse.
+        source: http::uri::InvalidUri,
+    },
+    /// The `--trace-dir` could not be prepared.
+    #[error("--trace-dir {dir}: {source}")]
+    TraceDir {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// Outbound HTTPS could not be set up.
-    #[error("--ews-ca-file: {0}")]
-    Outbound(String),
+    #[error("{flag}: {source}")]
+    Outbound {
+        /// The flag at fault or whose calls need the client (`--ews-ca-file`, `--refresh-ranges`).
+        flag: &'static str,
+        /// What went wrong.
+        source: subscriptions::auth::HttpClientError,
+    },
     /// The certificate could not be loaded or generated.
     #[error("{flag}: {source}")]
     Tls {
@@ -71,9 +97,52 @@ impl StartError {
     /// Exit code for `main`: 64 (usage) when a flag's value is at fault, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Tls { .. } | StartError::Outbound(_) => 64,
-            StartError::Bind { .. } | StartError::State(_) => 1,
+            StartError::Tls { .. } | StartError::CallbackUrl { .. } => 64,
+            StartError::Outbound { source, .. } if source.is_ca_file() => 64,
+            StartError::Outbound { .. }
+            | StartError::Bind { .. }
+            | StartError::Store(_)
+            | StartError::TraceDir { .. } => 1,
         }
+    }
+}
+
+/// What usually causes a bind error, and what to do about it; empty when nothing useful is known.
+fn bind_hint(addr: SocketAddr, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            // Linux's limit for unprivileged binds; other systems use 1024.
+            let first_free =
+                std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u16>().ok())
+                    .unwrap_or(1024);
+            if addr.port() < first_free {
+                format!(
+                    "; ports below {first_free} need root or the CAP_NET_BIND_SERVICE capability: \
+                     `sudo setcap cap_net_bind_service=+ep {}` (again after each upgrade of the binary), \
+                     or AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit (see the README), \
+                     or listen on a port from {first_free} up and forward {} to it",
+                    std::env::current_exe()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|_| "/usr/local/bin/ews-relay".into()),
+                    addr.port()
+                )
+            } else {
+                "; not a privileged port: a security module (SELinux, AppArmor) or a seccomp \
+                 policy refused it"
+                    .into()
+            }
+        }
+        std::io::ErrorKind::AddrInUse => format!(
+            "; another process listens there (find it with `ss -ltnp 'sport = :{}'`), or another \
+             ews-relay is already running",
+            addr.port()
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; the address is not one of this host's (use 0.0.0.0 or [::] for all)".into()
+        }
+        _ => String::new(),
     }
 }
 
@@ -94,6 +163,7 @@ impl Listeners {
             .map_err(|source| StartError::Bind {
                 flag: "--listen",
                 addr: config.listen,
+                hint: bind_hint(config.listen, &source),
                 source,
             })?;
         let admin = TcpListener::bind(config.admin_listen)
@@ -101,6 +171,7 @@ impl Listeners {
             .map_err(|source| StartError::Bind {
                 flag: "--admin-listen",
                 addr: config.admin_listen,
+                hint: bind_hint(config.admin_listen, &source),
                 source,
             })?;
         Ok(Self { relay, admin })
@@ -115,9 +186,12 @@ pub async fn load_certificate(source: &TlsSource) -> Result<edge::tls::LoadedCer
         TlsSource::Files { cert, key } => {
             edge::tls::load_pem(cert, key).map_err(|e| StartError::Tls {
                 flag: match e {
-                    edge::tls::TlsError::Key { .. } => "--tls-key",
+                    edge::tls::TlsError::Key { .. } | edge::tls::TlsError::EncryptedKey { .. } => {
+                        "--tls-key"
+                    }
                     edge::tls::TlsError::Read { ref path, .. }
                     | edge::tls::TlsError::Empty { ref path, .. }
+                    | edge::tls::TlsError::WrongKind { ref path, .. }
                     | edge::tls::TlsError::Pem { ref path, .. }
                         if path == key =>
                     {
@@ -147,7 +221,7 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let started = Instant::now();
     let cert = load_certificate(&config.tls).await?;
-    log_certificate(&cert.info);
+    log_certificate(&cert);
     let certs = Arc::new(edge::tls::CertResolver::new(cert));
     let server_config = edge::tls::server_config(certs.clone()).map_err(|e| StartError::Tls {
         flag: "--tls-cert",
@@ -214,7 +288,11 @@ pub async fn run(
         )));
     }
     if let Some((url, interval)) = &config.refresh_ranges {
-        let http = subscriptions::auth::http_client(None).map_err(StartError::Outbound)?;
+        let http =
+            subscriptions::auth::http_client(None).map_err(|source| StartError::Outbound {
+                flag: "--refresh-ranges",
+                source,
+            })?;
         reloaders.push(tokio::spawn(reload::refresh_ranges(
             allow.clone(),
             allow_source.clone(),
@@ -238,6 +316,10 @@ pub async fn run(
     });
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let admin_addr = listeners
+        .admin
+        .local_addr()
+        .map_or(config.admin_listen, |a| a);
     let admin_task = tokio::spawn(admin::serve(
         listeners.admin,
         admin_state.clone(),
@@ -258,8 +340,13 @@ pub async fn run(
         }
     });
 
+    if let Some(note) = config.allow_source.default_note() {
+        tracing::info!("{note}");
+    }
     tracing::info!(
         listen = %listeners.relay.local_addr().map_or(config.listen, |a| a),
+        admin = %admin_addr,
+        mode = if config.managed.is_some() { "managed" } else { "passthrough" },
         upstream = %config.upstream.authority,
         path_prefix = %config.path_prefix,
         admitted = %config.allow.describe(),
@@ -269,9 +356,7 @@ pub async fn run(
     // Exchange calls back at once after a Subscribe: subscribe only now that we listen.
     let mut managed_tasks = Vec::new();
     if let Some(m) = &manager {
-        m.start()
-            .await
-            .map_err(|e| StartError::State(e.to_string()))?;
+        m.start().await.map_err(StartError::Store)?;
         managed_tasks.push(tokio::spawn(m.delivery().clone().replay()));
         managed_tasks.push(tokio::spawn(watch_mailboxes(
             m.clone(),
@@ -325,8 +410,8 @@ async fn managed_mode(
     let dir = config.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
-        .map_err(|e| StartError::State(e.to_string()))?
-        .map_err(|e| StartError::State(e.to_string()))?;
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(StartError::Store)?;
     let writer = Arc::new(store::StoreWriter::start(
         Arc::new(store),
         Default::default(),
@@ -334,29 +419,43 @@ async fn managed_mode(
     let callback: http::Uri = m
         .callback_url
         .parse()
-        .map_err(|_| StartError::State("callback URL".into()))?;
+        .map_err(|source| StartError::CallbackUrl {
+            url: m.callback_url.clone(),
+            source,
+        })?;
     let path = callback
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let delivery = spool::Delivery::new(receiver, path, writer.clone(), metrics.clone())
         .await
-        .map_err(|e| StartError::State(e.to_string()))?;
-    let http =
-        subscriptions::auth::http_client(m.ews_ca_file.as_deref()).map_err(StartError::Outbound)?;
+        .map_err(StartError::Store)?;
+    let http = subscriptions::auth::http_client(m.ews_ca_file.as_deref()).map_err(|source| {
+        StartError::Outbound {
+            flag: if m.ews_ca_file.is_some() {
+                "--ews-ca-file"
+            } else {
+                "managed mode's outbound HTTPS"
+            },
+            source,
+        }
+    })?;
     let credentials = subscriptions::auth::Credentials::new(m.auth.clone(), http.clone());
-    let trace = match &m.trace_dir {
-        Some(dir) => Some(
-            subscriptions::trace::Tracer::new(dir)
-                .map_err(|e| StartError::State(format!("--trace-dir {}: {e}", dir.display())))?,
-        ),
-        None => None,
-    };
+    let trace =
+        match &m.trace_dir {
+            Some(dir) => Some(subscriptions::trace::Tracer::new(dir).map_err(|source| {
+                StartError::TraceDir {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
     let client =
         subscriptions::client::EwsClient::new(http, credentials, m.max_concurrent_ews, trace);
     let manager = subscriptions::Manager::new(m.clone(), client, writer, delivery, metrics)
         .await
-        .map_err(|e| StartError::State(e.to_string()))?;
+        .map_err(StartError::Store)?;
     tracing::info!(
         mailboxes = m.mailboxes.len(),
         mailboxes_file = ?m.mailboxes_file,
@@ -384,20 +483,34 @@ async fn watch_mailboxes(manager: Arc<subscriptions::Manager>, file: Option<std:
     .await;
 }
 
-fn log_certificate(info: &edge::tls::CertInfo) {
-    let days = info
-        .not_after
-        .duration_since(SystemTime::now())
-        .map(|d| d.as_secs() / 86_400)
-        .unwrap_or(0);
+/// One line saying which certificate is served, from which files, and how they came to be.
+/// Expiry problems are reported right after by [`reload::report_expiry`].
+fn log_certificate(cert: &edge::tls::LoadedCert) {
+    let info = &cert.info;
+    // Absolute, so an operator knows where `certs/` ended up (the working directory of a
+    // service is often not where they think).
+    let cert_file = std::path::absolute(&cert.origin.cert).unwrap_or(cert.origin.cert.clone());
+    let key_file = std::path::absolute(&cert.origin.key).unwrap_or(cert.origin.key.clone());
+    let expires = humantime::format_rfc3339_seconds(info.not_after);
     if info.self_signed {
         tracing::warn!(
+            cert_file = %cert_file.display(),
+            key_file = %key_file.display(),
+            origin = cert.origin.kind.as_str(),
             subject = %info.subject,
             sha256 = %info.sha256,
-            expires_in_days = days,
+            expires = %expires,
             "serving a SELF-SIGNED certificate: Exchange Online will not call back to it; give --tls-cert/--tls-key from a public CA"
         );
     } else {
-        tracing::info!(subject = %info.subject, sha256 = %info.sha256, expires_in_days = days, "serving certificate");
+        tracing::info!(
+            cert_file = %cert_file.display(),
+            key_file = %key_file.display(),
+            origin = cert.origin.kind.as_str(),
+            subject = %info.subject,
+            sha256 = %info.sha256,
+            expires = %expires,
+            "serving certificate"
+        );
     }
 }

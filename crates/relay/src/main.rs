@@ -1,7 +1,15 @@
 //! `ews-relay`: parse the command line, set up logging, run the relay until SIGTERM/SIGINT.
 //!
-//! Exit codes: 0 after a clean shutdown, 64 when a flag's value is wrong (the message names the
-//! flag), 1 for other start-up failures (e.g. the port is taken).
+//! Exit codes (also in `--help` and the README):
+//! - 0: clean shutdown after SIGTERM/SIGINT, or `--help`/`--version`;
+//! - 1: start-up failed for a reason other than a flag's value: a port is taken or needs
+//!   `CAP_NET_BIND_SERVICE`, the state store cannot be opened or is from a newer version, the
+//!   async runtime cannot start;
+//! - 64 (EX_USAGE): a flag's value is wrong; the message names the flag.
+//!
+//! Logs go to stdout; a start-up error is printed once, to stderr, as `ews-relay: <message>`.
+//! Logging starts before the configuration is validated, so warnings given during validation
+//! (e.g. a plain-http `--ews-url`) are logged in the chosen format.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -26,6 +34,8 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    // Before validation, which may warn; the guard flushes the log on every return below.
+    let _log_guard = init_logging(args.log_format);
     let config = match Config::from_args(args) {
         Ok(c) => c,
         Err(e) => {
@@ -33,7 +43,6 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let _log_guard = init_logging(config.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -45,13 +54,16 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
+        // Before anything else: a SIGTERM during start-up is then a clean shutdown too, not
+        // the default action (killed by the signal).
+        let shutdown = termination();
         let listeners = ews_relay::Listeners::bind(&config).await?;
-        ews_relay::run(listeners, config, termination()).await
+        ews_relay::run(listeners, config, shutdown).await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Once, on stderr: the log (stdout) often ends up in the same journal or container log.
         Err(e) => {
-            tracing::error!(error = %e, "cannot start");
             eprintln!("ews-relay: {e}");
             ExitCode::from(e.exit_code())
         }
@@ -77,19 +89,32 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     guard
 }
 
-/// Completes on SIGTERM (container stop) or SIGINT (Ctrl-C).
-async fn termination() {
+/// Completes on SIGTERM (container stop) or SIGINT (Ctrl-C). The handlers are installed when
+/// this is called (inside the runtime), not when the future is first polled.
+fn termination() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the relay");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            (Ok(mut term), Err(e)) => {
+                tracing::error!(error = %e, "cannot listen for SIGINT; only SIGTERM will stop the relay");
+                term.recv().await;
+            }
+            (Err(e), Ok(mut int)) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; only Ctrl-C will stop the relay");
+                int.recv().await;
+            }
+            (Err(e), Err(_)) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM or SIGINT; only SIGKILL will stop the relay");
+                std::future::pending::<()>().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

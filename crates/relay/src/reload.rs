@@ -97,9 +97,10 @@ pub async fn watch_certificate(
         let resolver = resolver.clone();
         let metrics = metrics.clone();
         async move {
+            // `run` has reported the certificate at start-up: repeat only from the next check on.
             loop {
-                report_expiry(&resolver.current(), &metrics);
                 tokio::time::sleep(EXPIRY_CHECK_INTERVAL).await;
+                report_expiry(&resolver.current(), &metrics);
             }
         }
     };
@@ -127,20 +128,25 @@ pub async fn watch_certificate(
     tokio::join!(expiry, reloads);
 }
 
-/// Set the expiry metric and warn when the certificate expires soon.
+/// Set the expiry metric; log an error when the certificate has expired and a warning when it
+/// expires within [`EXPIRY_WARNING`].
 pub fn report_expiry(cert: &LoadedCert, metrics: &Metrics) {
-    let left = cert
-        .info
-        .not_after
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
     metrics.set_cert_expiry(cert.info.not_after);
-    if left < EXPIRY_WARNING {
-        tracing::warn!(
+    let expires = humantime::format_rfc3339_seconds(cert.info.not_after);
+    match cert.info.not_after.duration_since(SystemTime::now()) {
+        Err(past) => tracing::error!(
             subject = %cert.info.subject,
+            expired = %expires,
+            days_ago = past.duration().as_secs() / 86_400,
+            "certificate EXPIRED: Exchange refuses it and sends no notifications until it is renewed (the relay loads the renewed files without a restart)"
+        ),
+        Ok(left) if left < EXPIRY_WARNING => tracing::warn!(
+            subject = %cert.info.subject,
+            expires = %expires,
             days_left = left.as_secs() / 86_400,
             "certificate expires within 14 days: renew it (Exchange stops calling back when it expires)"
-        );
+        ),
+        Ok(_) => {}
     }
 }
 

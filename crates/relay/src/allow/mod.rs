@@ -42,8 +42,10 @@ pub struct AllowList {
 }
 
 impl AllowList {
-    /// Build from the three flags; with none of them the `exchange-online` preset applies, so
-    /// a relay started without thought fails closed.
+    /// Build from the three flags: the union of every `--allow`, the `--allow-file` and every
+    /// `--allow-preset`. With none of them the `exchange-online` preset applies, so a relay
+    /// started without thought fails closed; any of them replaces that default (name it with
+    /// `--allow-preset exchange-online` to keep it), so the list is exactly what was written.
     pub fn build(
         cidrs: &[String],
         file: Option<&Path>,
@@ -241,6 +243,26 @@ impl AllowSource {
         )
     }
 
+    /// What the start-up log should say about the `exchange-online` default, which applies only
+    /// when no `--allow*` flag is given: `--allow` or `--allow-file` replace it, and an operator
+    /// who read "add --allow" as "in addition" must learn it from the log, not from silence.
+    /// `None` when `--allow-preset` names the presets explicitly.
+    pub fn default_note(&self) -> Option<String> {
+        if !self.presets.is_empty() {
+            return None;
+        }
+        if self.cidrs.is_empty() && self.file.is_none() {
+            return Some(format!(
+                "allow-list: no --allow, --allow-file or --allow-preset given: the {} preset applies (the default)",
+                presets::EXCHANGE_ONLINE.name
+            ));
+        }
+        Some(format!(
+            "allow-list: only the --allow/--allow-file networks are admitted: they replace the {0} default, so Exchange Online cannot connect; add --allow-preset {0} to admit it as well",
+            presets::EXCHANGE_ONLINE.name
+        ))
+    }
+
     /// Whether the `exchange-online` preset is part of the list (explicitly or by default).
     pub fn uses_exchange_online(&self) -> bool {
         self.presets
@@ -370,6 +392,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("exchange-online"), "{e}");
+    }
+
+    #[test]
+    fn the_default_is_replaced_by_allow_and_kept_by_naming_it() {
+        let source = |cidrs: &[&str], presets: &[&str]| AllowSource {
+            cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
+            file: None,
+            presets: presets.iter().map(|s| s.to_string()).collect(),
+            exchange_online: Default::default(),
+        };
+        let exo: IpAddr = "40.96.1.1".parse().unwrap();
+        let onprem: IpAddr = "10.1.2.3".parse().unwrap();
+        let s = source(&["10.1.2.3"], &[]);
+        let l = s.build().unwrap();
+        assert!(l.allows(onprem) && !l.allows(exo));
+        assert!(!s.uses_exchange_online());
+        let note = s.default_note().unwrap();
+        assert!(note.contains("--allow-preset exchange-online"), "{note}");
+        let s = source(&["10.1.2.3"], &["exchange-online"]);
+        let l = s.build().unwrap();
+        assert!(l.allows(onprem) && l.allows(exo), "union of both");
+        assert!(s.uses_exchange_online());
+        assert_eq!(
+            s.default_note(),
+            None,
+            "named explicitly: nothing to explain"
+        );
+        assert!(source(&[], &[]).default_note().unwrap().contains("default"));
     }
 
     #[test]

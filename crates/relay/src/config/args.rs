@@ -17,12 +17,23 @@ pub enum LogFormat {
     Json,
 }
 
+/// Shown at the end of `--help`.
+const AFTER_HELP: &str = "\
+Allow-list: the union of every --allow, --allow-file and --allow-preset. With none of them the
+exchange-online preset applies; --allow or --allow-file replace that default, so for
+on-premises servers plus Exchange Online give both: --allow-preset exchange-online --allow CIDR.
+
+Exit codes: 0 clean shutdown (SIGTERM/SIGINT), --help, --version; 1 start-up failed for another
+reason than a flag's value (port taken or below 1024 without CAP_NET_BIND_SERVICE, state store
+unusable or from a newer version); 64 a flag's value is wrong (the message names the flag).
+Start-up errors go to stderr, once; logs go to stdout.";
+
 /// ews-relay: a TLS edge for Exchange Web Services push notifications.
 ///
 /// Accepts Exchange's HTTPS POSTs, admits only allowed source networks, and forwards each
 /// notification in plain HTTP to the internal receiver.
 #[derive(Debug, Parser)]
-#[command(name = "ews-relay", version, about, long_about = None)]
+#[command(name = "ews-relay", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Args {
     /// TLS listener address (IPv4 or IPv6, e.g. `[::]:443`).
     #[arg(
@@ -78,7 +89,8 @@ pub struct Args {
     )]
     pub cert_dir: PathBuf,
 
-    /// Admitted source network (repeatable; IPv4 or IPv6 CIDR, or a single address).
+    /// Admitted source network (repeatable; IPv4 or IPv6 CIDR, or a single address). Replaces the
+    /// exchange-online default: add --allow-preset exchange-online to keep it.
     #[arg(
         long,
         env = "EWS_RELAY_ALLOW",
@@ -87,11 +99,13 @@ pub struct Args {
     )]
     pub allow: Vec<String>,
 
-    /// File with one admitted CIDR per line; `#` starts a comment.
+    /// File with one admitted CIDR per line; `#` starts a comment. Replaces the exchange-online
+    /// default, as --allow does.
     #[arg(long, env = "EWS_RELAY_ALLOW_FILE", value_name = "PATH")]
     pub allow_file: Option<PathBuf>,
 
-    /// Built-in network list: `exchange-online`, `cloudflare` (repeatable).
+    /// Built-in network list: `exchange-online` (the default when no --allow* flag is given),
+    /// `cloudflare` (repeatable; added to --allow and --allow-file).
     #[arg(
         long,
         env = "EWS_RELAY_ALLOW_PRESET",

@@ -261,6 +261,13 @@ impl Config {
             AllowListError::File(m) => ConfigError::new("--allow-file", m),
             AllowListError::Preset(m) => ConfigError::new("--allow-preset", m),
         })?;
+        if let Some(host) = managed.as_ref().and_then(exchange_online_host) {
+            if !allow_source.uses_exchange_online() {
+                tracing::warn!(
+                    "managed mode subscribes at Exchange Online ({host}), whose callbacks come from Exchange Online's networks, but the allow-list does not admit them: add --allow-preset exchange-online (unless a load balancer in front hides the client addresses and --allow names it)"
+                );
+            }
+        }
         let path_prefix = normalise_prefix(&args.path_prefix)?;
         let trusted_proxies = trusted_proxies(&args.trusted_proxy)?;
         let refresh_ranges = if args.refresh_ranges {
@@ -374,6 +381,19 @@ pub enum CliError {
     /// From validation.
     #[error("{0}")]
     Config(ConfigError),
+}
+
+/// The host of a managed-mode endpoint in Exchange Online (`outlook.office365.com`,
+/// `autodiscover-s.outlook.com`, …), whose callbacks come from the `exchange-online` networks.
+fn exchange_online_host(m: &Managed) -> Option<String> {
+    let url = match &m.endpoint {
+        EwsEndpoint::Direct(u) | EwsEndpoint::Autodiscover(u) => u,
+    };
+    let host = url.parse::<Uri>().ok()?.host()?.to_ascii_lowercase();
+    let online = ["office365.com", "outlook.com", "office.com"]
+        .iter()
+        .any(|d| host == *d || host.ends_with(&format!(".{d}")));
+    online.then_some(host)
 }
 
 /// `--trusted-proxy` values: CIDRs and preset names; `None` when none are given.
@@ -494,6 +514,20 @@ mod tests {
             words.push(v);
         }
         Config::parse_from(words)
+    }
+
+    #[test]
+    fn exchange_online_endpoints_are_recognised() {
+        let host = |url: &str| {
+            let c = managed_args(&["--ews-url", url]).unwrap();
+            exchange_online_host(c.managed.as_ref().unwrap())
+        };
+        assert_eq!(
+            host("https://outlook.office365.com/EWS/Exchange.asmx").as_deref(),
+            Some("outlook.office365.com")
+        );
+        assert_eq!(host("https://mail.contoso.com/EWS/Exchange.asmx"), None);
+        assert_eq!(host("https://notoutlook.com/EWS/Exchange.asmx"), None);
     }
 
     #[test]

@@ -46,39 +46,92 @@ pub enum AuthError {
     Malformed(String),
 }
 
+/// Why the HTTP client for outbound calls could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpClientError {
+    /// The extra CA file could not be read or is not PEM.
+    #[error("{path}: {source}")]
+    CaFile {
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// What the PEM reader reported.
+        source: rustls_pki_types::pem::Error,
+    },
+    /// The extra CA file holds no certificate.
+    #[error("{path}: no certificate found (empty file, or not PEM)")]
+    CaFileEmpty {
+        /// The CA file.
+        path: std::path::PathBuf,
+    },
+    /// A certificate in the CA file is not usable as a trust anchor.
+    #[error("{path}: not a usable CA certificate: {source}")]
+    CaCertificate {
+        /// The CA file.
+        path: std::path::PathBuf,
+        /// What rustls reported.
+        source: rustls::Error,
+    },
+    /// rustls refused the client configuration.
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] rustls::Error),
+    /// reqwest could not build the client.
+    #[error("HTTP client: {0}")]
+    Build(#[from] reqwest::Error),
+}
+
+impl HttpClientError {
+    /// Whether the CA file named by a flag is at fault (a configuration error), rather than
+    /// the environment.
+    pub fn is_ca_file(&self) -> bool {
+        matches!(
+            self,
+            HttpClientError::CaFile { .. }
+                | HttpClientError::CaFileEmpty { .. }
+                | HttpClientError::CaCertificate { .. }
+        )
+    }
+}
+
 /// Build the HTTP client for outbound calls: the system's trusted roots plus `ca_file`, our
 /// ring-based rustls configuration (TLS 1.2+), HTTPS_PROXY honoured by reqwest.
-pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, String> {
+pub fn http_client(ca_file: Option<&Path>) -> Result<reqwest::Client, HttpClientError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     if let Some(path) = ca_file {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .and_then(|it| it.collect::<Result<_, _>>())
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| HttpClientError::CaFile {
+                path: path.to_owned(),
+                source,
+            })?;
         if certs.is_empty() {
-            return Err(format!("{}: no certificate found", path.display()));
+            return Err(HttpClientError::CaFileEmpty {
+                path: path.to_owned(),
+            });
         }
         for c in certs {
             roots
                 .add(c)
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|source| HttpClientError::CaCertificate {
+                    path: path.to_owned(),
+                    source,
+                })?;
         }
     } else if added == 0 {
         tracing::warn!("no system CA certificates found (install ca-certificates); outbound HTTPS will fail unless --ews-ca-file is given");
     }
     let tls = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(HttpClientError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    reqwest::Client::builder()
+    Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .timeout(OUTBOUND_TIMEOUT)
         .connect_timeout(OUTBOUND_CONNECT_TIMEOUT)
         .user_agent(concat!("ews-relay/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| e.to_string())
+        .build()?)
 }
 
 struct Token {

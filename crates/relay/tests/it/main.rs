@@ -11,6 +11,7 @@ mod managed_discovery;
 mod ranges;
 mod relay;
 mod reload;
+mod startup;
 mod status_page;
 mod store;
 mod tracking;
