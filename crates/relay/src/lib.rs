@@ -339,7 +339,7 @@ async fn managed_mode(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let delivery = spool::Delivery::new(receiver, path, writer.clone(), metrics.clone())
+    let delivery = spool::Delivery::new(receiver, path, writer.clone(), m.spool, metrics.clone())
         .await
         .map_err(|e| StartError::State(e.to_string()))?;
     let http =

@@ -4,6 +4,7 @@
 mod cli;
 mod client_ip;
 mod common;
+mod durability;
 mod http1;
 mod managed;
 mod managed_discovery;
