@@ -805,3 +805,40 @@ impl Delivery {
         Err(why)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate limiter of the outage and refusal lines: the first occurrence is logged by the
+    /// caller, later ones count silently, and a reminder is due once per interval.
+    #[test]
+    fn episode_logs_a_reminder_at_most_once_per_interval() {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(300);
+        let mut e = Episode::new(t0);
+        assert_eq!(e.count, 1);
+        for s in 1..300 {
+            assert!(!e.again(t0 + Duration::from_secs(s), interval), "at {s} s");
+        }
+        assert!(e.again(t0 + Duration::from_secs(300), interval));
+        assert!(!e.again(t0 + Duration::from_secs(301), interval));
+        assert!(!e.again(t0 + Duration::from_secs(599), interval));
+        assert!(e.again(t0 + Duration::from_secs(600), interval));
+        assert_eq!(e.count, 304);
+    }
+
+    #[test]
+    fn health_alarm_names_the_flag_or_the_disk() {
+        assert_eq!(SpoolHealth::Ok.alarm(), None);
+        assert!(SpoolHealth::Full
+            .alarm()
+            .unwrap()
+            .contains("--spool-max-bytes"));
+        assert!(SpoolHealth::OverAge
+            .alarm()
+            .unwrap()
+            .contains("--spool-max-age"));
+        assert!(SpoolHealth::DiskFull.alarm().unwrap().contains("disk"));
+    }
+}
