@@ -455,3 +455,50 @@ async fn receiver_outage_is_logged_once_per_mailbox_and_when_drained() {
         "no line per notification any more:\n{log}"
     );
 }
+
+/// Promise (README "Managed mode", `--spool-max-age`): a spooled notification older than the
+/// max age is never dropped; instead the mailbox's new notifications are refused (503) with
+/// the over-age alarm until the receiver has taken the backlog, and then every event arrives,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_age_backlog_refuses_new_notifications_and_drops_nothing() {
+    let mut setup = Setup::new(&[ROOM_A]);
+    setup.extra = ["--spool-max-age", "1s"].map(String::from).to_vec();
+    let lab = Lab::start(&[ROOM_A], |_| {}, setup).await;
+    lab.wait_active(&[ROOM_A]).await;
+    lab.receiver.set_down(true);
+    let mut created = lab
+        .sim
+        .create_events(ROOM_A, EventType::Created, 1)
+        .unwrap();
+    lab.wait_relay(WAIT, "one notification spooled", |v| {
+        (v["spool_depth"].as_u64()? == 1).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    created.extend(push_until_refused(&lab, ROOM_A, "max_age").await);
+    assert_eq!(
+        metric(lab.admin(), "ews_relay_spool_over_age_mailboxes").await,
+        1.0
+    );
+    assert_eq!(metric(lab.admin(), "ews_relay_spool_full").await, 0.0);
+    let page = status_page(lab.admin()).await;
+    assert!(page.contains("older than --spool-max-age"), "{page}");
+    let v = lab.api().await;
+    assert_eq!(v["spool_depth"], 1, "the old entry is kept: {v:#}");
+
+    lab.receiver.set_down(false);
+    let got = lab
+        .receiver
+        .wait_events(ROOM_A, &created, Duration::from_secs(30))
+        .await;
+    assert_in_order_none_lost(&created, &got);
+    lab.wait_relay(WAIT, "an empty spool", |v| {
+        (v["spool_depth"].as_u64()? == 0).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metric(lab.admin(), "ews_relay_spool_over_age_mailboxes").await,
+        0.0
+    );
+}
