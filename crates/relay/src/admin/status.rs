@@ -271,7 +271,8 @@ pub struct StatusPage {
     pub rows: Vec<Row>,
     /// Managed: notifications waiting in the spool, all mailboxes together.
     pub spool_depth: Option<u64>,
-    /// Managed: why notifications are being refused (spool or disk full), if they are.
+    /// Managed: why notifications are being refused (spool full, disk full, or a backlog over
+    /// `--spool-max-age`), if they are.
     pub spool_alarm: Option<&'static str>,
     /// Connections refused by the source filter since start.
     pub denied_total: u64,
