@@ -597,10 +597,17 @@ mod tests {
     fn spool_limits_default_and_are_validated() {
         let m = managed_args(&[]).unwrap().managed.unwrap();
         assert_eq!(m.spool, crate::spool::SpoolLimits::default());
-        let m = managed_args(&["--spool-max-bytes", "64KiB", "--spool-max-age", "2h"])
-            .unwrap()
-            .managed
-            .unwrap();
+        let m = managed_args(&[
+            "--spool-max-bytes",
+            "64KiB",
+            "--max-body",
+            "64KiB",
+            "--spool-max-age",
+            "2h",
+        ])
+        .unwrap()
+        .managed
+        .unwrap();
         assert_eq!(m.spool.max_bytes, 64 << 10);
         assert_eq!(m.spool.max_age, Duration::from_secs(7200));
         let e = managed_args(&["--spool-max-bytes", "1KiB"])
