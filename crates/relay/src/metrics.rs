@@ -125,6 +125,18 @@ pub struct Metrics {
     spool_depth: Gauge,
     /// Managed mode: age of the oldest spooled notification, seconds.
     spool_oldest_age: Gauge,
+    /// Managed mode: body bytes waiting in the spool.
+    spool_bytes: Gauge,
+    /// Managed mode: `--spool-max-bytes`, so an alert can use the ratio.
+    spool_max_bytes: Gauge,
+    /// Managed mode: 1 while notifications are refused for lack of room (spool or disk).
+    spool_full: Gauge,
+    /// Managed mode: 1 while spool writes fail because the disk is full.
+    spool_disk_full: Gauge,
+    /// Managed mode: mailboxes refusing because their backlog is older than --spool-max-age.
+    spool_over_age: Gauge,
+    /// Managed mode: notifications refused (answered 503), by reason.
+    spool_refusals: Family<Labels, Counter>,
     /// Seconds until the served certificate expires (negative once expired).
     cert_expiry: Gauge,
     /// Reloads of the certificate and the allow-list, by outcome.
@@ -263,6 +275,42 @@ impl Metrics {
             "Managed mode: age of the oldest spooled notification",
             spool_oldest_age.clone(),
         );
+        let spool_bytes = Gauge::default();
+        registry.register(
+            "spool_bytes",
+            "Managed mode: body bytes of the notifications waiting in the spool",
+            spool_bytes.clone(),
+        );
+        let spool_max_bytes = Gauge::default();
+        registry.register(
+            "spool_max_bytes",
+            "Managed mode: --spool-max-bytes",
+            spool_max_bytes.clone(),
+        );
+        let spool_full = Gauge::default();
+        registry.register(
+            "spool_full",
+            "Managed mode: 1 while notifications are refused because the spool (--spool-max-bytes) or the disk is full",
+            spool_full.clone(),
+        );
+        let spool_disk_full = Gauge::default();
+        registry.register(
+            "spool_disk_full",
+            "Managed mode: 1 while spool writes fail because the disk is full (ENOSPC)",
+            spool_disk_full.clone(),
+        );
+        let spool_over_age = Gauge::default();
+        registry.register(
+            "spool_over_age_mailboxes",
+            "Managed mode: mailboxes whose notifications are refused because their spooled backlog is older than --spool-max-age",
+            spool_over_age.clone(),
+        );
+        let spool_refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "spool_refusals",
+            "Managed mode: notifications refused with 503 (Exchange retries them), by reason (spool_full, disk_full, max_age, store_error)",
+            spool_refusals.clone(),
+        );
         let cert_expiry = Gauge::default();
         registry.register(
             "cert_expiry_seconds",
@@ -335,6 +383,12 @@ impl Metrics {
             mailboxes,
             spool_depth,
             spool_oldest_age,
+            spool_bytes,
+            spool_max_bytes,
+            spool_full,
+            spool_disk_full,
+            spool_over_age,
+            spool_refusals,
             cert_expiry,
             reloads,
             ranges_version,
@@ -394,6 +448,37 @@ impl Metrics {
         self.spool_depth.set(depth as i64);
         self.spool_oldest_age
             .set(oldest.map_or(0, |d| d.as_secs() as i64));
+    }
+
+    /// Publish `--spool-max-bytes`.
+    pub fn set_spool_limits(&self, max_bytes: u64) {
+        self.spool_max_bytes
+            .set(i64::try_from(max_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Publish the body bytes waiting in the spool.
+    pub fn set_spool_bytes(&self, bytes: u64) {
+        self.spool_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Publish whether notifications are refused for lack of room, and whether the disk is
+    /// the reason.
+    pub fn set_spool_full(&self, full: bool, disk_full: bool) {
+        self.spool_full.set(i64::from(full));
+        self.spool_disk_full.set(i64::from(disk_full));
+    }
+
+    /// Publish how many mailboxes refuse because their backlog is over the max age.
+    pub fn set_spool_over_age(&self, mailboxes: usize) {
+        self.spool_over_age.set(mailboxes as i64);
+    }
+
+    /// Count a refused notification by reason (a [`crate::spool::NotAccepted::label`]).
+    pub fn spool_refusal(&self, reason: &'static str) {
+        self.spool_refusals
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 
     /// Count a receiver answer to a notification, by its index in [`ANSWER_LABELS`].

@@ -271,6 +271,9 @@ pub struct StatusPage {
     pub rows: Vec<Row>,
     /// Managed: notifications waiting in the spool, all mailboxes together.
     pub spool_depth: Option<u64>,
+    /// Managed: why notifications are being refused (spool full, disk full, or a backlog over
+    /// `--spool-max-age`), if they are.
+    pub spool_alarm: Option<&'static str>,
     /// Connections refused by the source filter since start.
     pub denied_total: u64,
     /// The most recent denied addresses with when, oldest first (as [`crate::allow::DeniedLog`]
@@ -328,6 +331,10 @@ impl StatusPage {
             mode,
             rows,
             spool_depth,
+            spool_alarm: state
+                .manager
+                .as_deref()
+                .and_then(|m| m.delivery().health().alarm()),
             denied_total: state.metrics.denied_source_total(),
             denied_recent: state.denied.recent(),
             admitted: state.allow.load().describe(),
@@ -417,6 +424,13 @@ impl StatusPage {
     }
 
     fn render_alerts(&self, out: &mut String) {
+        if let Some(alarm) = self.spool_alarm {
+            out.push_str(
+                "<p class=\"alert red\" role=\"alert\"><strong>Notifications refused.</strong> ",
+            );
+            escape_into(out, alarm);
+            out.push_str("</p>\n");
+        }
         if self.denied_without_traffic() {
             out.push_str(
                 "<p class=\"alert red\" role=\"alert\"><strong>Is Microsoft's traffic reaching \
@@ -979,6 +993,7 @@ mod tests {
             mode,
             rows,
             spool_depth: (mode == Mode::Managed).then_some(0),
+            spool_alarm: None,
             denied_total: 0,
             denied_recent: Vec::new(),
             admitted: "2 networks from --allow".into(),

@@ -383,6 +383,30 @@ pub struct Args {
     )]
     pub state_dir: PathBuf,
 
+    /// Most body bytes the delivery spool holds (e.g. 512MiB, 2GiB); beyond it, notifications
+    /// that need the spool are refused with 503 so Exchange retries them: never dropped.
+    #[arg(
+        long,
+        env = "EWS_RELAY_SPOOL_MAX_BYTES",
+        default_value = "1GiB",
+        value_name = "BYTES",
+        value_parser = parse_size,
+        help_heading = "Managed mode"
+    )]
+    pub spool_max_bytes: u64,
+
+    /// A mailbox whose oldest spooled notification is older than this has its new notifications
+    /// refused with 503 until the backlog drains; spooled ones are never dropped.
+    #[arg(
+        long,
+        env = "EWS_RELAY_SPOOL_MAX_AGE",
+        default_value = "7d",
+        value_name = "DUR",
+        value_parser = parse_duration,
+        help_heading = "Managed mode"
+    )]
+    pub spool_max_age: Duration,
+
     /// EWS requests in flight at most (Exchange allows about 27 per account).
     #[arg(
         long,

@@ -265,6 +265,17 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
             "must be 1..27 (Exchange throttles at about 27 concurrent requests per account)",
         ));
     }
+    // A notification the relay accepts (up to --max-body) must fit in an empty spool, or it
+    // would be refused for ever while the receiver is down.
+    if args.spool_max_bytes < args.max_body {
+        return Err(ConfigError::new(
+            "--spool-max-bytes",
+            format!(
+                "{} bytes is less than --max-body ({} bytes): one notification would not fit",
+                args.spool_max_bytes, args.max_body
+            ),
+        ));
+    }
     Ok(Some(Managed {
         endpoint,
         mailboxes,
@@ -278,6 +289,10 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
         ews_ca_file: args.ews_ca_file.clone(),
         max_concurrent_ews: args.max_concurrent_ews,
         trace_dir: args.trace_dir.clone(),
+        spool: crate::spool::SpoolLimits {
+            max_bytes: args.spool_max_bytes,
+            max_age: args.spool_max_age,
+        },
     }))
 }
 

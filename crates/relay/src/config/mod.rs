@@ -131,6 +131,8 @@ pub struct Managed {
     pub max_concurrent_ews: usize,
     /// Request/response trace directory.
     pub trace_dir: Option<PathBuf>,
+    /// `--spool-max-bytes` and `--spool-max-age`.
+    pub spool: crate::spool::SpoolLimits,
 }
 
 /// Where the receiver is and how requests to it are addressed.
@@ -661,6 +663,36 @@ mod tests {
             !format!("{c:?}").contains("s3cr3t"),
             "Debug output redacts secrets"
         );
+    }
+
+    #[test]
+    fn spool_limits_default_and_are_validated() {
+        let m = managed_args(&[]).unwrap().managed.unwrap();
+        assert_eq!(m.spool, crate::spool::SpoolLimits::default());
+        let m = managed_args(&[
+            "--spool-max-bytes",
+            "64KiB",
+            "--max-body",
+            "64KiB",
+            "--spool-max-age",
+            "2h",
+        ])
+        .unwrap()
+        .managed
+        .unwrap();
+        assert_eq!(m.spool.max_bytes, 64 << 10);
+        assert_eq!(m.spool.max_age, Duration::from_secs(7200));
+        let e = managed_args(&["--spool-max-bytes", "1KiB"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--spool-max-bytes") && e.contains("--max-body"),
+            "{e}"
+        );
+        let e = managed_args(&["--spool-max-age", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--spool-max-age"), "{e}");
     }
 
     #[test]

@@ -67,8 +67,9 @@ pub async fn answer(
                         ews::SubscriptionStatus::Ok
                     }
                     Err(e) => {
-                        // Neither delivered nor stored: Exchange must retry.
-                        tracing::error!(%mailbox, error = %e, "cannot spool a notification; answering 503 so Exchange retries");
+                        // Neither delivered nor stored: Exchange must retry. The delivery side
+                        // logs refusals once per episode, not per notification.
+                        tracing::debug!(%mailbox, error = %e, "notification not accepted; answering 503 so Exchange retries");
                         return Some(Answered::NotStored);
                     }
                 }

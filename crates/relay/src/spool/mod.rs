@@ -6,17 +6,42 @@
 //! before Exchange hears `OK`. A replay task drains the spool in order with back-off. A per-
 //! mailbox lock orders direct deliveries and replays, so a later notification never overtakes
 //! an earlier spooled one.
+//!
+//! # Limits: a full spool, a full disk, an old backlog
+//! The spool is bounded by `--spool-max-bytes` (body bytes of all waiting notifications) and
+//! `--spool-max-age` (age of a mailbox's oldest waiting notification). Neither limit ever drops
+//! a notification the relay has acknowledged: when a notification would have to be spooled and
+//! the spool is full, the disk is full (ENOSPC), or its mailbox's backlog is older than the max
+//! age, it is *refused* (Exchange hears 503 and retries, or lets the subscription lapse; the
+//! keeper then resubscribes from the last watermark, which only moves for notifications that
+//! were safe, so Exchange delivers the refused events again once there is room). A notification
+//! that needs no spool (its mailbox has no backlog and the receiver takes it) is still delivered.
+//!
+//! Why refuse rather than drop the oldest at the max age: a dropped notification can only be
+//! made up for by a full resynchronisation of the mailbox by the receiver, while a refused one
+//! stays at Exchange and arrives later by itself. Exchange keeps a watermark resumable for about
+//! 30 days, far longer than the default max age; only past that does the keeper's existing
+//! `ErrorInvalidWatermark` path ask the receiver to resynchronise (`X-EWS-Resync-Required`),
+//! which is then unavoidable and signalled, never silent. The cost of refusing is that the
+//! relay's alarm (status page, `ews_relay_spool_full`, `ews_relay_spool_over_age_mailboxes`,
+//! `ews_relay_spool_refusals_total`) must be acted upon: the receiver is down, or the disk full.
+//!
+//! # Logging an outage
+//! A receiver outage is logged once per mailbox when it starts, then at most every
+//! [`EPISODE_LOG_INTERVAL`] with counts while it lasts, and once when the mailbox's backlog has
+//! drained; refusals the same way. Single attempts are logged at debug level only.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::HeaderName;
 
 use crate::metrics::Metrics;
 use crate::receiver::{Outgoing, Receiver};
-use crate::store::{self, NewSpoolEntry, Store, StoreError, StoreWriter};
+use crate::store::{self, NewSpoolEntry, Store, StoreError, StoreWriter, UnixMillis};
 use http1::HeaderBlock;
 
 /// Header naming the mailbox a notification belongs to.
@@ -36,6 +61,143 @@ const REPLAY_BATCH: usize = 32;
 const REPLAY_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest pause between replay attempts while the receiver is down.
 const REPLAY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// While an outage or a refusal episode of a mailbox lasts, a reminder with counts is logged at
+/// most this often: often enough to show in any log window an operator looks at, rare enough
+/// that a day-long outage of a thousand mailboxes does not flood the log.
+pub const EPISODE_LOG_INTERVAL: Duration = Duration::from_secs(300);
+
+/// Default `--spool-max-bytes`: 1 GiB of notification bodies, about 250 000 typical 4 KB
+/// notifications (hours of a busy tenant's traffic), small enough for a modest VM's disk. The
+/// redb file needs somewhat more than the bodies (keys, pages, copy-on-write).
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Default `--spool-max-age`: a week covers a receiver down over a long weekend, and is well
+/// inside the ~30 days Exchange keeps a watermark resumable, so refusing after it still lets the
+/// keeper's resubscribe bring the rest once the backlog has drained.
+pub const DEFAULT_SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How much the spool may hold before notifications are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    /// Body bytes of all waiting notifications together (`--spool-max-bytes`).
+    pub max_bytes: u64,
+    /// Age of a mailbox's oldest waiting notification (`--spool-max-age`).
+    pub max_age: Duration,
+}
+
+impl Default for SpoolLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            max_age: DEFAULT_SPOOL_MAX_AGE,
+        }
+    }
+}
+
+/// Whether the spool takes notifications: the alarm of the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolHealth {
+    /// Notifications that need the spool are spooled.
+    Ok,
+    /// Some mailboxes' backlogs are older than `--spool-max-age`: their notifications are
+    /// refused until the backlog drains.
+    OverAge,
+    /// `--spool-max-bytes` is reached: notifications that need the spool are refused.
+    Full,
+    /// The last spool write failed because the file system is full: notifications that need
+    /// the spool are refused until one succeeds.
+    DiskFull,
+}
+
+impl SpoolHealth {
+    /// One sentence for the operator, `None` when all is well.
+    pub fn alarm(self) -> Option<&'static str> {
+        match self {
+            SpoolHealth::Ok => None,
+            SpoolHealth::OverAge => Some(
+                "Some mailboxes' spooled notifications are older than --spool-max-age: their \
+                 new notifications are refused (Exchange retries them) until the receiver takes \
+                 the backlog.",
+            ),
+            SpoolHealth::Full => Some(
+                "The spool is full (--spool-max-bytes): notifications that would need it are \
+                 refused (Exchange retries them) until the receiver takes the backlog.",
+            ),
+            SpoolHealth::DiskFull => Some(
+                "The disk of --state-dir is full: notifications that would need the spool are \
+                 refused (Exchange retries them) until there is room.",
+            ),
+        }
+    }
+}
+
+/// Why a notification was neither delivered nor spooled; Exchange must not be told `OK`.
+#[derive(Debug, thiserror::Error)]
+pub enum NotAccepted {
+    /// The spool holds `--spool-max-bytes`.
+    #[error("the spool is full ({bytes} of --spool-max-bytes {max} bytes)")]
+    SpoolFull {
+        /// Body bytes waiting.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// The mailbox's oldest waiting notification is older than `--spool-max-age`.
+    #[error("its oldest spooled notification is older than --spool-max-age ({max:?})")]
+    OverAge {
+        /// The limit.
+        max: Duration,
+    },
+    /// The file system is full.
+    #[error("the disk is full: {0}")]
+    DiskFull(#[source] StoreError),
+    /// Any other store failure.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl NotAccepted {
+    /// The `reason` label of `ews_relay_spool_refusals_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            NotAccepted::SpoolFull { .. } => "spool_full",
+            NotAccepted::OverAge { .. } => "max_age",
+            NotAccepted::DiskFull(_) => "disk_full",
+            NotAccepted::Store(_) => "store_error",
+        }
+    }
+}
+
+/// One ongoing problem of a mailbox (the receiver failing, or notifications refused), so it is
+/// logged when it starts, at most every [`EPISODE_LOG_INTERVAL`] while it lasts, and when it
+/// ends, instead of once per notification.
+#[derive(Debug, Clone)]
+struct Episode {
+    started: Instant,
+    /// Occurrences (failed attempts, refusals) since it started.
+    count: u64,
+    last_logged: Instant,
+}
+
+impl Episode {
+    fn new(now: Instant) -> Self {
+        Self {
+            started: now,
+            count: 1,
+            last_logged: now,
+        }
+    }
+
+    /// Count one more occurrence at `now`; true when a reminder line is due.
+    fn again(&mut self, now: Instant, interval: Duration) -> bool {
+        self.count += 1;
+        if now.saturating_duration_since(self.last_logged) >= interval {
+            self.last_logged = now;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// How a notification was taken care of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +216,14 @@ struct Queue {
     /// Of those, resync signals queued by this process (ones spooled before a restart are
     /// older, so delivered first: counting from zero still ends at zero).
     resyncs: u64,
+    /// When the oldest waiting entry was received (at most that old: replay refreshes it).
+    oldest: Option<UnixMillis>,
+    /// The receiver is failing for this mailbox; ends when its backlog has drained.
+    outage: Option<Episode>,
+    /// Notifications for this mailbox are being refused; ends at the next one accepted.
+    refusing: Option<Episode>,
+    /// Entries spooled since the outage started, for the drain line.
+    spooled_in_outage: u64,
 }
 
 /// Told, under the mailbox's queue lock, whether a resync signal is still waiting for it.
@@ -70,6 +240,16 @@ pub struct Delivery {
     wake: tokio::sync::Notify,
     metrics: Arc<Metrics>,
     resync_hook: std::sync::OnceLock<ResyncHook>,
+    limits: SpoolLimits,
+    /// Body bytes waiting, all mailboxes (reserved before an append, so concurrent appends
+    /// cannot overshoot the limit together).
+    bytes: AtomicU64,
+    /// A notification was refused for lack of room and nothing has been acknowledged since.
+    full: AtomicBool,
+    /// The last spool write failed with a full disk.
+    disk_full: AtomicBool,
+    /// Mailboxes refusing because their backlog is older than the max age.
+    over_age: Mutex<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -85,22 +265,42 @@ impl Delivery {
         receiver: Arc<Receiver>,
         path: http::uri::PathAndQuery,
         writer: Arc<StoreWriter>,
+        limits: SpoolLimits,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
         let store = writer.store().clone();
-        let depth = store.blocking(|s| s.spool_depth()).await?;
+        let (depth, oldest) = store
+            .blocking(|s| {
+                let depth = s.spool_depth()?;
+                let mut oldest = HashMap::new();
+                for m in depth.per_mailbox.keys() {
+                    if let Some(e) = s.spool_peek(m, 1)?.first() {
+                        oldest.insert(m.clone(), e.received_at);
+                    }
+                }
+                Ok::<_, StoreError>((depth, oldest))
+            })
+            .await?;
         let queues = depth
             .per_mailbox
             .into_iter()
             .map(|(m, n)| {
                 let q = Queue {
                     waiting: n,
-                    resyncs: 0,
+                    oldest: oldest.get(&m).copied(),
+                    ..Queue::default()
                 };
                 (m, Arc::new(tokio::sync::Mutex::new(q)))
             })
             .collect();
+        metrics.set_spool_limits(limits.max_bytes);
+        metrics.set_spool_bytes(depth.bytes);
         Ok(Arc::new(Self {
+            limits,
+            bytes: AtomicU64::new(depth.bytes),
+            full: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
+            over_age: Mutex::new(BTreeSet::new()),
             receiver,
             path,
             writer,
@@ -131,36 +331,189 @@ impl Delivery {
 
     /// Take care of one notification: deliver it now if nothing is waiting for its mailbox, else
     /// (or if the receiver fails) spool it. `Err` means it is neither delivered nor durably
-    /// stored: Exchange must not be told `OK`.
+    /// stored (see the module's "Limits"): Exchange must not be told `OK`.
     pub async fn accept(
         &self,
         mailbox: &str,
         subscription_id: &str,
         headers: HeaderBlock,
         body: Bytes,
-    ) -> Result<Accepted, StoreError> {
+    ) -> Result<Accepted, NotAccepted> {
         let queue = self.queue(mailbox);
         let mut q = queue.lock().await;
         if q.waiting == 0 {
             let out = self.request(mailbox, subscription_id, &headers, body.clone(), None);
-            if self.try_deliver(&out).await {
-                self.metrics.delivery("delivered");
-                return Ok(Accepted::Delivered);
+            match self.try_deliver(&out).await {
+                Ok(()) => {
+                    self.metrics.delivery("delivered");
+                    self.accepting_again(mailbox, &mut q);
+                    self.drained(mailbox, &mut q);
+                    return Ok(Accepted::Delivered);
+                }
+                Err(why) => self.receiver_failed(mailbox, &mut q, &why),
             }
         }
-        self.writer
+        let now = store::now_millis();
+        let len = body.len() as u64;
+        if let Err(refused) = self.room_for(mailbox, &q, len, now) {
+            self.refused(mailbox, &mut q, &refused);
+            return Err(refused);
+        }
+        let appended = self
+            .writer
             .append(NewSpoolEntry {
                 mailbox: mailbox.to_owned(),
                 subscription_id: subscription_id.to_owned(),
                 body,
-                received_at: store::now_millis(),
+                received_at: now,
             })
-            .await?;
+            .await;
+        if let Err(e) = appended {
+            self.release(len);
+            let refused = if e.is_disk_full() {
+                self.disk_full.store(true, Ordering::Relaxed);
+                self.publish_health();
+                NotAccepted::DiskFull(e)
+            } else {
+                NotAccepted::Store(e)
+            };
+            self.refused(mailbox, &mut q, &refused);
+            return Err(refused);
+        }
+        if self.disk_full.swap(false, Ordering::Relaxed) {
+            tracing::info!("spool writes succeed again: the disk has room");
+            self.publish_health();
+        }
+        if q.waiting == 0 {
+            q.oldest = Some(now);
+        }
         q.waiting += 1;
+        if q.outage.is_some() {
+            q.spooled_in_outage += 1;
+        }
+        self.accepting_again(mailbox, &mut q);
         self.metrics.delivery("spooled");
         drop(q);
         self.wake.notify_one();
         Ok(Accepted::Spooled)
+    }
+
+    /// Whether a body of `len` bytes for `mailbox` may be spooled at `now`; reserves the bytes
+    /// when it may (give them back with [`Self::release`] if the append fails).
+    fn room_for(
+        &self,
+        mailbox: &str,
+        q: &Queue,
+        len: u64,
+        now: UnixMillis,
+    ) -> Result<(), NotAccepted> {
+        let max_age = self.limits.max_age.as_millis() as u64;
+        if q.waiting > 0 && q.oldest.is_some_and(|t| now.saturating_sub(t) > max_age) {
+            let mut over = self.over_age.lock().unwrap_or_else(|e| e.into_inner());
+            if over.insert(mailbox.to_owned()) {
+                self.metrics.set_spool_over_age(over.len());
+            }
+            return Err(NotAccepted::OverAge {
+                max: self.limits.max_age,
+            });
+        }
+        let max = self.limits.max_bytes;
+        let reserved = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b.saturating_add(len) <= max).then_some(b + len)
+            });
+        match reserved {
+            Ok(b) => {
+                self.metrics.set_spool_bytes(b + len);
+                Ok(())
+            }
+            Err(bytes) => {
+                if !self.full.swap(true, Ordering::Relaxed) {
+                    self.publish_health();
+                }
+                Err(NotAccepted::SpoolFull { bytes, max })
+            }
+        }
+    }
+
+    /// Give back `len` bytes: reserved for an append that failed, or acknowledged.
+    fn release(&self, len: u64) {
+        let before = self
+            .bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(len))
+            })
+            .unwrap_or(0);
+        self.metrics.set_spool_bytes(before.saturating_sub(len));
+    }
+
+    /// Count and log (once per episode, see [`Episode`]) a refused notification.
+    fn refused(&self, mailbox: &str, q: &mut Queue, why: &NotAccepted) {
+        self.metrics.spool_refusal(why.label());
+        let now = Instant::now();
+        match &mut q.refusing {
+            None => {
+                q.refusing = Some(Episode::new(now));
+                tracing::error!(%mailbox, reason = why.label(), waiting = q.waiting, "refusing notifications (Exchange will retry them; nothing acknowledged is lost): {why}");
+            }
+            Some(e) => {
+                if e.again(now, EPISODE_LOG_INTERVAL) {
+                    tracing::error!(%mailbox, reason = why.label(), refused = e.count, waiting = q.waiting, for_secs = now.duration_since(e.started).as_secs(), "still refusing notifications: {why}");
+                }
+            }
+        }
+    }
+
+    /// A notification of `mailbox` was accepted: ends a refusal episode.
+    fn accepting_again(&self, mailbox: &str, q: &mut Queue) {
+        if let Some(e) = q.refusing.take() {
+            tracing::info!(%mailbox, refused = e.count, after_secs = e.started.elapsed().as_secs(), "accepting notifications again");
+        }
+    }
+
+    /// A delivery attempt for `mailbox` failed: starts or counts its outage episode.
+    fn receiver_failed(&self, mailbox: &str, q: &mut Queue, why: &str) {
+        let now = Instant::now();
+        match &mut q.outage {
+            None => {
+                q.outage = Some(Episode::new(now));
+                q.spooled_in_outage = 0;
+                tracing::warn!(%mailbox, error = %why, waiting = q.waiting, "receiver not taking notifications for this mailbox; spooling them until it does");
+            }
+            Some(e) => {
+                if e.again(now, EPISODE_LOG_INTERVAL) {
+                    tracing::warn!(%mailbox, error = %why, failed_attempts = e.count, spooled = q.spooled_in_outage, waiting = q.waiting, for_secs = now.duration_since(e.started).as_secs(), "receiver still not taking notifications for this mailbox");
+                }
+            }
+        }
+    }
+
+    /// The spool's state for the status page's alarm: the worst of a full disk, a full spool
+    /// and backlogs over the max age.
+    pub fn health(&self) -> SpoolHealth {
+        if self.disk_full.load(Ordering::Relaxed) {
+            SpoolHealth::DiskFull
+        } else if self.full.load(Ordering::Relaxed) {
+            SpoolHealth::Full
+        } else if !self
+            .over_age
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            SpoolHealth::OverAge
+        } else {
+            SpoolHealth::Ok
+        }
+    }
+
+    fn publish_health(&self) {
+        let h = self.health();
+        self.metrics.set_spool_full(
+            matches!(h, SpoolHealth::Full | SpoolHealth::DiskFull),
+            h == SpoolHealth::DiskFull,
+        );
     }
 
     /// Queue the resynchronisation signal for `mailbox` behind anything already waiting.
@@ -176,6 +529,10 @@ impl Delivery {
                 received_at: store::now_millis(),
             })
             .await?;
+        // Never refused for the limits: it is tiny, and losing it would lose the resync.
+        if q.waiting == 0 {
+            q.oldest = Some(store::now_millis());
+        }
         q.waiting += 1;
         q.resyncs += 1;
         self.resync_changed(mailbox, &q);
@@ -266,8 +623,12 @@ impl Delivery {
         };
         if entries.is_empty() {
             q.waiting = 0;
+            self.drained(mailbox, q);
             return Ok(0);
         }
+        q.oldest = entries.first().map(|e| e.received_at);
+        // The oldest entry not delivered in this round, to refresh `q.oldest` afterwards.
+        let mut first_left = None;
         let mut done = 0;
         let mut acks = tokio::task::JoinSet::new();
         let mut refused = false;
@@ -287,23 +648,29 @@ impl Delivery {
                 e.body.clone(),
                 resync.then_some(mailbox),
             );
-            if !self.try_deliver(&out).await {
+            if let Err(why) = self.try_deliver(&out).await {
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
                 self.metrics.delivery("failed");
+                self.receiver_failed(mailbox, q, &why);
+                first_left = Some(e.received_at);
                 refused = true;
                 break;
             }
             // Delivery stays strictly in order; the acknowledgements run concurrently so the
             // store writer commits them together (one fsync per batch, not per entry).
             let (writer, m, seq) = (self.writer.clone(), mailbox.to_owned(), e.seq);
-            acks.spawn(async move { (resync, writer.ack(&m, seq).await) });
+            let len = e.body.len() as u64;
+            // Until the next peek, entries after this batch are at least as old as this one.
+            first_left = Some(e.received_at);
+            acks.spawn(async move { (resync, len, writer.ack(&m, seq).await) });
             self.metrics
                 .delivery(if resync { "resync" } else { "replayed" });
         }
         let mut ack_failed = false;
         while let Some(joined) = acks.join_next().await {
             match joined {
-                Ok((resync, Ok(_))) => {
+                Ok((resync, len, Ok(_))) => {
+                    self.release(len);
                     q.waiting = q.waiting.saturating_sub(1);
                     if resync {
                         q.resyncs = q.resyncs.saturating_sub(1);
@@ -311,7 +678,7 @@ impl Delivery {
                     }
                     done += 1;
                 }
-                Ok((_, Err(err))) => {
+                Ok((_, _, Err(err))) => {
                     tracing::error!(error = %err, "delivered but cannot remove from the spool; it will be delivered again");
                     ack_failed = true;
                 }
@@ -321,10 +688,50 @@ impl Delivery {
                 }
             }
         }
+        if done > 0 {
+            if self.full.swap(false, Ordering::Relaxed) {
+                tracing::info!("the spool has room again");
+            }
+            if self.disk_full.load(Ordering::Relaxed) {
+                // A commit succeeded: the disk has room (at least for acknowledgements).
+                self.disk_full.store(false, Ordering::Relaxed);
+            }
+            self.publish_health();
+        }
+        if q.waiting == 0 {
+            self.drained(mailbox, q);
+        } else {
+            q.oldest = first_left.or(q.oldest);
+            let max_age = self.limits.max_age.as_millis() as u64;
+            let young = q
+                .oldest
+                .is_none_or(|t| store::now_millis().saturating_sub(t) <= max_age);
+            if young {
+                self.not_over_age(mailbox);
+            }
+        }
         if ack_failed || (refused && done == 0) {
             return Err(());
         }
         Ok(done)
+    }
+
+    /// The mailbox's backlog is empty: ends its outage (with the line saying so) and its
+    /// over-age state.
+    fn drained(&self, mailbox: &str, q: &mut Queue) {
+        q.oldest = None;
+        self.not_over_age(mailbox);
+        if let Some(e) = q.outage.take() {
+            tracing::info!(%mailbox, spooled = q.spooled_in_outage, failed_attempts = e.count, after_secs = e.started.elapsed().as_secs(), "receiver caught up: backlog drained");
+            q.spooled_in_outage = 0;
+        }
+    }
+
+    fn not_over_age(&self, mailbox: &str) {
+        let mut over = self.over_age.lock().unwrap_or_else(|e| e.into_inner());
+        if over.remove(mailbox) {
+            self.metrics.set_spool_over_age(over.len());
+        }
     }
 
     async fn update_gauges(&self) {
@@ -383,22 +790,55 @@ impl Delivery {
         )
     }
 
-    /// One delivery attempt: true on a 2xx answer.
-    async fn try_deliver(&self, out: &Outgoing) -> bool {
-        match self.receiver.send(out).await {
-            Ok(resp) if resp.status.is_success() => true,
-            Ok(resp) => {
-                tracing::warn!(
-                    status = resp.status.as_u16(),
-                    "receiver refused a notification; spooled for replay"
-                );
-                false
-            }
+    /// One delivery attempt: `Err` says why the receiver did not take it. Logged at debug
+    /// level only: the callers log outages per mailbox (see the module's "Logging an outage").
+    async fn try_deliver(&self, out: &Outgoing) -> Result<(), String> {
+        let why = match self.receiver.send(out).await {
+            Ok(resp) if resp.status.is_success() => return Ok(()),
+            Ok(resp) => format!("receiver answered {}", resp.status.as_u16()),
             Err(e) => {
                 self.metrics.upstream_error(e.kind);
-                tracing::warn!(error = %e, "receiver unreachable; notification spooled for replay");
-                false
+                format!("receiver unreachable: {e}")
             }
+        };
+        tracing::debug!(error = %why, "delivery attempt failed");
+        Err(why)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The rate limiter of the outage and refusal lines: the first occurrence is logged by the
+    /// caller, later ones count silently, and a reminder is due once per interval.
+    #[test]
+    fn episode_logs_a_reminder_at_most_once_per_interval() {
+        let t0 = Instant::now();
+        let interval = Duration::from_secs(300);
+        let mut e = Episode::new(t0);
+        assert_eq!(e.count, 1);
+        for s in 1..300 {
+            assert!(!e.again(t0 + Duration::from_secs(s), interval), "at {s} s");
         }
+        assert!(e.again(t0 + Duration::from_secs(300), interval));
+        assert!(!e.again(t0 + Duration::from_secs(301), interval));
+        assert!(!e.again(t0 + Duration::from_secs(599), interval));
+        assert!(e.again(t0 + Duration::from_secs(600), interval));
+        assert_eq!(e.count, 304);
+    }
+
+    #[test]
+    fn health_alarm_names_the_flag_or_the_disk() {
+        assert_eq!(SpoolHealth::Ok.alarm(), None);
+        assert!(SpoolHealth::Full
+            .alarm()
+            .unwrap()
+            .contains("--spool-max-bytes"));
+        assert!(SpoolHealth::OverAge
+            .alarm()
+            .unwrap()
+            .contains("--spool-max-age"));
+        assert!(SpoolHealth::DiskFull.alarm().unwrap().contains("disk"));
     }
 }

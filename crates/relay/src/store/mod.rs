@@ -31,6 +31,15 @@
 //!
 //! Reads run in redb read transactions (MVCC snapshots): they never wait for a writer and a writer
 //! never waits for them.
+//!
+//! # I/O errors and a full disk
+//! redb latches any I/O error (ENOSPC included): the failed transaction is not committed, and
+//! every later operation on that handle fails with "previous I/O error" until the file is closed
+//! and opened again. So the store lets go of its handle after such an error and reopens the file
+//! on the next operation (redb repairs it from the last durable commit, which is the state every
+//! caller was told about). A relay whose disk filled up thus resumes by itself once there is
+//! room, without a restart; until then writes fail with errors for which
+//! [`StoreError::is_disk_full`] is true.
 
 mod writer;
 
@@ -39,7 +48,7 @@ pub use writer::{StoreWriter, WriterConfig, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -168,6 +177,52 @@ pub enum StoreError {
     /// The writer thread has stopped (shut down, or panicked).
     #[error("store: the writer thread has stopped")]
     WriterStopped,
+    /// After an I/O error the file was closed, and opening it again failed (often: the disk is
+    /// still full); the next operation tries again.
+    #[error("{path}: cannot reopen the store after an I/O error: {source}")]
+    Reopen {
+        /// The store file.
+        path: PathBuf,
+        /// What redb reported.
+        source: redb::DatabaseError,
+    },
+}
+
+/// `errno` values meaning "no room left": ENOSPC, and EDQUOT (a quota counts as a full disk for
+/// the relay: the remedy, making room, is the same). Linux numbers; `io::ErrorKind::StorageFull`
+/// covers ENOSPC on every platform.
+const DISK_FULL_ERRNOS: [i32; 2] = [28, 122];
+
+fn io_is_disk_full(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.raw_os_error()
+            .is_some_and(|n| DISK_FULL_ERRNOS.contains(&n))
+}
+
+impl StoreError {
+    /// Whether this failure is the file system being out of space (ENOSPC or a quota): the
+    /// write did not happen, and will succeed once there is room.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Db(redb::Error::Io(e)) => io_is_disk_full(e),
+            StoreError::Open { source, .. } | StoreError::Reopen { source, .. } => matches!(
+                source,
+                redb::DatabaseError::Storage(redb::StorageError::Io(e)) if io_is_disk_full(e)
+            ),
+            StoreError::StateDir { source, .. } => io_is_disk_full(source),
+            StoreError::BatchFailed(inner) => inner.is_disk_full(),
+            _ => false,
+        }
+    }
+
+    /// Whether redb has latched an I/O error on its handle, which must then be reopened.
+    fn latches(&self) -> bool {
+        match self {
+            StoreError::Db(redb::Error::Io(_) | redb::Error::PreviousIo) => true,
+            StoreError::BatchFailed(inner) => inner.latches(),
+            _ => false,
+        }
+    }
 }
 
 /// redb has one error type per operation; all of them are storage failures of an open store.
@@ -313,7 +368,11 @@ pub struct SpoolDepth {
 /// The embedded store. Cheap to share behind an `Arc`; all methods take `&self` and block on
 /// redb, so from async code call them through [`Store::blocking`] or use a [`StoreWriter`].
 pub struct Store {
-    db: Database,
+    /// The open file; `None` after an I/O error until reopened (see the module's "I/O errors
+    /// and a full disk"). Behind a lock so the handle can be swapped while the relay runs.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Held while reopening, so two threads do not race to open the file.
+    reopening: Mutex<()>,
     path: PathBuf,
     /// Write transactions committed since open, so tests can see group commit working.
     commits: AtomicU64,
@@ -337,70 +396,53 @@ impl Store {
 
     /// Open (or create) the store at exactly `path`.
     pub fn open_file(path: &Path) -> Result<Self, StoreError> {
-        let path_buf = path.to_path_buf();
-        let mut builder = Database::builder();
-        builder.set_cache_size(CACHE_BYTES);
-        builder.set_repair_callback(|session| {
-            tracing::warn!(
-                progress = session.progress(),
-                "store: repairing after an unclean shutdown"
-            );
-        });
-        // redb documents that opening a file damaged outside redb may panic rather than return
-        // an error; the relay must instead say which file is bad.
-        let opened =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.create(path)));
-        let db = match opened {
-            Ok(Ok(db)) => db,
-            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
-                return Err(StoreError::InUse { path: path_buf })
-            }
-            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))) => {
-                return Err(StoreError::Corrupt {
-                    path: path_buf,
-                    detail,
-                })
-            }
-            // redb reports a wrong magic number as I/O "invalid data".
-            Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
-                if e.kind() == std::io::ErrorKind::InvalidData =>
-            {
-                return Err(StoreError::Corrupt {
-                    path: path_buf,
-                    detail: e.to_string(),
-                })
-            }
-            Ok(Err(source)) => {
-                return Err(StoreError::Open {
-                    path: path_buf,
-                    source,
-                })
-            }
-            Err(panic) => {
-                let detail = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("redb panicked while reading it");
-                return Err(StoreError::Corrupt {
-                    path: path_buf,
-                    detail: detail.to_string(),
-                });
-            }
-        };
+        let db = open_database(path)?;
         let store = Self {
-            db,
-            path: path_buf,
+            db: RwLock::new(Some(Arc::new(db))),
+            reopening: Mutex::new(()),
+            path: path.to_path_buf(),
             commits: AtomicU64::new(0),
         };
         store.init_schema()?;
         Ok(store)
     }
 
+    /// The open database, reopening the file first if an I/O error closed it.
+    fn db(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = &*self.db.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(db.clone());
+        }
+        let _one = self.reopening.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = &*self.db.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(db.clone());
+        }
+        let db = match open_database(&self.path) {
+            Ok(db) => Arc::new(db),
+            Err(StoreError::Open { path, source }) => {
+                return Err(StoreError::Reopen { path, source })
+            }
+            Err(e) => return Err(e),
+        };
+        tracing::info!(path = %self.path.display(), "store: reopened after an I/O error");
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
+        Ok(db)
+    }
+
+    /// After `e`: if redb latched an I/O error, let go of the handle so that the next operation
+    /// reopens the file (it closes once the last transaction still using it ends).
+    pub(crate) fn after_error(&self, e: &StoreError) {
+        if e.latches() {
+            let old = self.db.write().unwrap_or_else(|e| e.into_inner()).take();
+            if old.is_some() {
+                tracing::warn!(path = %self.path.display(), error = %e, "store: I/O error; the file will be reopened");
+            }
+        }
+    }
+
     /// Check the schema version (writing it into a new file) and create every table, so that
     /// read transactions never meet a missing one.
     fn init_schema(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.db()?.begin_write()?;
         let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_string()).collect();
         {
             let mut meta = txn.open_table(META)?;
@@ -461,7 +503,7 @@ impl Store {
     }
 
     fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.db()?.begin_write()?;
         // The default, stated because answering Exchange OK depends on it.
         txn.set_durability(Durability::Immediate)?;
         Ok(txn)
@@ -478,10 +520,13 @@ impl Store {
         &self,
         f: impl FnOnce(&WriteTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.begin_write()?;
-        let out = f(&txn)?;
-        self.commit(txn)?;
-        Ok(out)
+        let attempt = || {
+            let txn = self.begin_write()?;
+            let out = f(&txn)?;
+            self.commit(txn)?;
+            Ok(out)
+        };
+        attempt().inspect_err(|e| self.after_error(e))
     }
 
     // ---- mailboxes and subscription ids ----
@@ -496,7 +541,7 @@ impl Store {
     /// The record of one mailbox.
     pub fn mailbox(&self, address: &str) -> Result<Option<MailboxRecord>, StoreError> {
         let key = mailbox_key(address);
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(MAILBOXES)?;
         let found = table.get(key.as_str())?;
         found.map(|v| decode_mailbox(&key, v.value())).transpose()
@@ -504,7 +549,7 @@ impl Store {
 
     /// Every mailbox record, ordered by address.
     pub fn mailboxes(&self) -> Result<Vec<MailboxRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(MAILBOXES)?;
         let mut out = Vec::new();
         for row in table.iter()? {
@@ -539,7 +584,7 @@ impl Store {
         &self,
         subscription_id: &str,
     ) -> Result<Option<SubscriptionOwner>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(SUBSCRIPTIONS)?;
         let found = table.get(subscription_id)?;
         Ok(found.map(|v| {
@@ -614,7 +659,7 @@ impl Store {
     /// Up to `limit` of the mailbox's oldest spooled notifications, oldest first.
     pub fn spool_peek(&self, mailbox: &str, limit: usize) -> Result<Vec<SpoolEntry>, StoreError> {
         let key = mailbox_key(mailbox);
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let meta = txn.open_table(SPOOL_META)?;
         let bodies = txn.open_table(SPOOL_BODY)?;
         let mut out = Vec::new();
@@ -665,7 +710,7 @@ impl Store {
 
     /// How much is waiting, in total and per mailbox.
     pub fn spool_depth(&self) -> Result<SpoolDepth, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let table = txn.open_table(SPOOL_DEPTH)?;
         let mut depth = SpoolDepth::default();
         for row in table.iter()? {
@@ -680,7 +725,7 @@ impl Store {
 
     /// When the oldest spooled notification was received, across all mailboxes.
     pub fn spool_oldest_received_at(&self) -> Result<Option<UnixMillis>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db()?.begin_read()?;
         let depth = txn.open_table(SPOOL_DEPTH)?;
         let meta = txn.open_table(SPOOL_META)?;
         let mut oldest: Option<UnixMillis> = None;
@@ -704,6 +749,61 @@ impl Store {
             .spool_oldest_received_at()?
             .map(|at| Duration::from_millis(now.saturating_sub(at))))
     }
+}
+
+/// Open (or create) the redb file at `path`, naming what is wrong with it if that fails.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let path_buf = path.to_path_buf();
+    let mut builder = Database::builder();
+    builder.set_cache_size(CACHE_BYTES);
+    builder.set_repair_callback(|session| {
+        tracing::warn!(
+            progress = session.progress(),
+            "store: repairing after an unclean shutdown"
+        );
+    });
+    // redb documents that opening a file damaged outside redb may panic rather than return
+    // an error; the relay must instead say which file is bad.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| builder.create(path)));
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+            return Err(StoreError::InUse { path: path_buf })
+        }
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))) => {
+            return Err(StoreError::Corrupt {
+                path: path_buf,
+                detail,
+            })
+        }
+        // redb reports a wrong magic number as I/O "invalid data".
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e))))
+            if e.kind() == std::io::ErrorKind::InvalidData =>
+        {
+            return Err(StoreError::Corrupt {
+                path: path_buf,
+                detail: e.to_string(),
+            })
+        }
+        Ok(Err(source)) => {
+            return Err(StoreError::Open {
+                path: path_buf,
+                source,
+            })
+        }
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("redb panicked while reading it");
+            return Err(StoreError::Corrupt {
+                path: path_buf,
+                detail: detail.to_string(),
+            });
+        }
+    };
+    Ok(db)
 }
 
 fn decode_mailbox(key: &str, bytes: &[u8]) -> Result<MailboxRecord, StoreError> {

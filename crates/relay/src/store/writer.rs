@@ -264,11 +264,18 @@ fn run(store: &Store, config: &WriterConfig, rx: &mpsc::Receiver<Op>) {
 fn apply(store: &Store, batch: Vec<Op>) {
     let txn = match store.begin_write() {
         Ok(txn) => txn,
-        Err(e) => return fail(batch, e),
+        Err(e) => {
+            store.after_error(&e);
+            return fail(batch, e);
+        }
     };
     let mut next = match read_next_seq(&txn) {
         Ok(n) => n,
-        Err(e) => return fail(batch, e),
+        Err(e) => {
+            drop(txn);
+            store.after_error(&e);
+            return fail(batch, e);
+        }
     };
     let first_seq = next;
     let mut done = Vec::with_capacity(batch.len());
@@ -308,6 +315,8 @@ fn apply(store: &Store, batch: Vec<Op>) {
     let failed = outcome.err().map(Arc::new);
     if let Some(e) = &failed {
         tracing::error!(error = %e, writes = done.len(), "store: group commit failed");
+        // A latched I/O error (a full disk) closes the handle; the next batch reopens the file.
+        store.after_error(e);
     }
     for d in done {
         d.answer(failed.as_ref());

@@ -5,6 +5,7 @@ mod budget;
 mod cli;
 mod client_ip;
 mod common;
+mod durability;
 mod http1;
 mod managed;
 mod managed_discovery;
