@@ -201,9 +201,7 @@ pub async fn check_receiver(receiver: &Receiver) -> ReceiverCheck {
     let r = receiver.reachability();
     let fresh = |d: Duration| d < READY_WINDOW;
     let decided = match (r.failing(), r.last_failure, r.last_success) {
-        (true, Some((ago, failure)), _) if failure.after_connecting() && fresh(ago) => {
-            Some(false)
-        }
+        (true, Some((ago, failure)), _) if failure.after_connecting() && fresh(ago) => Some(false),
         (false, _, Some(ago)) if fresh(ago) => Some(true),
         _ => None,
     };

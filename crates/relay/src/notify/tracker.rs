@@ -427,7 +427,8 @@ mod labels {
 mod replaced {
     use super::*;
 
-    const STATUS: &[u8] = include_bytes!("../../../ews/tests/fixtures/send-notification-status.xml");
+    const STATUS: &[u8] =
+        include_bytes!("../../../ews/tests/fixtures/send-notification-status.xml");
     const STATUS_SUB: &str =
         "JgBhbTNwcjA1bWIxMTQubmFtcHJkMDUucHJvZC5vdXRsb29rLmNvbRAAAACkGm2Fhz9CTYx5mQ9Xh3l0";
 

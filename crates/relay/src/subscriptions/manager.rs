@@ -419,10 +419,7 @@ impl Manager {
     /// as far as this process has seen it: for the tracker, so such an id is not taken for a
     /// stale one. Never waits.
     pub fn is_retired(&self, subscription_id: &str) -> bool {
-        matches!(
-            self.in_memory(subscription_id),
-            Some(Owner::Retired(_))
-        )
+        matches!(self.in_memory(subscription_id), Some(Owner::Retired(_)))
     }
 
     fn in_memory(&self, subscription_id: &str) -> Option<Owner> {

@@ -348,10 +348,7 @@ mod tests {
 
         let problems = p.problems();
         let parts: Vec<_> = problems.iter().map(|x| (x.severity, x.what)).collect();
-        assert_eq!(
-            parts,
-            [(Health::Red, "receiver"), (Health::Amber, "spool")]
-        );
+        assert_eq!(parts, [(Health::Red, "receiver"), (Health::Amber, "spool")]);
         let c = p.counts(&problems);
         assert_eq!((c.red, c.amber, c.green), (1, 2, 1), "{c:?}");
 
@@ -399,13 +396,17 @@ mod tests {
         assert_eq!(c.red_parts, ["source filter", "receiver", "certificate"]);
         assert_eq!(c.green, 1);
         let html = p.render();
-        assert_eq!(html.matches("<p class=\"alert red\" role=\"alert\">").count(), 4);
+        assert_eq!(
+            html.matches("<p class=\"alert red\" role=\"alert\">")
+                .count(),
+            4
+        );
         assert!(html.contains("<title>ews-relay: 4 red, 0 amber, 1 green</title>"));
-        assert!(html.contains(
-            "<small>source filter, receiver, certificate</small>"
-        ));
+        assert!(html.contains("<small>source filter, receiver, certificate</small>"));
         // Passthrough: what Exchange gets meanwhile.
-        assert!(html.contains("Exchange gets 502/504 until it answers again. Last success 40 s ago."));
+        assert!(
+            html.contains("Exchange gets 502/504 until it answers again. Last success 40 s ago.")
+        );
     }
 
     #[test]

@@ -388,7 +388,10 @@ impl StatusPage {
             if let Some((ip, t)) = self.denied_recent.last() {
                 detail.push(text(" Newest denied: "));
                 detail.push(code(ip.to_string()));
-                detail.push(text(format!(" {} ago.", duration(secs_since(self.now, *t)))));
+                detail.push(text(format!(
+                    " {} ago.",
+                    duration(secs_since(self.now, *t))
+                )));
             }
             detail.extend([
                 text(format!(
@@ -412,7 +415,10 @@ impl StatusPage {
             let r = &self.receiver_check.reachability;
             let (headline, mut detail) = match r.last_failure {
                 Some((ago, failure)) => (
-                    format!("The receiver failed {} ago: {failure}.", duration(ago.as_secs())),
+                    format!(
+                        "The receiver failed {} ago: {failure}.",
+                        duration(ago.as_secs())
+                    ),
                     vec![text("At "), code(self.receiver.clone())],
                 ),
                 None => (
@@ -525,7 +531,6 @@ impl StatusPage {
             .any(|s| s < window);
         recent_denial && !heard
     }
-
 }
 
 /// Whole seconds from `then` to `now`, 0 if `then` is in the future.
