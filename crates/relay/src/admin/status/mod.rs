@@ -404,9 +404,9 @@ mod tests {
         assert!(html.contains("<title>ews-relay: 4 red, 0 amber, 1 green</title>"));
         assert!(html.contains("<small>source filter, receiver, certificate</small>"));
         // Passthrough: what Exchange gets meanwhile.
-        assert!(
-            html.contains("Exchange gets 502/504 until it answers again. Last success 40 s ago.")
-        );
+        assert!(html.contains(
+            "Exchange&#39;s notifications fail until it answers again. Last success 40 s ago."
+        ));
     }
 
     #[test]

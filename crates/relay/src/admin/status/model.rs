@@ -431,11 +431,12 @@ impl StatusPage {
                     "; notifications are spooled and replayed once it answers.".to_owned()
                 }
                 (Mode::Passthrough, Some(s)) => format!(
-                    "; Exchange gets 502/504 until it answers again. Last success {} ago.",
+                    "; Exchange's notifications fail until it answers again. Last success {} ago.",
                     duration(s.as_secs())
                 ),
                 (Mode::Passthrough, None) => {
-                    "; Exchange gets 502/504 until it answers. It has not answered yet.".to_owned()
+                    "; Exchange's notifications fail until it answers. It has not answered yet."
+                        .to_owned()
                 }
             }));
             out.push(Problem {
