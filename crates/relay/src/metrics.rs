@@ -79,11 +79,23 @@ impl UpstreamErrorKind {
 
 /// The `answer` labels of `receiver_answers`, indexed by what [`Metrics::answer`] takes
 /// (the notify layer's answer kinds, in their order; a test there holds the two together).
-pub const ANSWER_LABELS: [&str; 5] = ["OK", "Unsubscribe", "unparsed", "http_error", "unreachable"];
+/// `relay_ok` and `relay_unsubscribe` are managed mode's answers given by the relay itself, so
+/// they are not mistaken for the receiver's.
+pub const ANSWER_LABELS: [&str; 7] = [
+    "OK",
+    "Unsubscribe",
+    "unparsed",
+    "http_error",
+    "unreachable",
+    "relay_ok",
+    "relay_unsubscribe",
+];
 
 /// The `state` labels of `subscriptions`, in the order of [`Metrics::set_subscriptions`]'s
-/// counts (the tracker's states; a test there holds the two together).
-pub const SUBSCRIPTION_STATES: [&str; 4] = ["alive", "stale", "unsubscribed", "error"];
+/// counts (the tracker's states; a test there holds the two together). `replaced`: managed
+/// mode's subscriptions the relay retired itself, kept apart from `stale` so an alert on stale
+/// does not fire after every normal resubscribe.
+pub const SUBSCRIPTION_STATES: [&str; 5] = ["alive", "stale", "unsubscribed", "error", "replaced"];
 
 /// All metrics of the relay, with pre-resolved handles for the hot path.
 #[derive(Debug)]
@@ -108,11 +120,11 @@ pub struct Metrics {
     /// Events forwarded, by EWS event type, in `EventType::ALL` order.
     pub events: [Counter; 8],
     /// Receiver answers to notifications, by kind.
-    answers: [Counter; 5],
+    answers: [Counter; ANSWER_LABELS.len()],
     /// POSTs refused with 400 because they were not SendNotification messages.
     pub rejected_bodies: Counter,
     /// Tracked subscriptions by state, in `tracker::State::ALL` order (set by the sweep).
-    pub subscriptions: [Gauge; 4],
+    pub subscriptions: [Gauge; SUBSCRIPTION_STATES.len()],
     /// Managed mode: Subscribe calls by outcome.
     subscribes: Family<Labels, Counter>,
     /// Managed mode: resubscriptions by reason.
@@ -487,7 +499,7 @@ impl Metrics {
     }
 
     /// Publish the sweep's per-state counts.
-    pub fn set_subscriptions(&self, counts: [usize; 4]) {
+    pub fn set_subscriptions(&self, counts: [usize; SUBSCRIPTION_STATES.len()]) {
         for (g, n) in self.subscriptions.iter().zip(counts) {
             g.set(n as i64);
         }

@@ -86,12 +86,11 @@ impl Pipeline {
                 })
             }
         };
-        let answer = match status {
-            ews::SubscriptionStatus::Ok => ReceiverAnswer::Ok,
-            ews::SubscriptionStatus::Unsubscribe => ReceiverAnswer::Unsubscribe,
-        };
+        // Answered by the relay, not the receiver: recorded as such, so the tracker and the
+        // metrics never show it as the receiver's answer.
         let now = Instant::now();
-        self.notify.observe(n, client, answer, now);
+        self.notify
+            .observe(n, client, ReceiverAnswer::Relay(status), now);
         let mut headers = HeaderBlock::with_capacity(40);
         headers.push(b"content-type", b"text/xml; charset=utf-8");
         Some(Answer {

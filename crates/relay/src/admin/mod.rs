@@ -23,10 +23,12 @@ use tokio::sync::watch;
 use crate::edge::tls::CertResolver;
 use crate::metrics::Metrics;
 use crate::notify::tracker::{ReceiverAnswer, Tracker};
-use crate::receiver::Receiver;
+use crate::receiver::{Reachability, Receiver};
 
-/// The receiver counts as reachable for `/readyz` if it accepted a connection or answered
-/// within this window; otherwise `/readyz` probes it with a fresh TCP connect.
+/// How long a success vouches for the receiver, and how long a failure after which a TCP probe
+/// cannot tell (the receiver accepted the connection, then failed) holds readiness down; see
+/// [`check_receiver`]. Thirty seconds: shorter than Exchange's patience with a failing callback
+/// (about 90 s at StatusFrequency 1), long enough not to probe on every scrape.
 const READY_WINDOW: Duration = Duration::from_secs(30);
 /// An admin request's head must arrive within this (it is a local monitoring client).
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -64,6 +66,14 @@ pub async fn serve(
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Managed mode: subscriptions the keeper retired are `replaced` in the tracker (its API,
+    // metrics and log), not stale. The admin state is where both meet.
+    if let Some(manager) = &state.manager {
+        let manager = Arc::downgrade(manager);
+        state
+            .tracker
+            .set_retired_check(move |id| manager.upgrade().is_some_and(|m| m.is_retired(id)));
+    }
     let limit = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
@@ -139,6 +149,13 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
     }
 }
 
+/// `GET /readyz`: 200 when the relay can do its job, else 503 saying why.
+///
+/// Ready means both:
+/// 1. the TLS listener is accepting connections, and
+/// 2. the receiver is judged working by [`check_receiver`]: its latest exchange with the relay
+///    succeeded, so a failure (a 502 or 504 to Exchange, a failed managed delivery, a 5xx from
+///    the receiver) makes the relay unready at once, not after a grace period.
 async fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
     if !state.listening.load(Ordering::Relaxed) {
         return text(
@@ -146,34 +163,63 @@ async fn readyz(state: &AdminState) -> Response<Full<Bytes>> {
             "not listening yet\n".into(),
         );
     }
-    if receiver_reachable(state).await {
-        text(StatusCode::OK, "ready\n".into())
-    } else {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "receiver {} not accepting connections\n",
-                state.receiver.authority()
-            ),
-        )
+    let check = check_receiver(&state.receiver).await;
+    if check.ok {
+        return text(StatusCode::OK, "ready\n".into());
     }
+    let why = match check.reachability.last_failure {
+        Some((ago, failure)) => format!("failed {} s ago: {failure}", ago.as_secs()),
+        None => "not accepting connections".to_owned(),
+    };
+    text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("receiver {} {why}\n", state.receiver.authority()),
+    )
 }
 
-/// Whether the receiver accepted a connection or answered within [`READY_WINDOW`], or accepts
-/// a fresh TCP connection now.
-async fn receiver_reachable(state: &AdminState) -> bool {
-    let recent = state
-        .receiver
-        .since_reachable()
-        .is_some_and(|d| d < READY_WINDOW);
-    recent || state.receiver.probe().await
+/// The receiver as readiness and the status page judge it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiverCheck {
+    /// The verdict: the receiver works.
+    pub ok: bool,
+    /// What it rests on, after any probe this check made.
+    pub reachability: Reachability,
+}
+
+/// Judge the receiver from the relay's latest exchanges with it (see
+/// [`crate::receiver::Reachability`] for what counts as a success and a failure):
+///
+/// - failed since its latest success, after accepting the connection (no answer in time, an
+///   invalid answer, a 5xx), less than [`READY_WINDOW`] ago: **not working**, without a probe
+///   (a TCP connect cannot tell whether it answers again);
+/// - succeeded last, less than [`READY_WINDOW`] ago: **working**, without a probe;
+/// - otherwise (it refused the connection last, or its latest news is older than
+///   [`READY_WINDOW`], or there is none yet): a fresh TCP connect decides **now**, and counts
+///   as its latest news. So a receiver that is back is seen as back without waiting for
+///   traffic, which a relay taken out of a load balancer would never get.
+pub async fn check_receiver(receiver: &Receiver) -> ReceiverCheck {
+    let r = receiver.reachability();
+    let fresh = |d: Duration| d < READY_WINDOW;
+    let decided = match (r.failing(), r.last_failure, r.last_success) {
+        (true, Some((ago, failure)), _) if failure.after_connecting() && fresh(ago) => Some(false),
+        (false, _, Some(ago)) if fresh(ago) => Some(true),
+        _ => None,
+    };
+    let ok = match decided {
+        Some(ok) => ok,
+        None => receiver.probe().await,
+    };
+    ReceiverCheck {
+        ok,
+        reachability: receiver.reachability(),
+    }
 }
 
 /// `GET /status`: the HTML status page, never cached, under a policy that lets nothing but its
 /// own inline style and script apply.
 async fn status_page(state: &AdminState) -> Response<Full<Bytes>> {
-    let reachable = receiver_reachable(state).await;
-    let page = crate::admin::status::StatusPage::collect(state, reachable);
+    let check = check_receiver(&state.receiver).await;
+    let page = crate::admin::status::StatusPage::collect(state, check);
     let mut r = text(StatusCode::OK, page.render());
     let h = r.headers_mut();
     h.insert(
@@ -208,7 +254,12 @@ struct SubscriptionView<'a> {
     events: std::collections::BTreeMap<&'static str, u64>,
     last_response_class: &'static str,
     last_response_code: Option<&'a str>,
+    /// Who answered Exchange last: `receiver`, or `relay` (managed mode answers itself).
+    answered_by: Option<&'static str>,
+    /// The receiver's answer; `None` when the relay answered.
     receiver_answer: Option<&'static str>,
+    /// The relay's own answer (managed mode): `OK` or `Unsubscribe`.
+    relay_answer: Option<&'static str>,
     receiver_http_status: Option<u16>,
     peer: String,
 }
@@ -243,7 +294,20 @@ fn subscriptions_json(
                 ews::ResponseClass::Error => "Error",
             },
             last_response_code: s.last_response_code.as_deref(),
-            receiver_answer: s.receiver_answer.map(ReceiverAnswer::as_str),
+            answered_by: s
+                .receiver_answer
+                .map(|a| if a.by_relay() { "relay" } else { "receiver" }),
+            receiver_answer: s
+                .receiver_answer
+                .filter(|a| !a.by_relay())
+                .map(ReceiverAnswer::as_str),
+            relay_answer: match s.receiver_answer {
+                Some(ReceiverAnswer::Relay(ews::SubscriptionStatus::Ok)) => Some("OK"),
+                Some(ReceiverAnswer::Relay(ews::SubscriptionStatus::Unsubscribe)) => {
+                    Some("Unsubscribe")
+                }
+                _ => None,
+            },
             receiver_http_status: match s.receiver_answer {
                 Some(ReceiverAnswer::HttpError(code)) => Some(code),
                 _ => None,

@@ -3,6 +3,13 @@
 //! Every forwarded `SendNotification` updates its subscription's record under one short lock:
 //! a hash lookup and a few assignments. A periodic sweep marks silent subscriptions stale (logged
 //! once) and forgets those unseen for a day, so the map stays bounded whatever Exchange sends.
+//!
+//! In managed mode the relay answers Exchange itself for the subscriptions it owns
+//! ([`ReceiverAnswer::Relay`]), and replaces them as a matter of course (a resubscribe after lost
+//! keep-alives, a removed mailbox). A subscription the relay has retired is [`State::Replaced`],
+//! never [`State::Stale`]: its silence is expected, and an alert on stale must not fire after
+//! every normal resubscribe. The tracker learns that from the relay's own `Unsubscribe` to it
+//! and, for ids that simply fall silent, from the keeper through [`Tracker::set_retired_check`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,6 +39,9 @@ pub enum ReceiverAnswer {
     HttpError(u16),
     /// The receiver could not be reached or did not answer (the relay answered 502/504).
     Unreachable,
+    /// Managed mode: the relay answered Exchange itself with this status (the receiver gets the
+    /// notification's events from the relay, and never sees keep-alives).
+    Relay(SubscriptionStatus),
 }
 
 impl ReceiverAnswer {
@@ -43,7 +53,14 @@ impl ReceiverAnswer {
             ReceiverAnswer::Unparsed => "unparsed",
             ReceiverAnswer::HttpError(_) => "http_error",
             ReceiverAnswer::Unreachable => "unreachable",
+            ReceiverAnswer::Relay(SubscriptionStatus::Ok) => "relay_ok",
+            ReceiverAnswer::Relay(SubscriptionStatus::Unsubscribe) => "relay_unsubscribe",
         }
+    }
+
+    /// Whether the relay answered Exchange itself (managed mode) rather than the receiver.
+    pub fn by_relay(self) -> bool {
+        matches!(self, ReceiverAnswer::Relay(_))
     }
 
     /// Its index in [`crate::metrics::ANSWER_LABELS`].
@@ -54,6 +71,8 @@ impl ReceiverAnswer {
             ReceiverAnswer::Unparsed => 2,
             ReceiverAnswer::HttpError(_) => 3,
             ReceiverAnswer::Unreachable => 4,
+            ReceiverAnswer::Relay(SubscriptionStatus::Ok) => 5,
+            ReceiverAnswer::Relay(SubscriptionStatus::Unsubscribe) => 6,
         }
     }
 
@@ -112,15 +131,19 @@ pub enum State {
     Unsubscribed,
     /// Exchange reported an error for it, or the receiver failed to answer.
     Error,
+    /// Managed mode: the relay retired it (replaced it with a new subscription, or its mailbox
+    /// was removed) and answers `Unsubscribe` to it; its silence is expected.
+    Replaced,
 }
 
 impl State {
     /// Every state, for metrics.
-    pub const ALL: [State; 4] = [
+    pub const ALL: [State; 5] = [
         State::Alive,
         State::Stale,
         State::Unsubscribed,
         State::Error,
+        State::Replaced,
     ];
 
     /// Label/JSON value.
@@ -130,6 +153,7 @@ impl State {
             State::Stale => "stale",
             State::Unsubscribed => "unsubscribed",
             State::Error => "error",
+            State::Replaced => "replaced",
         }
     }
 }
@@ -158,8 +182,9 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// Its state now, given the staleness threshold.
-    pub fn state(&self, now: Instant, stale_after: Duration) -> State {
+    /// Its state now, given the staleness threshold; `retired`: the relay's keeper has retired
+    /// this id (managed mode).
+    pub fn state(&self, now: Instant, stale_after: Duration, retired: bool) -> State {
         match self.receiver_answer {
             Some(ReceiverAnswer::Unsubscribe) => return State::Unsubscribed,
             Some(ReceiverAnswer::HttpError(_) | ReceiverAnswer::Unreachable) => {
@@ -169,6 +194,11 @@ impl Subscription {
         }
         if self.last_response_class == ResponseClass::Error {
             State::Error
+        } else if retired
+            || self.receiver_answer == Some(ReceiverAnswer::Relay(SubscriptionStatus::Unsubscribe))
+        {
+            // The relay ended it itself (an error push is `Error` above, not this).
+            State::Replaced
         } else if now.duration_since(self.last_seen_at) >= stale_after {
             State::Stale
         } else {
@@ -177,11 +207,23 @@ impl Subscription {
     }
 }
 
+/// Says whether the relay's keeper has retired a subscription id (managed mode).
+pub type RetiredCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// The subscription table.
-#[derive(Debug)]
 pub struct Tracker {
     stale_after: Duration,
     subs: Mutex<HashMap<Box<str>, Subscription>>,
+    /// Managed mode: which ids the keeper retired (see [`Tracker::set_retired_check`]).
+    retired: std::sync::OnceLock<RetiredCheck>,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("stale_after", &self.stale_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Tracker {
@@ -190,7 +232,20 @@ impl Tracker {
         Self {
             stale_after,
             subs: Mutex::new(HashMap::new()),
+            retired: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Managed mode: `check(id)` says whether the relay's keeper has retired `id`, so such a
+    /// subscription shows as [`State::Replaced`] instead of going stale. Set once; later calls
+    /// are ignored. The check runs under the tracker's lock, so it must be quick and must not
+    /// call back into the tracker.
+    pub fn set_retired_check(&self, check: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        let _ = self.retired.set(Box::new(check));
+    }
+
+    fn is_retired(&self, id: &str) -> bool {
+        self.retired.get().is_some_and(|check| check(id))
     }
 
     /// `--stale-after`.
@@ -261,13 +316,13 @@ impl Tracker {
 
     /// Mark silent subscriptions stale (logging each once) and forget long-gone ones; returns
     /// how many subscriptions are in each state, in [`State::ALL`] order.
-    pub fn sweep(&self) -> [usize; 4] {
+    pub fn sweep(&self) -> [usize; State::ALL.len()] {
         let now = Instant::now();
-        let mut counts = [0usize; 4];
+        let mut counts = [0usize; State::ALL.len()];
         let mut subs = self.subs.lock().unwrap_or_else(|e| e.into_inner());
         subs.retain(|_, s| now.duration_since(s.last_seen_at) < FORGET_AFTER);
         for (id, s) in subs.iter_mut() {
-            let state = s.state(now, self.stale_after);
+            let state = s.state(now, self.stale_after, self.is_retired(id));
             if state == State::Stale && !s.stale_logged {
                 s.stale_logged = true;
                 tracing::warn!(
@@ -295,7 +350,8 @@ impl Tracker {
                     .checked_sub(now.saturating_duration_since(s.last_seen_at))
                     .unwrap_or(s.first_seen)
                     .max(s.first_seen);
-                (id.to_string(), copy, s.state(now, self.stale_after))
+                let state = s.state(now, self.stale_after, self.is_retired(id));
+                (id.to_string(), copy, state)
             })
             .collect();
         drop(subs);
@@ -357,9 +413,55 @@ mod labels {
             ReceiverAnswer::Unparsed,
             ReceiverAnswer::HttpError(500),
             ReceiverAnswer::Unreachable,
+            ReceiverAnswer::Relay(SubscriptionStatus::Ok),
+            ReceiverAnswer::Relay(SubscriptionStatus::Unsubscribe),
         ] {
             assert_eq!(ANSWER_LABELS[a.metric_index()], a.as_str());
         }
+        assert_eq!(ANSWER_LABELS.len(), 7, "every answer kind is listed above");
         assert_eq!(State::ALL.map(State::as_str), SUBSCRIPTION_STATES);
+    }
+}
+
+#[cfg(test)]
+mod replaced {
+    use super::*;
+
+    const STATUS: &[u8] =
+        include_bytes!("../../../ews/tests/fixtures/send-notification-status.xml");
+    const STATUS_SUB: &str =
+        "JgBhbTNwcjA1bWIxMTQubmFtcHJkMDUucHJvZC5vdXRsb29rLmNvbRAAAACkGm2Fhz9CTYx5mQ9Xh3l0";
+
+    fn state_after(answer: ReceiverAnswer, retired: bool) -> (State, [usize; 5]) {
+        // Stale at once: every silent subscription would be.
+        let tracker = Tracker::new(Duration::ZERO);
+        if retired {
+            tracker.set_retired_check(|id| id == STATUS_SUB);
+        }
+        let n = ews::summarize_send_notification(STATUS).unwrap();
+        let peer: IpAddr = "40.92.1.2".parse().unwrap();
+        tracker.record(&n, peer, answer, Instant::now());
+        let counts = tracker.sweep();
+        (tracker.snapshot()[0].2, counts)
+    }
+
+    #[test]
+    fn retired_ids_are_replaced_never_stale() {
+        let relay_ok = ReceiverAnswer::Relay(SubscriptionStatus::Ok);
+        let relay_unsub = ReceiverAnswer::Relay(SubscriptionStatus::Unsubscribe);
+        // Silent and not retired: stale, whoever answered.
+        assert_eq!(state_after(ReceiverAnswer::Ok, false).0, State::Stale);
+        assert_eq!(state_after(relay_ok, false).0, State::Stale);
+        // The keeper retired it: replaced, counted as such, not as stale.
+        let (state, counts) = state_after(relay_ok, true);
+        assert_eq!(state, State::Replaced);
+        assert_eq!(counts, [0, 0, 0, 0, 1]);
+        // The relay answered Unsubscribe to it: replaced even without the keeper's word.
+        assert_eq!(state_after(relay_unsub, false).0, State::Replaced);
+        // The receiver's own Unsubscribe stays the receiver's.
+        assert_eq!(
+            state_after(ReceiverAnswer::Unsubscribe, false).0,
+            State::Unsubscribed
+        );
     }
 }

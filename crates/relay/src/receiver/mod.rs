@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -145,9 +145,98 @@ pub struct Receiver {
     idle: Mutex<VecDeque<Idle>>,
     metrics: Arc<Metrics>,
     epoch: Instant,
-    /// Milliseconds after `epoch` of the last time the receiver accepted a connection or
-    /// answered a request; 0 = never.
-    last_reachable_ms: AtomicU64,
+    /// Milliseconds after `epoch` of the latest success (see [`Reachability`]); 0 = never.
+    last_success_ms: AtomicU64,
+    /// Milliseconds after `epoch` of the latest failure; 0 = never.
+    last_failure_ms: AtomicU64,
+    /// What that failure was, as [`ReceiverFailure::code`].
+    last_failure: AtomicU32,
+}
+
+/// How an exchange with the receiver failed, for readiness and the status page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverFailure {
+    /// It did not accept a TCP connection (refused, unresolvable, or not within the connect
+    /// timeout).
+    NotAccepting,
+    /// It accepted the connection but gave no complete answer within `--upstream-timeout`.
+    NoAnswer,
+    /// It answered something that is not a valid HTTP answer, or one too large.
+    BadAnswer,
+    /// It answered with this 5xx status: up, but failing.
+    Status(u16),
+}
+
+impl ReceiverFailure {
+    /// From a failed exchange.
+    pub fn from_error(e: &UpstreamError) -> Self {
+        match e.kind {
+            UpstreamErrorKind::Connect | UpstreamErrorKind::ConnectTimeout => Self::NotAccepting,
+            UpstreamErrorKind::Timeout => Self::NoAnswer,
+            UpstreamErrorKind::Protocol | UpstreamErrorKind::ResponseTooLarge => Self::BadAnswer,
+        }
+    }
+
+    /// Whether the receiver accepted the connection before failing: then a fresh TCP connect
+    /// (the readiness probe) says nothing about whether it works again.
+    pub fn after_connecting(self) -> bool {
+        !matches!(self, Self::NotAccepting)
+    }
+
+    fn code(self) -> u32 {
+        match self {
+            Self::NotAccepting => 1,
+            Self::NoAnswer => 2,
+            Self::BadAnswer => 3,
+            Self::Status(s) => 1000 + u32::from(s),
+        }
+    }
+
+    fn from_code(code: u32) -> Self {
+        match code {
+            2 => Self::NoAnswer,
+            3 => Self::BadAnswer,
+            c if c >= 1000 => Self::Status(u16::try_from(c - 1000).unwrap_or(500)),
+            _ => Self::NotAccepting,
+        }
+    }
+}
+
+impl std::fmt::Display for ReceiverFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotAccepting => f.write_str("not accepting connections"),
+            Self::NoAnswer => f.write_str("no complete answer in time"),
+            Self::BadAnswer => f.write_str("not a valid HTTP answer"),
+            Self::Status(s) => write!(f, "answered HTTP {s}"),
+        }
+    }
+}
+
+/// What the relay's exchanges with the receiver say about it.
+///
+/// A *success* is a complete answer with a status below 500 (a 4xx is the receiver working and
+/// disagreeing with one request), or a connection accepted by [`Receiver::probe`]. A *failure*
+/// is no connection, no complete answer, an invalid answer, or a 5xx answer. Both passthrough
+/// forwarding and managed delivery count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reachability {
+    /// How long ago the latest success was.
+    pub last_success: Option<Duration>,
+    /// How long ago the latest failure was, and what it was.
+    pub last_failure: Option<(Duration, ReceiverFailure)>,
+}
+
+impl Reachability {
+    /// Whether the receiver failed since its latest success (a failure in the same
+    /// millisecond as a success counts as later): what the relay last learned is bad news.
+    pub fn failing(&self) -> bool {
+        match (self.last_failure, self.last_success) {
+            (Some((failed, _)), Some(succeeded)) => failed <= succeeded,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
 }
 
 impl std::fmt::Debug for Receiver {
@@ -190,7 +279,9 @@ impl Receiver {
             idle: Mutex::new(VecDeque::new()),
             metrics,
             epoch: Instant::now(),
-            last_reachable_ms: AtomicU64::new(0),
+            last_success_ms: AtomicU64::new(0),
+            last_failure_ms: AtomicU64::new(0),
+            last_failure: AtomicU32::new(0),
         }
     }
 
@@ -230,13 +321,21 @@ impl Receiver {
         now: Instant,
     ) -> Result<(Reply, Instant), UpstreamError> {
         deadline.set((now + self.timeout).into());
-        match deadline.run(self.send_with_retry(head, body, now)).await {
+        let result = match deadline.run(self.send_with_retry(head, body, now)).await {
             Some(r) => r,
             None => Err(UpstreamError::new(
                 UpstreamErrorKind::Timeout,
                 format!("no complete answer within {:?}", self.timeout),
             )),
+        };
+        match &result {
+            Ok((reply, done)) if reply.status.is_server_error() => {
+                self.mark_failed(*done, ReceiverFailure::Status(reply.status.as_u16()))
+            }
+            Ok((_, done)) => self.mark_success(*done),
+            Err(e) => self.mark_failed(Instant::now(), ReceiverFailure::from_error(e)),
         }
+        result
     }
 
     async fn send_with_retry(
@@ -279,7 +378,6 @@ impl Receiver {
             .map_err(no_answer)?;
         let (reply, reusable) = read_answer(&mut conn).await?;
         let done = Instant::now();
-        self.mark_reachable(done);
         if reusable {
             self.checkin(conn, done);
         }
@@ -357,7 +455,6 @@ impl Receiver {
                 )
             })??;
         let _ = stream.set_nodelay(true);
-        self.mark_reachable(Instant::now());
         Ok(stream)
     }
 
@@ -377,26 +474,46 @@ impl Receiver {
             })
     }
 
-    fn mark_reachable(&self, now: Instant) {
-        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
-        self.last_reachable_ms.store(ms.max(1), Ordering::Relaxed);
+    fn millis(&self, at: Instant) -> u64 {
+        (at.saturating_duration_since(self.epoch).as_millis() as u64).max(1)
     }
 
-    /// How long ago the receiver last accepted a connection or answered; `None` if never.
-    pub fn since_reachable(&self) -> Option<Duration> {
-        match self.last_reachable_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => Some(
-                self.epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(ms)),
-            ),
+    fn mark_success(&self, at: Instant) {
+        self.last_success_ms
+            .fetch_max(self.millis(at), Ordering::Relaxed);
+    }
+
+    fn mark_failed(&self, at: Instant, failure: ReceiverFailure) {
+        // The kind first: a reader that sees the new time sees at worst the previous kind.
+        self.last_failure.store(failure.code(), Ordering::Relaxed);
+        self.last_failure_ms
+            .fetch_max(self.millis(at), Ordering::Relaxed);
+    }
+
+    /// What the latest exchanges with the receiver said.
+    pub fn reachability(&self) -> Reachability {
+        let now = self.epoch.elapsed();
+        let ago = |ms: u64| (ms > 0).then(|| now.saturating_sub(Duration::from_millis(ms)));
+        let failure = ReceiverFailure::from_code(self.last_failure.load(Ordering::Relaxed));
+        Reachability {
+            last_success: ago(self.last_success_ms.load(Ordering::Relaxed)),
+            last_failure: ago(self.last_failure_ms.load(Ordering::Relaxed)).map(|d| (d, failure)),
         }
     }
 
-    /// Check that the receiver accepts TCP connections now (for `/readyz`).
+    /// Check that the receiver accepts TCP connections now (for `/readyz`); the outcome counts
+    /// in [`Receiver::reachability`] like any exchange.
     pub async fn probe(&self) -> bool {
-        self.tcp_connect().await.is_ok()
+        match self.tcp_connect().await {
+            Ok(_) => {
+                self.mark_success(Instant::now());
+                true
+            }
+            Err(e) => {
+                self.mark_failed(Instant::now(), ReceiverFailure::from_error(&e));
+                false
+            }
+        }
     }
 }
 

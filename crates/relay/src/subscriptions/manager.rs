@@ -134,8 +134,10 @@ impl std::fmt::Debug for Manager {
 pub struct MailboxView {
     /// SMTP address.
     pub mailbox: String,
-    /// subscribing / active / lost / backing-off / failed.
-    pub state: &'static str,
+    /// Where its subscription stands; told in words ([`state_label`]) only at the edge: the
+    /// API's JSON and the metrics' labels.
+    #[serde(serialize_with = "serialize_state")]
+    pub state: MailboxState,
     /// Current subscription id.
     pub subscription_id: Option<String>,
     /// Seconds since the last keep-alive or event.
@@ -152,7 +154,20 @@ pub struct MailboxView {
     pub resync_pending: bool,
 }
 
-/// The label of a mailbox state, as the admin API and metrics show it.
+/// Every mailbox state, in the order the metrics publish them.
+pub const MAILBOX_STATES: [MailboxState; 5] = [
+    MailboxState::Subscribing,
+    MailboxState::Active,
+    MailboxState::Lost,
+    MailboxState::BackingOff,
+    MailboxState::Failed,
+];
+
+fn serialize_state<S: serde::Serializer>(state: &MailboxState, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(state_label(*state))
+}
+
+/// The label of a mailbox state, as the admin API, the status page and metrics show it.
 pub fn state_label(s: MailboxState) -> &'static str {
     match s {
         MailboxState::Subscribing => "subscribing",
@@ -400,6 +415,13 @@ impl Manager {
         self.in_memory(subscription_id)
     }
 
+    /// Whether the relay retired `subscription_id` (replaced it, or its mailbox was removed),
+    /// as far as this process has seen it: for the tracker, so such an id is not taken for a
+    /// stale one. Never waits.
+    pub fn is_retired(&self, subscription_id: &str) -> bool {
+        matches!(self.in_memory(subscription_id), Some(Owner::Retired(_)))
+    }
+
     fn in_memory(&self, subscription_id: &str) -> Option<Owner> {
         self.ids
             .read()
@@ -487,7 +509,7 @@ impl Manager {
             .map(|m| {
                 let r = m.record.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 MailboxView {
-                    state: state_label(r.state),
+                    state: r.state,
                     subscription_id: r.subscription_id.clone(),
                     seconds_since_heartbeat: r.last_heartbeat.map(|t| now.saturating_sub(t) / 1000),
                     seconds_since_event: r.last_event.map(|t| now.saturating_sub(t) / 1000),
@@ -499,20 +521,22 @@ impl Manager {
                 }
             })
             .collect();
-        out.sort_by_key(|v| (v.state == "active", v.mailbox.clone()));
+        out.sort_by_key(|v| (v.state == MailboxState::Active, v.mailbox.clone()));
         out
     }
 
     fn publish_gauges(&self) {
-        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        let mut counts = [0i64; MAILBOX_STATES.len()];
         for v in self.views() {
-            *counts.entry(v.state).or_default() += 1;
+            if let Some(i) = MAILBOX_STATES.iter().position(|s| *s == v.state) {
+                counts[i] += 1;
+            }
         }
-        let all: Vec<(&'static str, i64)> =
-            ["subscribing", "active", "lost", "backing-off", "failed"]
-                .into_iter()
-                .map(|s| (s, counts.get(s).copied().unwrap_or(0)))
-                .collect();
+        let all: Vec<(&'static str, i64)> = MAILBOX_STATES
+            .iter()
+            .zip(counts)
+            .map(|(s, n)| (state_label(*s), n))
+            .collect();
         self.metrics.set_mailboxes(&all);
     }
 

@@ -11,6 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -269,6 +270,174 @@ async fn managed_mode_lists_mailboxes_problems_first() {
     ] {
         assert!(html.contains(want), "missing {want} in\n{html}");
     }
+}
+
+/// The newcomer's finding (passthrough): the Receiver line said "reachable" next to rows saying
+/// "receiver unreachable", and `/readyz` said 200 for 30 s after a 502. A receiver that just
+/// failed is shown failed and makes the relay unready at once, whether it answers 5xx or stops
+/// accepting connections, and is shown working again as soon as it answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_that_just_failed_is_shown_failed_and_unready_at_once() {
+    let failing = Arc::new(AtomicBool::new(false));
+    let f = failing.clone();
+    let receiver = TestReceiver::with(Arc::new(move |_| {
+        let fail = f.load(Ordering::SeqCst);
+        Box::pin(async move {
+            // One request per connection: once the receiver is gone, no pooled connection
+            // to it outlives it.
+            let answer = http::Response::builder().header("connection", "close");
+            if fail {
+                answer
+                    .status(503)
+                    .body(Full::new(Bytes::from_static(b"busy")))
+                    .unwrap()
+            } else {
+                answer
+                    .header("content-type", "text/xml; charset=utf-8")
+                    .body(Full::new(Bytes::from(fixture(
+                        "send-notification-result-ok.xml",
+                    ))))
+                    .unwrap()
+            }
+        })
+    }))
+    .await;
+    let addr = receiver.addr;
+    let relay = Relay::start(addr, &[]).await;
+    let mut c = relay.client().await;
+    let events = fixture("send-notification-events.xml");
+    let receiver_line = |html: &str| {
+        let start = html.find("<dt>Receiver</dt>").unwrap();
+        html[start..start + html[start..].find("</dd>").unwrap()].to_owned()
+    };
+
+    assert_eq!(
+        send(&mut c, post("/", events.clone())).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(admin_fetch(relay.admin, "/readyz").await.0, StatusCode::OK);
+    let (_, _, html) = admin_fetch(relay.admin, "/status").await;
+    assert!(
+        receiver_line(&html).contains("<span class=\"tag green\">"),
+        "{html}"
+    );
+
+    // It answers 503: still accepting connections, but failing.
+    failing.store(true, Ordering::SeqCst);
+    let (s, _, _) = send(&mut c, post("/", events.clone())).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "its answer passed back");
+    let (s, _, body) = admin_fetch(relay.admin, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("answered HTTP 503"), "{body}");
+    let (_, _, html) = admin_fetch(relay.admin, "/status").await;
+    let line = receiver_line(&html);
+    assert!(line.contains("<span class=\"tag red\">"), "{line}");
+    assert!(line.contains("<strong>failed</strong> "), "{line}");
+    assert!(line.contains(" ago: answered HTTP 503"), "{line}");
+    assert!(
+        row_of(&html, EVENTS_SUB).contains("receiver answered HTTP 503"),
+        "{html}"
+    );
+    // The receiver and the row, both counted.
+    assert!(
+        html.contains("<title>ews-relay: 2 red, 0 amber, 0 green</title>"),
+        "{html}"
+    );
+
+    // It answers again: ready at once.
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        send(&mut c, post("/", events.clone())).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(admin_fetch(relay.admin, "/readyz").await.0, StatusCode::OK);
+
+    // It is gone: the relay answers 502, and is unready at once (it used to say 200 for 30 s).
+    drop(receiver);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "the receiver's port stays open");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (s, _, _) = send(&mut c, post("/", events.clone())).await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY);
+    let (s, _, body) = admin_fetch(relay.admin, "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("not accepting connections"), "{body}");
+    let (_, _, html) = admin_fetch(relay.admin, "/status").await;
+    let line = receiver_line(&html);
+    assert!(line.contains("<span class=\"tag red\">"), "{line}");
+    assert!(line.contains("not accepting connections"), "{line}");
+    assert!(!line.contains("reachable"), "{line}");
+    assert!(row_of(&html, EVENTS_SUB).contains("receiver unreachable"));
+    relay.stop().await;
+}
+
+/// The newcomer's finding (managed): with the receiver down, the counters showed "0 red 2
+/// green" and every mailbox row was green while notifications waited in the spool. Now the
+/// receiver is red, the spool and the mailbox it holds notifications for amber, everything is
+/// counted, and all is green again once the spool is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_receiver_down_with_a_spool_is_not_green() {
+    const ROOM: &str = "room-a@contoso.example";
+    const QUIET: &str = "room-b@contoso.example";
+    let lab = lab::Lab::start(&[ROOM, QUIET], |_| {}, lab::Setup::new(&[ROOM, QUIET])).await;
+    lab.wait_active(&[ROOM, QUIET]).await;
+    lab.receiver.set_down(true);
+    lab.sim
+        .create_events(ROOM, ews::EventType::Created, 2)
+        .unwrap();
+    let v = lab
+        .wait_relay(lab::WAIT, "a notification spooled", |v| {
+            (v["spool_depth"].as_u64()? >= 1).then(|| v.clone())
+        })
+        .await;
+    // The API keeps its words.
+    assert_eq!(lab::mailbox_view(&v, ROOM).unwrap()["state"], "active");
+
+    let (s, _, body) = admin_fetch(lab.admin(), "/readyz").await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(body.contains("answered HTTP 503"), "{body}");
+    // The spool's counts are read without waiting for a replay in progress: ask again if one
+    // was.
+    let deadline = Instant::now() + lab::WAIT;
+    let html = loop {
+        let (_, _, html) = admin_fetch(lab.admin(), "/status").await;
+        if row_classes(&html) == ["amber", "green"] || Instant::now() > deadline {
+            break html;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(row_classes(&html), ["amber", "green"], "{html}");
+    let room = row_of(&html, ROOM);
+    assert!(room.contains("</span> active</td>"), "{room}");
+    assert!(
+        room.contains("waiting in the spool for the receiver"),
+        "{room}"
+    );
+    assert!(
+        html.contains("<dt>Receiver</dt><dd><span class=\"tag red\">"),
+        "{html}"
+    );
+    // Red: the receiver; amber: the spool and the waiting mailbox; green: the quiet one.
+    assert!(
+        html.contains("<title>ews-relay: 1 red, 2 amber, 1 green</title>"),
+        "{html}"
+    );
+    assert!(html.contains("notifications wait in the spool."), "{html}");
+
+    lab.receiver.set_down(false);
+    lab.wait_relay(lab::WAIT, "an empty spool", |v| {
+        (v["spool_depth"].as_u64()? == 0).then_some(())
+    })
+    .await;
+    assert_eq!(admin_fetch(lab.admin(), "/readyz").await.0, StatusCode::OK);
+    let (_, _, html) = admin_fetch(lab.admin(), "/status").await;
+    assert_eq!(row_classes(&html), ["green", "green"], "{html}");
+    assert!(
+        html.contains("<title>ews-relay: 0 red, 0 amber, 2 green</title>"),
+        "{html}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------

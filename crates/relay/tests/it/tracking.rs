@@ -258,3 +258,80 @@ async fn silent_subscriptions_become_stale() {
     );
     relay.stop().await;
 }
+
+/// The newcomer's finding (managed): subscriptions the relay itself replaced showed as `stale`
+/// (a WARN, `ews_relay_subscriptions{state="stale"}`), so an alert on stale fired after every
+/// normal resubscribe; and the relay's own answers were shown as the receiver's `OK`.
+///
+/// Here keep-alives come every 2.5 s but the relay gives up after 1 s of silence, so each
+/// subscription is replaced (and later answered `Unsubscribe`) over and over, with
+/// `--stale-after` shorter than the time a replaced one stays silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn managed_replaced_subscriptions_are_replaced_not_stale() {
+    use common::managed::{self as lab, Lab, Setup};
+    const ROOM: &str = "room-a@contoso.example";
+    let mut setup = Setup::new(&[ROOM]);
+    setup.heartbeat = Duration::from_secs(1);
+    setup.extra = vec!["--stale-after".into(), "1500ms".into()];
+    let lab = Lab::start(
+        &[ROOM],
+        |c| c.status_period = Duration::from_millis(2500),
+        setup,
+    )
+    .await;
+    let first = lab::sim_wait(&lab.sim, lab::WAIT, "a first subscription", |h| {
+        lab::live_subscription(h, ROOM).map(|s| s.id)
+    })
+    .await;
+    // Replaced, then silent for longer than --stale-after, then answered Unsubscribe.
+    let v = lab
+        .wait_relay(
+            lab::WAIT,
+            "the first subscription answered Unsubscribe",
+            |v| {
+                let s = v["subscriptions"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["subscription_id"] == first.as_str())?;
+                (s["relay_answer"] == "Unsubscribe").then(|| s.clone())
+            },
+        )
+        .await;
+    assert_eq!(v["state"], "replaced", "{v:#?}");
+    assert_eq!(v["answered_by"], "relay");
+    assert!(
+        v["receiver_answer"].is_null(),
+        "the receiver never answered it"
+    );
+
+    // Scrape for a while: replaced ones keep coming, none is ever stale.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut replaced = 0.0f64;
+    while std::time::Instant::now() < until {
+        let (_, m) = admin_get(lab.admin(), "/metrics").await.unwrap();
+        assert_eq!(
+            metric_value(&m, "ews_relay_subscriptions{state=\"stale\"}"),
+            0.0,
+            "{m}"
+        );
+        replaced = replaced.max(metric_value(
+            &m,
+            "ews_relay_subscriptions{state=\"replaced\"}",
+        ));
+        assert_eq!(
+            metric_value(&m, "ews_relay_receiver_answers_total{answer=\"OK\"}"),
+            0.0,
+            "the relay's answers are not the receiver's"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(replaced >= 1.0, "replaced subscriptions counted");
+    let (_, m) = admin_get(lab.admin(), "/metrics").await.unwrap();
+    assert!(metric_value(&m, "ews_relay_receiver_answers_total{answer=\"relay_ok\"}") >= 1.0);
+    assert!(
+        metric_value(
+            &m,
+            "ews_relay_receiver_answers_total{answer=\"relay_unsubscribe\"}"
+        ) >= 1.0
+    );
+}
