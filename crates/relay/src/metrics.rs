@@ -124,6 +124,10 @@ pub struct Metrics {
     ranges_version: Gauge,
     /// Age of the refreshed exchange-online list.
     ranges_age: Gauge,
+    /// ACME orders by kind (issue, renew) and outcome (ok, error).
+    acme_orders: Family<[(&'static str, &'static str); 2], Counter>,
+    /// TLS-ALPN-01 validation handshakes answered with a challenge certificate.
+    acme_challenges: Counter,
 }
 
 impl Default for Metrics {
@@ -274,6 +278,18 @@ impl Metrics {
             "Age of the exchange-online list from the endpoint service",
             ranges_age.clone(),
         );
+        let acme_orders = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "acme_orders",
+            "ACME certificate orders by kind (issue, renew) and outcome (ok, error)",
+            acme_orders.clone(),
+        );
+        let acme_challenges = Counter::default();
+        registry.register(
+            "acme_challenges",
+            "TLS-ALPN-01 validation handshakes answered with a challenge certificate",
+            acme_challenges.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -312,7 +328,22 @@ impl Metrics {
             reloads,
             ranges_version,
             ranges_age,
+            acme_orders,
+            acme_challenges,
         }
+    }
+
+    /// Count an ACME order of `kind` (issue, renew).
+    pub fn acme_order(&self, kind: &'static str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.acme_orders
+            .get_or_create(&[("kind", kind), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Count a validation handshake answered.
+    pub fn acme_challenge(&self) {
+        self.acme_challenges.inc();
     }
 
     /// Publish the refreshed list's version and age.

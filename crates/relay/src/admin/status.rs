@@ -296,6 +296,8 @@ pub struct StatusPage {
     pub uptime: Duration,
     /// When this was gathered.
     pub now: SystemTime,
+    /// `--acme-domain`: waiting for the first certificate, or failing repeatedly.
+    pub acme: Option<crate::edge::acme::AcmeAlarm>,
 }
 
 impl StatusPage {
@@ -345,6 +347,7 @@ impl StatusPage {
             version: env!("CARGO_PKG_VERSION"),
             uptime: state.started.elapsed(),
             now,
+            acme: state.certs.acme().and_then(|a| a.alarm()),
         }
     }
 
@@ -434,7 +437,16 @@ impl StatusPage {
             escape_into(out, &self.admitted);
             out.push_str("): check <code>--allow</code> / <code>--allow-file</code>.</p>\n");
         }
-        if self.cert.self_signed {
+        if let Some(alarm) = &self.acme {
+            use crate::edge::acme::AcmeAlarm;
+            let (class, text) = match alarm {
+                AcmeAlarm::Waiting(t) => ("amber", t),
+                AcmeAlarm::Failing(t) => ("red", t),
+            };
+            let _ = write!(out, "<p class=\"alert {class}\" role=\"alert\"><strong>");
+            escape_into(out, text);
+            out.push_str("</strong></p>\n");
+        } else if self.cert.self_signed {
             out.push_str(
                 "<p class=\"alert red\" role=\"alert\"><strong>SELF-SIGNED certificate.</strong> \
                  Exchange Online will not call back to it: give <code>--tls-cert</code> / \
@@ -996,6 +1008,7 @@ mod tests {
             version: "0.0.0-test",
             uptime: Duration::from_secs(3 * 86_400 + 7200),
             now: now(),
+            acme: None,
         }
     }
 

@@ -1,0 +1,192 @@
+//! TLS-ALPN-01 (RFC 8737): the challenge certificates for pending authorizations, and the
+//! handshake that presents one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::PrivateKeyDer;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::LazyConfigAcceptor;
+
+/// The ALPN protocol a validation server offers, alone (RFC 8737 section 3).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+type Certs = Arc<RwLock<HashMap<String, Arc<CertifiedKey>>>>;
+
+/// Challenge certificates by domain, while authorizations are pending.
+pub struct Challenges {
+    certs: Certs,
+    /// Fast check on every accept: false whenever `certs` is empty, so the accept path is
+    /// exactly the usual one outside an order.
+    pending: AtomicBool,
+    /// ALPN `acme-tls/1` only, certificate chosen by SNI from `certs`.
+    config: Arc<ServerConfig>,
+}
+
+impl std::fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Challenges")
+            .field("pending", &self.pending.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// Why a challenge certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ChallengeError {
+    /// rcgen refused the parameters or key.
+    #[error("challenge certificate for {domain}: {source}")]
+    Generate {
+        /// The domain.
+        domain: String,
+        /// rcgen's error.
+        source: rcgen::Error,
+    },
+    /// rustls refused the key.
+    #[error("challenge certificate for {domain}: {source}")]
+    Key {
+        /// The domain.
+        domain: String,
+        /// rustls's error.
+        source: rustls::Error,
+    },
+}
+
+impl Challenges {
+    /// No challenge pending.
+    pub fn new() -> Result<Self, rustls::Error> {
+        let certs = Certs::default();
+        let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
+            // RFC 8737 section 4: TLS 1.2 or later; validation servers offer 1.3 today.
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(Resolver(certs.clone())));
+        config.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+        Ok(Self {
+            certs,
+            pending: AtomicBool::new(false),
+            config: Arc::new(config),
+        })
+    }
+
+    /// Whether any authorization is waiting for validation.
+    pub fn pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Present a certificate for `domain` carrying the SHA-256 `digest` of the key
+    /// authorization, until [`Challenges::clear`].
+    pub fn insert(&self, domain: &str, digest: &[u8]) -> Result<(), ChallengeError> {
+        let generate = |source| ChallengeError::Generate {
+            domain: domain.to_owned(),
+            source,
+        };
+        let key =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
+        let mut params =
+            rcgen::CertificateParams::new(vec![domain.to_owned()]).map_err(generate)?;
+        // The acmeIdentifier extension (1.3.6.1.5.5.7.1.31), critical, as RFC 8737 requires.
+        params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+        let cert = params.self_signed(&key).map_err(generate)?;
+        let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| {
+            ChallengeError::Key {
+                domain: domain.to_owned(),
+                source: rustls::Error::General(e.to_owned()),
+            }
+        })?;
+        let certified =
+            CertifiedKey::from_der(vec![cert.der().clone()], der, &crate::crypto::provider())
+                .map_err(|source| ChallengeError::Key {
+                    domain: domain.to_owned(),
+                    source,
+                })?;
+        let mut certs = self.certs.write().unwrap_or_else(|e| e.into_inner());
+        certs.insert(domain.to_ascii_lowercase(), Arc::new(certified));
+        self.pending.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Forget every challenge: the order is over, whatever its outcome.
+    pub fn clear(&self) {
+        let mut certs = self.certs.write().unwrap_or_else(|e| e.into_inner());
+        certs.clear();
+        self.pending.store(false, Ordering::Release);
+    }
+
+    /// Whether `hello` is a validation server's: ALPN exactly `acme-tls/1` and SNI a pending
+    /// domain. Anything else is not answered with a challenge certificate.
+    pub fn is_validation(&self, hello: &ClientHello<'_>) -> bool {
+        let mut alpn = match hello.alpn() {
+            Some(a) => a,
+            None => return false,
+        };
+        if alpn.next() != Some(ACME_TLS_ALPN) || alpn.next().is_some() {
+            return false;
+        }
+        let Some(name) = hello.server_name() else {
+            return false;
+        };
+        let certs = self.certs.read().unwrap_or_else(|e| e.into_inner());
+        certs.contains_key(&name.to_ascii_lowercase())
+    }
+
+    /// The configuration that presents the challenge certificates.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config.clone()
+    }
+}
+
+struct Resolver(Certs);
+
+impl std::fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("acme::Resolver")
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        let certs = self.0.read().unwrap_or_else(|e| e.into_inner());
+        certs.get(&name).cloned()
+    }
+}
+
+/// What a handshake read while challenges are pending turned out to be.
+pub enum Handshake {
+    /// A validation server's: answered with the challenge certificate and closed.
+    Answered,
+    /// Anything else, from an address the allow-list refuses: dropped before any certificate
+    /// was sent.
+    Refused,
+    /// Anything else, from an admitted address: the usual handshake, completed.
+    Served(Box<TlsStream<TcpStream>>),
+}
+
+/// Read the ClientHello first, then answer a validation server with its challenge certificate,
+/// or go on with the usual configuration `usual` when the peer is `admitted`.
+pub async fn accept(
+    stream: TcpStream,
+    challenges: &Challenges,
+    usual: &Arc<ServerConfig>,
+    admitted: bool,
+) -> std::io::Result<Handshake> {
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), stream).await?;
+    if challenges.is_validation(&start.client_hello()) {
+        let mut tls = start.into_stream(challenges.config()).await?;
+        // The validation server only looks at the certificate; close politely.
+        let _ = tls.shutdown().await;
+        return Ok(Handshake::Answered);
+    }
+    if !admitted {
+        return Ok(Handshake::Refused);
+    }
+    let tls = start.into_stream(usual.clone()).await?;
+    Ok(Handshake::Served(Box::new(tls)))
+}
