@@ -254,20 +254,21 @@ async fn served(addr: SocketAddr, domain: &str) -> (String, Vec<u8>) {
 
 /// Wait until the relay serves a certificate issued by pebble other than `not`.
 async fn wait_for_pebble_cert(
-    addr: SocketAddr,
+    relay: &Relay,
     domain: &str,
     not: Option<&[u8]>,
     pebble: &Pebble,
 ) -> Vec<u8> {
     let deadline = Instant::now() + ISSUE_WAIT;
     loop {
-        let (issuer, der) = served(addr, domain).await;
+        let (issuer, der) = served(relay.addr, domain).await;
         if issuer.contains("Pebble") && not != Some(der.as_slice()) {
             return der;
         }
         assert!(
             Instant::now() < deadline,
-            "no certificate from pebble within {ISSUE_WAIT:?}; serving {issuer}; pebble log:\n{}",
+            "no certificate from pebble within {ISSUE_WAIT:?}; serving {issuer}; status page:\n{}\npebble log:\n{}",
+            status_page(relay).await,
             pebble.log()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -288,7 +289,7 @@ async fn first_issuance_then_reuse_after_restart_without_new_order() {
     let receiver = TestReceiver::answering(b"ok".to_vec()).await;
 
     let r = relay(&pebble, port, "localhost", state.path(), receiver.addr).await;
-    let first = wait_for_pebble_cert(r.addr, "localhost", None, &pebble).await;
+    let first = wait_for_pebble_cert(&r, "localhost", None, &pebble).await;
     let metrics = r.metrics().await;
     assert_eq!(
         metric_value(
@@ -355,7 +356,7 @@ async fn renews_short_lived_certificate_without_dropping_connections() {
     let state = tempfile::tempdir().unwrap();
     let receiver = TestReceiver::answering(b"ok".to_vec()).await;
     let r = relay(&pebble, port, "localhost", state.path(), receiver.addr).await;
-    let first = wait_for_pebble_cert(r.addr, "localhost", None, &pebble).await;
+    let first = wait_for_pebble_cert(&r, "localhost", None, &pebble).await;
 
     // A connection opened on the first certificate...
     let tls = connect(r.addr, "localhost").await.unwrap();
@@ -370,7 +371,7 @@ async fn renews_short_lived_certificate_without_dropping_connections() {
     tokio::spawn(conn);
     let (before, _, _) = send(&mut client, post("/", "<x/>")).await;
 
-    let second = wait_for_pebble_cert(r.addr, "localhost", Some(&first), &pebble).await;
+    let second = wait_for_pebble_cert(&r, "localhost", Some(&first), &pebble).await;
     assert_ne!(first, second);
     // ...still works after the swap.
     let (after, _, _) = send(&mut client, post("/", "<x/>")).await;
@@ -412,7 +413,7 @@ async fn ca_down_at_start_serves_self_signed_then_issues() {
     assert!(page.contains("alert amber"), "{page}");
 
     pebble.start();
-    wait_for_pebble_cert(r.addr, "localhost", None, &pebble).await;
+    wait_for_pebble_cert(&r, "localhost", None, &pebble).await;
     assert!(!status_page(&r).await.contains("Waiting for ACME"));
     r.stop().await;
 }

@@ -100,12 +100,16 @@ impl Challenges {
                 source: rustls::Error::General(e.to_owned()),
             }
         })?;
-        let certified =
-            CertifiedKey::from_der(vec![cert.der().clone()], der, &crate::crypto::provider())
-                .map_err(|source| ChallengeError::Key {
-                    domain: domain.to_owned(),
-                    source,
-                })?;
+        // Not `CertifiedKey::from_der`: its key check parses the certificate with webpki,
+        // which refuses the critical acmeIdentifier extension it does not know.
+        let signing = crate::crypto::provider()
+            .key_provider
+            .load_private_key(der)
+            .map_err(|source| ChallengeError::Key {
+                domain: domain.to_owned(),
+                source,
+            })?;
+        let certified = CertifiedKey::new(vec![cert.der().clone()], signing);
         let mut certs = self.certs.write().unwrap_or_else(|e| e.into_inner());
         certs.insert(domain.to_ascii_lowercase(), Arc::new(certified));
         self.pending.store(true, Ordering::Release);
