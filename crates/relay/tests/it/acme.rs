@@ -314,7 +314,10 @@ async fn first_issuance_then_reuse_after_restart_without_new_order() {
         .unwrap()
         .path();
     for f in ["account.json", "key.pem", "cert.pem"] {
-        let mode = std::fs::metadata(acme_dir.join(f)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(acme_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
     // An admitted client is served as usual on the ACME certificate.
@@ -426,7 +429,14 @@ async fn refused_order_shows_the_error_and_backs_off() {
     pebble.start();
     let state = tempfile::tempdir().unwrap();
     let receiver = TestReceiver::answering(b"ok".to_vec()).await;
-    let r = relay(&pebble, port, "blocked.example", state.path(), receiver.addr).await;
+    let r = relay(
+        &pebble,
+        port,
+        "blocked.example",
+        state.path(),
+        receiver.addr,
+    )
+    .await;
 
     let series = r#"ews_relay_acme_orders_total{kind="issue",outcome="error"}"#;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -436,7 +446,10 @@ async fn refused_order_shows_the_error_and_backs_off() {
     }
     let page = status_page(&r).await;
     assert!(page.contains("Waiting for ACME"), "{page}");
-    assert!(page.contains("rejectedIdentifier"), "CA's error not shown:\n{page}");
+    assert!(
+        page.contains("rejectedIdentifier"),
+        "CA's error not shown:\n{page}"
+    );
     // No crash loop: the next attempt waits out the back-off; the relay keeps serving.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(r.metric(series).await, 1.0);

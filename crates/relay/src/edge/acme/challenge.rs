@@ -87,19 +87,17 @@ impl Challenges {
             domain: domain.to_owned(),
             source,
         };
-        let key =
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(generate)?;
         let mut params =
             rcgen::CertificateParams::new(vec![domain.to_owned()]).map_err(generate)?;
         // The acmeIdentifier extension (1.3.6.1.5.5.7.1.31), critical, as RFC 8737 requires.
         params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
         let cert = params.self_signed(&key).map_err(generate)?;
-        let der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| {
-            ChallengeError::Key {
+        let der =
+            PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| ChallengeError::Key {
                 domain: domain.to_owned(),
                 source: rustls::Error::General(e.to_owned()),
-            }
-        })?;
+            })?;
         // Not `CertifiedKey::from_der`: its key check parses the certificate with webpki,
         // which refuses the critical acmeIdentifier extension it does not know.
         let signing = crate::crypto::provider()

@@ -230,7 +230,9 @@ impl Acme {
                 acme.install(issued);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "ACME: stored certificate unusable; a new one will be ordered"),
+            Err(e) => {
+                tracing::warn!(error = %e, "ACME: stored certificate unusable; a new one will be ordered")
+            }
         }
         Ok(acme)
     }
