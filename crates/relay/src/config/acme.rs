@@ -145,3 +145,106 @@ pub(super) fn acme(args: &Args) -> Result<Option<Acme>, ConfigError> {
         dir: args.state_dir.join("acme"),
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{CliError, Config};
+
+    fn flag_of(words: &[&str]) -> (&'static str, String) {
+        match Config::parse_from(words.iter().copied()) {
+            Err(CliError::Config(e)) => (e.flag, e.message),
+            other => panic!("{words:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acme_domain_sets_up_acme_and_names_the_placeholder() {
+        let c = Config::parse_from([
+            "ews-relay",
+            "--acme-domain",
+            "Relay.Example.com.",
+            "--acme-domain",
+            "relay.example.com,push.example.com",
+            "--state-dir",
+            "/var/lib/ews-relay",
+        ])
+        .unwrap();
+        let a = c.acme.expect("acme");
+        assert_eq!(a.domains, ["relay.example.com", "push.example.com"]);
+        assert_eq!(
+            a.directory,
+            "https://acme-v02.api.letsencrypt.org/directory"
+        );
+        assert_eq!(a.dir, std::path::Path::new("/var/lib/ews-relay/acme"));
+        match c.tls {
+            crate::TlsSource::SelfSigned { hostname, .. } => {
+                assert_eq!(hostname, "relay.example.com")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Config::parse_from(["ews-relay"]).unwrap().acme.is_none());
+    }
+
+    #[test]
+    fn acme_refuses_tls_files_and_bad_values_naming_the_flag() {
+        let (flag, message) = flag_of(&[
+            "ews-relay",
+            "--acme-domain",
+            "relay.example.com",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ]);
+        assert_eq!(flag, "--acme-domain");
+        assert!(message.contains("--tls-cert/--tls-key"), "{message}");
+        for (words, want) in [
+            (&["--acme-domain", "*.example.com"][..], "--acme-domain"),
+            (&["--acme-domain", "192.0.2.1"][..], "--acme-domain"),
+            (&["--acme-domain", "bad_name"][..], "--acme-domain"),
+            (
+                &[
+                    "--acme-domain",
+                    "a.example",
+                    "--acme-directory",
+                    "http://ca/dir",
+                ][..],
+                "--acme-directory",
+            ),
+            (
+                &["--acme-domain", "a.example", "--acme-email", "nobody"][..],
+                "--acme-email",
+            ),
+            (
+                &["--acme-domain", "a.example", "--acme-eab-kid", "k"][..],
+                "--acme-eab-hmac-file",
+            ),
+            (&["--acme-email", "a@b.example"][..], "--acme-email"),
+        ] {
+            let mut all = vec!["ews-relay"];
+            all.extend_from_slice(words);
+            assert_eq!(flag_of(&all).0, want, "{words:?}");
+        }
+    }
+
+    #[test]
+    fn eab_key_is_read_decoded_and_never_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hmac");
+        std::fs::write(&path, "c2VjcmV0LWtleQ\n").unwrap();
+        let c = Config::parse_from([
+            "ews-relay",
+            "--acme-domain",
+            "a.example",
+            "--acme-eab-kid",
+            "kid-1",
+            "--acme-eab-hmac-file",
+            path.to_str().unwrap(),
+        ])
+        .unwrap();
+        let (kid, key) = c.acme.as_ref().unwrap().eab.clone().unwrap();
+        assert_eq!(kid, "kid-1");
+        assert_eq!(key.expose(), b"secret-key");
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

@@ -192,3 +192,139 @@ pub async fn accept(
     let tls = start.into_stream(usual.clone()).await?;
     Ok(Handshake::Served(Box::new(tls)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::DigitallySignedStruct;
+    use tokio::net::TcpListener;
+
+    /// The validation server checks the certificate itself, not a chain.
+    #[derive(Debug)]
+    struct AnyCert;
+
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn verify_tls13_signature(
+            &self,
+            _: &[u8],
+            _: &CertificateDer<'_>,
+            _: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            Ok(HandshakeSignatureValid::assertion())
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            crate::crypto::provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    }
+
+    /// Connect with `alpn` and `sni`; the server side runs [`accept`] with `admitted`.
+    /// Returns the server's verdict and the certificate the client saw, if any.
+    async fn exchange(
+        challenges: &Challenges,
+        alpn: &[&[u8]],
+        sni: &str,
+        admitted: bool,
+    ) -> (&'static str, Option<Vec<u8>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = rustls::ClientConfig::builder_with_provider(crate::crypto::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyCert))
+            .with_no_client_auth();
+        client.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        let sni = ServerName::try_from(sni.to_owned()).unwrap();
+        let client = tokio::spawn(async move {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+                .connect(sni, tcp)
+                .await
+                .ok()?;
+            Some(tls.get_ref().1.peer_certificates()?[0].to_vec())
+        });
+        let (stream, _) = listener.accept().await.unwrap();
+        let usual = crate::edge::tls::server_config(Arc::new(crate::edge::tls::CertResolver::new(
+            crate::edge::tls::self_signed(tempfile::tempdir().unwrap().path(), "usual").unwrap(),
+        )))
+        .unwrap();
+        let verdict = match accept(stream, challenges, &usual, admitted).await {
+            Ok(Handshake::Answered) => "answered",
+            Ok(Handshake::Refused) => "refused",
+            Ok(Handshake::Served(_)) => "served",
+            Err(_) => "error",
+        };
+        (verdict, client.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn only_a_validation_hello_for_a_pending_name_gets_the_challenge_certificate() {
+        let challenges = Challenges::new().unwrap();
+        let digest = [7u8; 32];
+        challenges.insert("relay.example.com", &digest).unwrap();
+        assert!(challenges.pending());
+
+        let (verdict, cert) =
+            exchange(&challenges, &[ACME_TLS_ALPN], "relay.example.com", false).await;
+        assert_eq!(verdict, "answered");
+        let cert = cert.expect("client saw the challenge certificate");
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let ext = parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == "1.3.6.1.5.5.7.1.31")
+            .expect("acmeIdentifier extension");
+        assert!(ext.critical);
+        // An OCTET STRING holding the 32-byte digest.
+        assert_eq!(&ext.value[2..], &digest);
+
+        // From outside the allow-list, anything else gets no certificate at all.
+        for (alpn, sni) in [
+            (&[b"h2".as_slice(), b"http/1.1"][..], "relay.example.com"),
+            (&[ACME_TLS_ALPN, b"http/1.1"][..], "relay.example.com"),
+            (&[ACME_TLS_ALPN][..], "other.example.com"),
+            (&[][..], "relay.example.com"),
+        ] {
+            let (verdict, cert) = exchange(&challenges, alpn, sni, false).await;
+            assert_eq!(
+                (verdict, cert.is_some()),
+                ("refused", false),
+                "{alpn:?} {sni}"
+            );
+        }
+        // From an admitted address, the usual handshake goes on.
+        let (verdict, cert) =
+            exchange(&challenges, &[b"http/1.1"], "relay.example.com", true).await;
+        assert_eq!(verdict, "served");
+        assert!(cert.is_some());
+
+        challenges.clear();
+        assert!(!challenges.pending());
+        let (verdict, _) =
+            exchange(&challenges, &[ACME_TLS_ALPN], "relay.example.com", false).await;
+        assert_eq!(verdict, "refused");
+    }
+}
