@@ -99,10 +99,15 @@ pub(super) fn acme(args: &Args) -> Result<Option<Acme>, ConfigError> {
         }
     }
     if let Some(ca) = &args.acme_ca_file {
-        if let Err(e) = std::fs::metadata(ca) {
+        // Read here so a wrong file stops start-up (exit 64) instead of failing every order.
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ConfigError::new("--acme-ca-file", format!("{}: {e}", ca.display())))?;
+        if certs.is_empty() {
             return Err(ConfigError::new(
                 "--acme-ca-file",
-                format!("{}: {e}", ca.display()),
+                format!("{}: no PEM certificate found", ca.display()),
             ));
         }
     }
@@ -220,6 +225,15 @@ mod tests {
                 "--acme-eab-hmac-file",
             ),
             (&["--acme-email", "a@b.example"][..], "--acme-email"),
+            (
+                &[
+                    "--acme-domain",
+                    "a.example",
+                    "--acme-ca-file",
+                    "/nonexistent",
+                ][..],
+                "--acme-ca-file",
+            ),
         ] {
             let mut all = vec!["ews-relay"];
             all.extend_from_slice(words);
