@@ -524,7 +524,14 @@ impl StatusPage {
 
     fn render_facts(&self, out: &mut String) {
         out.push_str("<section class=\"panel\">\n<h2>Relay</h2>\n<dl>\n");
-        let ch = self.cert.health(self.now);
+        let mut ch = self.cert.health(self.now);
+        // Waiting for ACME: the self-signed placeholder is expected until the CA issues.
+        if matches!(self.acme, Some(crate::edge::acme::AcmeAlarm::Waiting(_)))
+            && ch == Health::Red
+            && self.cert.not_after > self.now
+        {
+            ch = Health::Amber;
+        }
         let _ = write!(
             out,
             "<dt>Certificate</dt><dd><span class=\"tag {c}\">{s} {c}</span> ",

@@ -414,6 +414,10 @@ async fn ca_down_at_start_serves_self_signed_then_issues() {
     let page = status_page(&r).await;
     assert!(page.contains("Waiting for ACME"), "{page}");
     assert!(page.contains("alert amber"), "{page}");
+    assert!(
+        page.contains("<dt>Certificate</dt><dd><span class=\"tag amber\">"),
+        "{page}"
+    );
 
     pebble.start();
     wait_for_pebble_cert(&r, "localhost", None, &pebble).await;
