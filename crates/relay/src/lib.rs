@@ -147,7 +147,11 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let started = Instant::now();
     let cert = load_certificate(&config.tls).await?;
-    log_certificate(&cert.info);
+    if config.acme.is_none() {
+        log_certificate(&cert.info);
+    } else {
+        tracing::info!(subject = %cert.info.subject, "ACME: the self-signed certificate serves until a stored or newly issued one replaces it");
+    }
     let certs = Arc::new(edge::tls::CertResolver::new(cert));
     let server_config = edge::tls::server_config(certs.clone()).map_err(|e| StartError::Tls {
         flag: "--tls-cert",
