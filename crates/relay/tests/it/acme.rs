@@ -103,6 +103,16 @@ impl Pebble {
         }
     }
 
+    /// Require external account binding with `kid` and the base64url HMAC `key`.
+    fn require_eab(&self, kid: &str, key: &str) {
+        let path = self.dir.path().join("pebble.json");
+        let mut config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        config["pebble"]["externalAccountBindingRequired"] = true.into();
+        config["pebble"]["externalAccountMACKeys"] = serde_json::json!({ kid: key });
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+    }
+
     fn start(&mut self) {
         let log = std::fs::File::create(self.dir.path().join("pebble.log")).unwrap();
         let child = Command::new(&self.binary)
@@ -157,6 +167,18 @@ async fn relay(
     state: &Path,
     upstream: SocketAddr,
 ) -> Relay {
+    relay_with(pebble, port, domain, state, upstream, &[]).await
+}
+
+/// [`relay`] with `extra` flags.
+async fn relay_with(
+    pebble: &Pebble,
+    port: u16,
+    domain: &str,
+    state: &Path,
+    upstream: SocketAddr,
+    extra: &[&str],
+) -> Relay {
     let words: Vec<String> = [
         "ews-relay",
         "--upstream",
@@ -177,6 +199,7 @@ async fn relay(
         &state.join("certs").display().to_string(),
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Relay::start_words(&words, &format!("127.0.0.1:{port}")).await
@@ -459,5 +482,52 @@ async fn refused_order_shows_the_error_and_backs_off() {
     assert_eq!(r.metric(series).await, 1.0);
     let (issuer, _) = served(r.addr, "blocked.example").await;
     assert!(!issuer.contains("Pebble"));
+    r.stop().await;
+}
+
+#[tokio::test]
+async fn external_account_binding() {
+    let binary = pebble_or_skip!();
+    let port = free_port();
+    let mut pebble = Pebble::new(binary, port, 3600, &[]);
+    let key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    pebble.require_eab("kid-1", key);
+    pebble.start();
+    let state = tempfile::tempdir().unwrap();
+    let hmac = state.path().join("eab-hmac");
+    std::fs::write(&hmac, format!("{key}\n")).unwrap();
+    let receiver = TestReceiver::answering(b"ok".to_vec()).await;
+
+    // Without the binding the CA refuses the account, and the page says so.
+    let bare = tempfile::tempdir().unwrap();
+    let r = relay(&pebble, port, "localhost", bare.path(), receiver.addr).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while r
+        .metric(r#"ews_relay_acme_orders_total{kind="issue",outcome="error"}"#)
+        .await
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no failed attempt counted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let page = status_page(&r).await;
+    assert!(page.contains("externalAccountRequired"), "{page}");
+    r.stop().await;
+
+    let r = relay_with(
+        &pebble,
+        port,
+        "localhost",
+        state.path(),
+        receiver.addr,
+        &[
+            "--acme-eab-kid",
+            "kid-1",
+            "--acme-eab-hmac-file",
+            &hmac.display().to_string(),
+        ],
+    )
+    .await;
+    wait_for_pebble_cert(&r, "localhost", None, &pebble).await;
     r.stop().await;
 }
