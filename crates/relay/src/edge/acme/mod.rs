@@ -286,8 +286,8 @@ impl Acme {
                         account = None;
                     }
                     let delay = backoff(failures);
-                    tracing::warn!(error = %e, failures, retry_in = ?delay, "ACME: attempt failed");
-                    let text = e.to_string();
+                    let text = with_sources(&e);
+                    tracing::warn!(error = %text, failures, retry_in = ?delay, "ACME: attempt failed");
                     self.state.update(|s| {
                         s.failures = failures;
                         s.last_error = Some(text);
@@ -532,6 +532,22 @@ async fn why_invalid(order: &mut instant_acme::Order) -> String {
     } else {
         reasons.join("; ")
     }
+}
+
+/// `e` and its sources, joined: the HTTP client's own text is only "client error (Connect)",
+/// and the reason (refused, certificate not trusted) is further down the chain.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// Whether the CA no longer knows the stored account.
