@@ -221,7 +221,11 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let started = Instant::now();
     let cert = load_certificate(&config.tls).await?;
-    log_certificate(&cert);
+    if config.acme.is_none() {
+        log_certificate(&cert);
+    } else {
+        tracing::info!(subject = %cert.info.subject, "ACME: the self-signed certificate serves until a stored or newly issued one replaces it");
+    }
     let certs = Arc::new(edge::tls::CertResolver::new(cert));
     let server_config = edge::tls::server_config(certs.clone()).map_err(|e| StartError::Tls {
         flag: "--tls-cert",
@@ -229,6 +233,18 @@ pub async fn run(
     })?;
 
     let metrics = Arc::new(metrics::Metrics::new());
+    // A stored ACME certificate replaces the self-signed one before the first handshake.
+    let acme = match &config.acme {
+        Some(a) => Some(
+            edge::acme::Acme::new(a.clone(), certs.clone(), metrics.clone()).map_err(|e| {
+                StartError::Tls {
+                    flag: "--acme-domain",
+                    source: e.into(),
+                }
+            })?,
+        ),
+        None => None,
+    };
     let receiver = Arc::new(receiver::Receiver::new(
         config.upstream.clone(),
         config.timeouts.upstream_connect,
@@ -266,6 +282,7 @@ pub async fn run(
         handshake_timeout: config.timeouts.handshake,
         header_timeout: config.timeouts.header,
         idle_timeout: config.timeouts.idle,
+        challenges: acme.as_ref().map(|a| a.challenges()),
     });
     // Live reloads: the certificate pair (operator files only) and the allow-list file.
     let mut reloaders = Vec::new();
@@ -277,6 +294,9 @@ pub async fn run(
             key.clone(),
             metrics.clone(),
         )));
+    }
+    if let Some(acme) = acme {
+        reloaders.push(tokio::spawn(acme.run()));
     }
     let allow_source = config.allow_source.clone();
     if let Some(file) = &allow_source.file {

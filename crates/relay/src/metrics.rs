@@ -161,6 +161,10 @@ pub struct Metrics {
     body_budget_refusals: [Counter; 2],
     /// Bytes of `--max-body-buffer` reserved by requests in flight.
     pub body_buffer_reserved: Gauge,
+    /// ACME orders by kind (issue, renew) and outcome (ok, error).
+    acme_orders: Family<[(&'static str, &'static str); 2], Counter>,
+    /// TLS-ALPN-01 validation handshakes answered with a challenge certificate.
+    acme_challenges: Counter,
 }
 
 impl Default for Metrics {
@@ -361,6 +365,18 @@ impl Metrics {
             "Bytes of --max-body-buffer reserved by requests in flight (declared length, or --max-body when undeclared)",
             body_buffer_reserved.clone(),
         );
+        let acme_orders = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "acme_orders",
+            "ACME certificate orders by kind (issue, renew) and outcome (ok, error)",
+            acme_orders.clone(),
+        );
+        let acme_challenges = Counter::default();
+        registry.register(
+            "acme_challenges",
+            "TLS-ALPN-01 validation handshakes answered with a challenge certificate",
+            acme_challenges.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -407,7 +423,22 @@ impl Metrics {
             ranges_age,
             body_budget_refusals,
             body_buffer_reserved,
+            acme_orders,
+            acme_challenges,
         }
+    }
+
+    /// Count an ACME order of `kind` (issue, renew).
+    pub fn acme_order(&self, kind: &'static str, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.acme_orders
+            .get_or_create(&[("kind", kind), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Count a validation handshake answered.
+    pub fn acme_challenge(&self) {
+        self.acme_challenges.inc();
     }
 
     /// Publish the refreshed list's version and age.

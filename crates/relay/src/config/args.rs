@@ -89,6 +89,64 @@ pub struct Args {
     )]
     pub cert_dir: PathBuf,
 
+    /// Get the certificate from an ACME CA (Let's Encrypt by default) for this name, with the
+    /// TLS-ALPN-01 challenge answered on --listen (repeatable; the first is the subject).
+    #[arg(
+        long,
+        env = "EWS_RELAY_ACME_DOMAIN",
+        value_name = "NAME",
+        value_delimiter = ',',
+        help_heading = "ACME certificates"
+    )]
+    pub acme_domain: Vec<String>,
+
+    /// Contact address given to the ACME CA (expiry and policy mail).
+    #[arg(
+        long,
+        env = "EWS_RELAY_ACME_EMAIL",
+        value_name = "ADDRESS",
+        help_heading = "ACME certificates"
+    )]
+    pub acme_email: Option<String>,
+
+    /// ACME directory URL (Let's Encrypt staging:
+    /// https://acme-staging-v02.api.letsencrypt.org/directory).
+    #[arg(
+        long,
+        env = "EWS_RELAY_ACME_DIRECTORY",
+        default_value = "https://acme-v02.api.letsencrypt.org/directory",
+        value_name = "URL",
+        help_heading = "ACME certificates"
+    )]
+    pub acme_directory: String,
+
+    /// PEM CA certificate(s) to trust for the ACME server's HTTPS, besides the system's.
+    #[arg(
+        long,
+        env = "EWS_RELAY_ACME_CA_FILE",
+        value_name = "PATH",
+        help_heading = "ACME certificates"
+    )]
+    pub acme_ca_file: Option<PathBuf>,
+
+    /// External account binding key id, for CAs that require one.
+    #[arg(
+        long,
+        env = "EWS_RELAY_ACME_EAB_KID",
+        value_name = "KID",
+        help_heading = "ACME certificates"
+    )]
+    pub acme_eab_kid: Option<String>,
+
+    /// File holding the external account binding HMAC key (base64url, as CAs hand it out).
+    #[arg(
+        long,
+        env = "EWS_RELAY_ACME_EAB_HMAC_FILE",
+        value_name = "PATH",
+        help_heading = "ACME certificates"
+    )]
+    pub acme_eab_hmac_file: Option<PathBuf>,
+
     /// Admitted source network (repeatable; IPv4 or IPv6 CIDR, or a single address). Replaces the
     /// exchange-online default: add --allow-preset exchange-online to keep it.
     #[arg(

@@ -14,10 +14,12 @@ use http::{HeaderValue, Uri};
 
 use crate::allow::{AllowList, AllowListError};
 
+mod acme;
 mod args;
 mod managed;
 mod parse;
 
+pub use acme::{Acme, EabKey};
 pub use args::{Args, AuthKind, LogFormat};
 use managed::managed;
 pub use managed::{parse_mailbox, read_mailboxes_file};
@@ -227,6 +229,9 @@ pub struct Config {
     pub managed: Option<Managed>,
     /// Log format.
     pub log_format: LogFormat,
+    /// `--acme-domain`: the certificate comes from an ACME CA (the self-signed one in `tls`
+    /// serves until it is issued).
+    pub acme: Option<Acme>,
 }
 
 impl Config {
@@ -236,12 +241,16 @@ impl Config {
         let listen = parse_socket_addr("--listen", &args.listen)?;
         let admin_listen = parse_socket_addr("--admin-listen", &args.admin_listen)?;
         let upstream = parse_upstream(&args.upstream)?;
+        let acme = acme::acme(&args)?;
         let tls = match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => TlsSource::Files { cert, key },
             (None, None) => {
                 validate_hostname(&args.hostname)?;
                 TlsSource::SelfSigned {
-                    hostname: args.hostname,
+                    // Until the CA issues, the placeholder names the host it will be for.
+                    hostname: acme
+                        .as_ref()
+                        .map_or(args.hostname, |a| a.domains[0].clone()),
                     dir: args.cert_dir,
                 }
             }
@@ -359,6 +368,7 @@ impl Config {
             state_dir: args.state_dir,
             managed,
             log_format: args.log_format,
+            acme,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Client side: accept, source filter, TLS handshake, HTTP/1.1 and HTTP/2 serving, connection
 //! limit, timeouts and graceful shutdown.
 
+pub mod acme;
 pub mod h2;
 pub mod proxy_protocol;
 pub mod tls;
@@ -54,6 +55,8 @@ pub struct Edge {
     pub header_timeout: Duration,
     /// `--idle-timeout`.
     pub idle_timeout: Duration,
+    /// `--acme-domain`: TLS-ALPN-01 challenges to answer while an order is pending.
+    pub challenges: Option<Arc<acme::Challenges>>,
 }
 
 /// Accept and serve until `shutdown` turns true; then stop accepting, let open connections
@@ -102,6 +105,15 @@ pub async fn serve(
                 continue;
             }
         } else if !edge.admits(ip, trusted) {
+            if edge.acme_pending() {
+                // Maybe the CA validating: see `edge::acme` for why and what is answered.
+                let edge = edge.clone();
+                tasks.spawn(async move {
+                    answer_challenge(stream, ip, &edge).await;
+                    drop(permit);
+                });
+                continue;
+            }
             edge.deny(DenyReason::Source, ip);
             drop(stream);
             continue;
@@ -147,6 +159,11 @@ impl Edge {
         (trusted && self.client_ip_header) || self.allow.load().allows(ip)
     }
 
+    /// Whether an ACME authorization waits for the CA to connect.
+    fn acme_pending(&self) -> bool {
+        self.challenges.as_ref().is_some_and(|c| c.pending())
+    }
+
     /// Count and (rate-limited) log a refused connection.
     fn deny(&self, reason: DenyReason, ip: std::net::IpAddr) {
         self.metrics.denied(reason);
@@ -180,6 +197,10 @@ async fn serve_connection(
         let ip = peer.ip().to_canonical();
         let trusted = edge.trusted.as_ref().is_some_and(|t| t.allows(ip));
         if !edge.admits(ip, trusted) {
+            if edge.acme_pending() {
+                answer_challenge(stream, ip, edge).await;
+                return;
+            }
             edge.deny(DenyReason::Source, ip);
             return;
         }
@@ -188,14 +209,16 @@ async fn serve_connection(
     // every idle connection holds that much.
     let handshake = Box::pin(tokio::time::timeout(
         edge.handshake_timeout,
-        edge.acceptor.accept(stream),
+        handshake(stream, edge),
     ));
     // The stream is borrowed here (for its ALPN protocol) in a scope of its own: a local that
     // was ever borrowed keeps its place in the task until its scope ends, and the TLS stream is
     // over a kilobyte that would then be held twice by every connection.
     let (tls, h2) = {
         let tls = match handshake.await {
-            Ok(Ok(tls)) => tls,
+            Ok(Ok(Some(tls))) => tls,
+            // A validation server's handshake, answered.
+            Ok(Ok(None)) => return,
             Ok(Err(e)) => {
                 edge.metrics.handshake_failed(HandshakeFailure::Error);
                 tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -239,6 +262,58 @@ async fn serve_connection(
         shutdown,
     ))
     .await;
+}
+
+/// The TLS handshake of an admitted connection. While an ACME authorization is pending the
+/// ClientHello is read first, so a validation server is answered with the challenge
+/// certificate (`None`); otherwise, and for every other client, the usual handshake.
+async fn handshake(
+    stream: TcpStream,
+    edge: &Edge,
+) -> std::io::Result<Option<tokio_rustls::server::TlsStream<TcpStream>>> {
+    match &edge.challenges {
+        Some(challenges) if challenges.pending() => {
+            match acme::accept(stream, challenges, edge.acceptor.config(), true).await? {
+                acme::Handshake::Served(tls) => Ok(Some(*tls)),
+                acme::Handshake::Answered => {
+                    edge.metrics.acme_challenge();
+                    Ok(None)
+                }
+                // Not returned for an admitted peer; closing is the safe answer anyway.
+                acme::Handshake::Refused => Ok(None),
+            }
+        }
+        _ => edge.acceptor.accept(stream).await.map(Some),
+    }
+}
+
+/// A connection from outside the allow-list while an ACME authorization is pending: answered
+/// only if it is a validation server's handshake, else refused before any certificate is sent.
+async fn answer_challenge(stream: TcpStream, ip: std::net::IpAddr, edge: &Edge) {
+    let Some(challenges) = &edge.challenges else {
+        edge.deny(DenyReason::Source, ip);
+        return;
+    };
+    let _open = OpenGuard::new(&edge.metrics);
+    let answer = tokio::time::timeout(
+        edge.handshake_timeout,
+        acme::accept(stream, challenges, edge.acceptor.config(), false),
+    )
+    .await;
+    match answer {
+        Ok(Ok(acme::Handshake::Answered)) => {
+            edge.metrics.acme_challenge();
+            tracing::info!(peer = %ip, "ACME validation handshake answered");
+        }
+        // Not a validation server, or not a complete ClientHello in time: the peer is
+        // outside the allow-list, and refused like any other.
+        Ok(Ok(_)) => edge.deny(DenyReason::Source, ip),
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %ip, error = %e, "refused: not a complete ACME validation handshake");
+            edge.deny(DenyReason::Source, ip);
+        }
+        Err(_) => edge.deny(DenyReason::Source, ip),
+    }
 }
 
 /// Keeps the open-connections gauge right on every exit path.

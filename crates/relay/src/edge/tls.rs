@@ -381,6 +381,8 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
 /// Serves the current certificate to every handshake; `store` swaps it for later handshakes.
 pub struct CertResolver {
     current: ArcSwap<LoadedCert>,
+    /// When an ACME CA issues the certificate: how that stands (for the status page).
+    acme: std::sync::OnceLock<Arc<crate::edge::acme::AcmeState>>,
 }
 
 impl fmt::Debug for CertResolver {
@@ -396,7 +398,18 @@ impl CertResolver {
     pub fn new(cert: LoadedCert) -> Self {
         Self {
             current: ArcSwap::from_pointee(cert),
+            acme: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Say that an ACME CA issues the certificates this resolver serves.
+    pub fn set_acme(&self, state: Arc<crate::edge::acme::AcmeState>) {
+        let _ = self.acme.set(state);
+    }
+
+    /// How ACME issuance stands, when the certificate comes from an ACME CA.
+    pub fn acme(&self) -> Option<crate::edge::acme::AcmeStatus> {
+        self.acme.get().map(|s| s.snapshot())
     }
 
     /// Replace the certificate for new handshakes.

@@ -1,6 +1,7 @@
 //! ews-relay's integration tests, one binary: a real relay on ephemeral loopback ports, real
 //! TLS, real receivers, the EWS simulator for Exchange.
 
+mod acme;
 mod budget;
 mod cli;
 mod client_ip;

@@ -99,6 +99,7 @@ mod tests {
             rows,
             spool_depth: (mode == Mode::Managed).then_some(0),
             spool_alarm: None,
+            acme: None,
             denied_total: 0,
             denied_recent: Vec::new(),
             admitted: "2 networks from --allow".into(),

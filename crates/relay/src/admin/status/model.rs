@@ -225,6 +225,20 @@ pub struct CertFacts {
     pub self_signed: bool,
 }
 
+impl StatusPage {
+    /// The served certificate's health: while ACME waits for its first certificate, the
+    /// self-signed placeholder is expected, so amber rather than red.
+    pub fn cert_health(&self) -> Health {
+        let health = self.cert.health(self.now);
+        let waiting = matches!(self.acme, Some(crate::edge::acme::AcmeAlarm::Waiting(_)));
+        if waiting && health == Health::Red && self.cert.not_after > self.now {
+            Health::Amber
+        } else {
+            health
+        }
+    }
+}
+
 impl CertFacts {
     /// Red when expired or self-signed, amber within [`CERT_WARN_BEFORE`] of expiry.
     pub fn health(&self, now: SystemTime) -> Health {
@@ -326,6 +340,8 @@ pub struct StatusPage {
     pub uptime: Duration,
     /// When this was gathered.
     pub now: SystemTime,
+    /// `--acme-domain`: waiting for the first certificate, or failing repeatedly.
+    pub acme: Option<crate::edge::acme::AcmeAlarm>,
 }
 
 impl StatusPage {
@@ -378,6 +394,7 @@ impl StatusPage {
             version: env!("CARGO_PKG_VERSION"),
             uptime: state.started.elapsed(),
             now,
+            acme: state.certs.acme().and_then(|a| a.alarm()),
         }
     }
 
@@ -461,7 +478,19 @@ impl StatusPage {
                 detail,
             });
         }
-        if self.cert.self_signed {
+        if let Some(alarm) = &self.acme {
+            use crate::edge::acme::AcmeAlarm;
+            let (severity, headline) = match alarm {
+                AcmeAlarm::Waiting(t) => (Health::Amber, t),
+                AcmeAlarm::Failing(t) => (Health::Red, t),
+            };
+            out.push(Problem {
+                severity,
+                what: "certificate",
+                headline: headline.clone(),
+                detail: Vec::new(),
+            });
+        } else if self.cert.self_signed {
             out.push(Problem {
                 severity: Health::Red,
                 what: "certificate",

@@ -224,7 +224,7 @@ impl StatusPage {
 
     fn render_facts(&self, out: &mut String) {
         out.push_str("<section class=\"panel\">\n<h2>Relay</h2>\n<dl>\n");
-        let ch = self.cert.health(self.now);
+        let ch = self.cert_health();
         let _ = write!(
             out,
             "<dt>Certificate</dt><dd><span class=\"tag {c}\">{s} {c}</span> ",
