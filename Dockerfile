@@ -10,9 +10,8 @@
 #   CARGO_REGISTRY             crates.io mirror (sparse index): sparse+https://crates.example/index/
 #   EXTRA_CA                   PEM certificate(s) to trust in addition, in both stages, for networks
 #                              that re-sign TLS: --build-arg EXTRA_CA="$(cat corp-ca.pem)"
-#   CARGO_PROFILE_RELEASE_DEBUG, CARGO_PROFILE_RELEASE_STRIP
-#                              default none/symbols (stripped); a debug variant that keeps line
-#                              tables for backtraces: line-tables-only/none
+#   CARGO_PROFILE_RELEASE_STRIP  `symbols` (default): stripped; `none`: a debug variant keeping the
+#                              line tables the workspace's release profile builds, for backtraces
 #   RELAY_BINARY_IMAGE         where /ews-relay comes from: the `build` stage below, or an image
 #                              holding a binary built elsewhere (.ci/container does that); with
 #                              BuildKit the Rust stage is then skipped
@@ -26,7 +25,6 @@ ARG RELAY_BINARY_IMAGE=build
 FROM ${RUST_IMAGE} AS build
 ARG EXTRA_CA=""
 ARG CARGO_REGISTRY=""
-ARG CARGO_PROFILE_RELEASE_DEBUG=none
 ARG CARGO_PROFILE_RELEASE_STRIP=symbols
 ENV CARGO_HOME=/usr/local/cargo CARGO_INCREMENTAL=0
 RUN set -eu; \
