@@ -12,11 +12,11 @@
 #                              that re-sign TLS: --build-arg EXTRA_CA="$(cat corp-ca.pem)"
 #   CARGO_PROFILE_RELEASE_STRIP  `symbols` (default): stripped; `none`: a debug variant keeping the
 #                              line tables the workspace's release profile builds, for backtraces
-#   RELAY_BINARY_IMAGE         where /ews-relay comes from: the `build` stage below, or an image
+#   RELAY_BINARY_IMAGE         where /out/ews-relay comes from: the `build` stage below, or an image
 #                              holding a binary built elsewhere (.ci/container does that); with
 #                              BuildKit the Rust stage is then skipped
 #
-# No `# syntax=` line and no RUN --mount: the file builds with BuildKit and with the classic builder.
+# No `# syntax=` line and no RUN --mount (BuildKit-only syntax), so the classic builder takes it too.
 
 ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
