@@ -286,7 +286,7 @@ pub async fn run(
     });
     // Live reloads: the certificate pair (operator files only) and the allow-list file.
     let mut reloaders = Vec::new();
-    reload::report_expiry(&certs.current(), &metrics);
+    edge::tls::report_expiry(&certs.current(), &metrics);
     if let TlsSource::Files { cert, key } = &config.tls {
         reloaders.push(tokio::spawn(reload::watch_certificate(
             certs.clone(),
@@ -504,7 +504,7 @@ async fn watch_mailboxes(manager: Arc<subscriptions::Manager>, file: Option<std:
 }
 
 /// One line saying which certificate is served, from which files, and how they came to be.
-/// Expiry problems are reported right after by [`reload::report_expiry`].
+/// Expiry problems are reported right after by [`edge::tls::report_expiry`].
 fn log_certificate(cert: &edge::tls::LoadedCert) {
     let info = &cert.info;
     // Absolute, so an operator knows where `certs/` ended up (the working directory of a

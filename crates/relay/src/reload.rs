@@ -15,7 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::allow::ranges::{self, Ranges, Service};
 use crate::allow::{AllowList, AllowSource};
-use crate::edge::tls::{CertResolver, LoadedCert};
+use crate::edge::tls::CertResolver;
 use crate::metrics::Metrics;
 
 /// How often watched files' metadata is checked.
@@ -23,8 +23,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// A change is applied once the files have looked the same for this long, so a half-written
 /// pair (certificate replaced, key not yet) is never loaded.
 pub const DEBOUNCE: Duration = Duration::from_millis(500);
-/// Certificates expiring sooner than this are warned about (log and metric).
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 /// How often the expiry warning is repeated while it applies.
 const EXPIRY_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 
@@ -100,7 +98,7 @@ pub async fn watch_certificate(
             // `run` has reported the certificate at start-up: repeat only from the next check on.
             loop {
                 tokio::time::sleep(EXPIRY_CHECK_INTERVAL).await;
-                report_expiry(&resolver.current(), &metrics);
+                crate::edge::tls::report_expiry(&resolver.current(), &metrics);
             }
         }
     };
@@ -113,7 +111,7 @@ pub async fn watch_certificate(
             match loaded {
                 Ok(Ok(new)) => {
                     tracing::info!(subject = %new.info.subject, sha256 = %new.info.sha256, "new certificate in use for new connections");
-                    report_expiry(&new, &metrics);
+                    crate::edge::tls::report_expiry(&new, &metrics);
                     resolver.store(new);
                     metrics.reload("certificate", true);
                 }
@@ -126,28 +124,6 @@ pub async fn watch_certificate(
         }
     });
     tokio::join!(expiry, reloads);
-}
-
-/// Set the expiry metric; log an error when the certificate has expired and a warning when it
-/// expires within [`EXPIRY_WARNING`].
-pub fn report_expiry(cert: &LoadedCert, metrics: &Metrics) {
-    metrics.set_cert_expiry(cert.info.not_after);
-    let expires = humantime::format_rfc3339_seconds(cert.info.not_after);
-    match cert.info.not_after.duration_since(SystemTime::now()) {
-        Err(past) => tracing::error!(
-            subject = %cert.info.subject,
-            expired = %expires,
-            days_ago = past.duration().as_secs() / 86_400,
-            "certificate EXPIRED: Exchange refuses it and sends no notifications until it is renewed (the relay loads the renewed files without a restart)"
-        ),
-        Ok(left) if left < EXPIRY_WARNING => tracing::warn!(
-            subject = %cert.info.subject,
-            expires = %expires,
-            days_left = left.as_secs() / 86_400,
-            "certificate expires within 14 days: renew it (Exchange stops calling back when it expires)"
-        ),
-        Ok(_) => {}
-    }
 }
 
 /// Keep the allow-list in step with `--allow-file` (plus the fixed `--allow`/presets).

@@ -289,7 +289,7 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
         ews_ca_file: args.ews_ca_file.clone(),
         max_concurrent_ews: args.max_concurrent_ews,
         trace_dir: args.trace_dir.clone(),
-        spool: crate::spool::SpoolLimits {
+        spool: SpoolLimits {
             max_bytes: args.spool_max_bytes,
             max_age: args.spool_max_age,
         },

@@ -134,7 +134,7 @@ pub struct Managed {
     /// Request/response trace directory.
     pub trace_dir: Option<PathBuf>,
     /// `--spool-max-bytes` and `--spool-max-age`.
-    pub spool: crate::spool::SpoolLimits,
+    pub spool: SpoolLimits,
 }
 
 /// Where the receiver is and how requests to it are addressed.
@@ -428,6 +428,33 @@ fn trusted_proxies(values: &[String]) -> Result<Option<AllowList>, ConfigError> 
         })
 }
 
+/// Default `--spool-max-bytes`: 1 GiB of notification bodies, about 250 000 typical 4 KB
+/// notifications (hours of a busy tenant's traffic), small enough for a modest VM's disk. The
+/// redb file needs somewhat more than the bodies (keys, pages, copy-on-write).
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
+/// Default `--spool-max-age`: a week covers a receiver down over a long weekend, and is well
+/// inside the ~30 days Exchange keeps a watermark resumable, so refusing after it still lets the
+/// keeper's resubscribe bring the rest once the backlog has drained.
+pub const DEFAULT_SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How much the spool may hold before notifications are refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    /// Body bytes of all waiting notifications together (`--spool-max-bytes`).
+    pub max_bytes: u64,
+    /// Age of a mailbox's oldest waiting notification (`--spool-max-age`).
+    pub max_age: Duration,
+}
+
+impl Default for SpoolLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_SPOOL_MAX_BYTES,
+            max_age: DEFAULT_SPOOL_MAX_AGE,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,7 +705,7 @@ mod tests {
     #[test]
     fn spool_limits_default_and_are_validated() {
         let m = managed_args(&[]).unwrap().managed.unwrap();
-        assert_eq!(m.spool, crate::spool::SpoolLimits::default());
+        assert_eq!(m.spool, SpoolLimits::default());
         let m = managed_args(&[
             "--spool-max-bytes",
             "64KiB",

@@ -441,3 +441,28 @@ pub fn server_config(resolver: Arc<CertResolver>) -> Result<Arc<ServerConfig>, T
     config.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(Arc::new(config))
 }
+
+/// Set the expiry metric; log an error when the certificate has expired and a warning when it
+/// expires within [`EXPIRY_WARNING`].
+pub fn report_expiry(cert: &LoadedCert, metrics: &crate::metrics::Metrics) {
+    metrics.set_cert_expiry(cert.info.not_after);
+    let expires = humantime::format_rfc3339_seconds(cert.info.not_after);
+    match cert.info.not_after.duration_since(SystemTime::now()) {
+        Err(past) => tracing::error!(
+            subject = %cert.info.subject,
+            expired = %expires,
+            days_ago = past.duration().as_secs() / 86_400,
+            "certificate EXPIRED: Exchange refuses it and sends no notifications until it is renewed (the relay loads the renewed files without a restart)"
+        ),
+        Ok(left) if left < EXPIRY_WARNING => tracing::warn!(
+            subject = %cert.info.subject,
+            expires = %expires,
+            days_left = left.as_secs() / 86_400,
+            "certificate expires within 14 days: renew it (Exchange stops calling back when it expires)"
+        ),
+        Ok(_) => {}
+    }
+}
+
+/// Certificates expiring sooner than this are warned about (log and metric).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::HeaderName;
 
+pub use crate::config::SpoolLimits;
 use crate::metrics::Metrics;
 use crate::receiver::{Outgoing, Receiver};
 use crate::store::{self, NewSpoolEntry, Store, StoreError, StoreWriter, UnixMillis};
@@ -65,33 +66,6 @@ const REPLAY_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// most this often: often enough to show in any log window an operator looks at, rare enough
 /// that a day-long outage of a thousand mailboxes does not flood the log.
 pub const EPISODE_LOG_INTERVAL: Duration = Duration::from_secs(300);
-
-/// Default `--spool-max-bytes`: 1 GiB of notification bodies, about 250 000 typical 4 KB
-/// notifications (hours of a busy tenant's traffic), small enough for a modest VM's disk. The
-/// redb file needs somewhat more than the bodies (keys, pages, copy-on-write).
-pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 1 << 30;
-/// Default `--spool-max-age`: a week covers a receiver down over a long weekend, and is well
-/// inside the ~30 days Exchange keeps a watermark resumable, so refusing after it still lets the
-/// keeper's resubscribe bring the rest once the backlog has drained.
-pub const DEFAULT_SPOOL_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// How much the spool may hold before notifications are refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SpoolLimits {
-    /// Body bytes of all waiting notifications together (`--spool-max-bytes`).
-    pub max_bytes: u64,
-    /// Age of a mailbox's oldest waiting notification (`--spool-max-age`).
-    pub max_age: Duration,
-}
-
-impl Default for SpoolLimits {
-    fn default() -> Self {
-        Self {
-            max_bytes: DEFAULT_SPOOL_MAX_BYTES,
-            max_age: DEFAULT_SPOOL_MAX_AGE,
-        }
-    }
-}
 
 /// Whether the spool takes notifications: the alarm of the status page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

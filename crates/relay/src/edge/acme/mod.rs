@@ -301,7 +301,7 @@ impl Acme {
 
     /// Serve `issued` and remember it.
     fn install(&mut self, issued: Issued) {
-        crate::reload::report_expiry(&issued.loaded, &self.metrics);
+        crate::edge::tls::report_expiry(&issued.loaded, &self.metrics);
         self.certs.store(issued.loaded.clone());
         let not_after = issued.loaded.info.not_after;
         self.state.update(|s| s.not_after = Some(not_after));
