@@ -171,6 +171,25 @@ async fn h2_request(
             },
         )
     };
+    // The HTTP/1.1 engine refuses a malformed Host (RFC 9112 §3.2); `:authority` and `Host`
+    // reach the receiver the same way (`X-Forwarded-Host`), so HTTP/2 refuses them alike.
+    let authority_ok = parts
+        .uri
+        .authority()
+        .is_none_or(|a| http1::valid_authority(a.as_str().as_bytes()))
+        && parts
+            .headers
+            .get_all(http::header::HOST)
+            .iter()
+            .all(|h| http1::valid_authority(h.as_bytes()));
+    if !authority_ok {
+        let reply = http1::Reply::plain(
+            http::StatusCode::BAD_REQUEST,
+            "invalid :authority or Host\n",
+        );
+        log(None, reply.status, 0, reply.body.len(), None);
+        return reply.into_response();
+    }
     let route = match pipeline.admit(&head, conn, declared) {
         Ok(route) => route,
         Err(Refused { reply, .. }) => {

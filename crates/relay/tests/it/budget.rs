@@ -501,3 +501,46 @@ async fn http2_head_trickled_after_a_request_is_cut_after_the_header_timeout() {
     );
     relay.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// :authority and Host over HTTP/2 (the HTTP/1.1 engine's Host rule, RFC 9112 §3.2)
+// ---------------------------------------------------------------------------------------------
+
+/// A malformed `:authority` or `Host` over HTTP/2 is refused with 400 as HTTP/1.1's engine
+/// refuses a malformed Host, so it never reaches the receiver as `X-Forwarded-Host`.
+#[tokio::test]
+async fn http2_malformed_authority_or_host_is_400() {
+    let rx = receiver().await;
+    let relay = Relay::start(rx.addr, &[]).await;
+    let client = h2_client(&relay).await;
+    let body = fixture(EVENTS);
+    for (uri, host) in [
+        ("https://user@localhost/", None),
+        ("https://localhost/", Some("a/b@evil")),
+        ("https://localhost/", Some("a b")),
+    ] {
+        let (tx, rx_body) = mpsc::channel(1);
+        let mut req = Request::post(uri)
+            .header("content-type", "text/xml; charset=utf-8")
+            .header("content-length", body.len());
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        let req = req.body(ChannelBody(rx_body)).unwrap();
+        tx.send(Bytes::from(body.clone())).await.unwrap();
+        drop(tx);
+        let mut c = client.clone();
+        c.ready().await.unwrap();
+        let resp = tokio::time::timeout(DEADLINE, c.send_request(req))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::BAD_REQUEST,
+            "{uri} host={host:?}"
+        );
+    }
+    // A well-formed one still passes.
+    assert_eq!(h2_notification(&client).await.0, StatusCode::OK);
+}
