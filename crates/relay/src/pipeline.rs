@@ -149,7 +149,9 @@ impl http1::Handler for Pipeline {
                 }
             }
         };
-        if let Some(n) = &notification {
+        // Boxed (the managed future is large) only in managed mode: passthrough requests must
+        // not pay an allocation for a branch they never take.
+        if let (Some(n), true) = (&notification, self.manager.is_some()) {
             if let Some(answer) = Box::pin(self.managed(n, head, body, client)).await {
                 return answer;
             }
