@@ -269,37 +269,7 @@ fn client_from_header(head: &RequestHead<'_>, name: &str) -> Option<std::net::Ip
         .map(|ip| ip.to_canonical())
 }
 
-/// Whether `path` has no `.` or `..` segment (also percent-encoded), no encoded `/` or `\\`, no
-/// `\\` and no path parameter (`;`, also encoded): so the prefix check sees the path every
-/// receiver would see.
-///
-/// Path parameters are refused wherever they are: servlet containers (Tomcat, Jetty) strip
-/// `;...` from each segment before resolving dot segments, so `/ews/..;/admin` is `/admin` to
-/// them, and `/ews/notify;x` another resource than the one the prefix names. EWS callback URLs
-/// carry none (Exchange posts to the URL a subscription gave, which the relay's operator
-/// chooses).
-pub fn plain_path(path: &str) -> bool {
-    let bytes = path.as_bytes();
-    if !bytes
-        .iter()
-        .any(|&b| matches!(b, b'.' | b'%' | b'\\' | b';'))
-    {
-        return true; // the usual case, in one pass
-    }
-    if bytes.contains(&b'\\') || bytes.contains(&b';') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%3b") {
-        return false;
-    }
-    !lower
-        .split('/')
-        .map(|segment| segment.replace("%2e", "."))
-        .any(|segment| segment == "." || segment == "..")
-}
-
-pub use crate::config::under_prefix;
+pub use crate::config::{plain_path, under_prefix};
 
 #[cfg(test)]
 mod tests {

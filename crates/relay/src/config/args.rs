@@ -17,6 +17,9 @@ pub enum LogFormat {
     Json,
 }
 
+/// Microsoft Graph v1.0, the default of `--graph-url`.
+pub const DEFAULT_GRAPH_URL: &str = "https://graph.microsoft.com/v1.0";
+
 /// Shown at the end of `--help`.
 const AFTER_HELP: &str = "\
 Allow-list: the union of every --allow, --allow-file and --allow-preset. With none of them the
@@ -483,6 +486,76 @@ pub struct Args {
         help_heading = "Managed mode"
     )]
     pub trace_dir: Option<PathBuf>,
+
+    /// Requests under this path are Microsoft Graph change notifications (e.g. `/graph`): JSON
+    /// bodies checked as such, and in managed Graph mode answered by the relay. Off without it.
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_PATH_PREFIX",
+        value_name = "PATH",
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_path_prefix: Option<String>,
+
+    /// Microsoft Graph's base URL for managed Graph mode (`http://` only for lab servers and the
+    /// simulator).
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_URL",
+        default_value = DEFAULT_GRAPH_URL,
+        value_name = "URL",
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_url: String,
+
+    /// A Graph resource the relay keeps subscribed (repeatable), e.g.
+    /// `users/room-4.12@contoso.example/events`.
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_RESOURCE",
+        value_name = "RESOURCE",
+        value_delimiter = ',',
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_resource: Vec<String>,
+
+    /// File of Graph resources, one per line (`#` comments); re-read when it changes or on SIGHUP.
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_RESOURCES_FILE",
+        value_name = "PATH",
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_resources_file: Option<PathBuf>,
+
+    /// Change types the Graph subscriptions ask for (comma-separated: created, updated, deleted).
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_CHANGE_TYPES",
+        default_value = "created,updated,deleted",
+        value_name = "LIST",
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_change_types: String,
+
+    /// The public https URL Graph posts notifications to; under --graph-path-prefix.
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_CALLBACK_URL",
+        value_name = "URL",
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_callback_url: Option<String>,
+
+    /// The public https URL for lifecycle notifications (default: --graph-callback-url); under
+    /// --graph-path-prefix.
+    #[arg(
+        long,
+        env = "EWS_RELAY_GRAPH_LIFECYCLE_URL",
+        value_name = "URL",
+        help_heading = "Microsoft Graph"
+    )]
+    pub graph_lifecycle_url: Option<String>,
 
     /// Log format; filter with RUST_LOG (default `info`).
     #[arg(

@@ -16,15 +16,20 @@ use crate::allow::{AllowList, AllowListError};
 
 mod acme;
 mod args;
+mod auth;
+mod graph;
 mod managed;
 mod parse;
 
 pub use acme::{Acme, EabKey};
 pub use args::{Args, AuthKind, LogFormat};
+use auth::auth;
+use graph::graph;
+pub use graph::{read_resources_file, Graph, ManagedGraph};
 use managed::managed;
 pub use managed::{parse_mailbox, read_mailboxes_file};
 use parse::*;
-pub use parse::{parse_duration, parse_size, under_prefix};
+pub use parse::{parse_duration, parse_size, plain_path, under_prefix};
 
 /// `--max-body-buffer` when not given (or `--max-body`, if larger): 64 MiB holds 16 bodies of
 /// the default `--max-body` (4 MiB) at once, or thousands of notifications of a few KiB (their
@@ -227,6 +232,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Managed mode, when configured.
     pub managed: Option<Managed>,
+    /// Microsoft Graph change notifications, when `--graph-path-prefix` is given.
+    pub graph: Option<Graph>,
     /// Log format.
     pub log_format: LogFormat,
     /// `--acme-domain`: the certificate comes from an ACME CA (the self-signed one in `tls`
@@ -237,7 +244,9 @@ pub struct Config {
 impl Config {
     /// Parse the process's command line and environment.
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let managed = managed(&args, &normalise_prefix(&args.path_prefix)?)?;
+        let ews_prefix = normalise_prefix("--path-prefix", &args.path_prefix)?;
+        let managed = managed(&args, &ews_prefix)?;
+        let graph = graph(&args, &ews_prefix)?;
         let listen = parse_socket_addr("--listen", &args.listen)?;
         let admin_listen = parse_socket_addr("--admin-listen", &args.admin_listen)?;
         let upstream = parse_upstream(&args.upstream)?;
@@ -279,7 +288,7 @@ impl Config {
                 );
             }
         }
-        let path_prefix = normalise_prefix(&args.path_prefix)?;
+        let path_prefix = normalise_prefix("--path-prefix", &args.path_prefix)?;
         let trusted_proxies = trusted_proxies(&args.trusted_proxy)?;
         let refresh_ranges = if args.refresh_ranges {
             let url = parse_https_url("--ranges-url", &args.ranges_url, true)?;
@@ -367,6 +376,7 @@ impl Config {
             stale_after: args.stale_after,
             state_dir: args.state_dir,
             managed,
+            graph,
             log_format: args.log_format,
             acme,
         })
@@ -482,9 +492,9 @@ mod tests {
 
     #[test]
     fn prefixes() {
-        assert_eq!(normalise_prefix("/").unwrap(), "/");
-        assert_eq!(normalise_prefix("/ews/").unwrap(), "/ews");
-        assert!(normalise_prefix("ews").is_err());
+        assert_eq!(normalise_prefix("--path-prefix", "/").unwrap(), "/");
+        assert_eq!(normalise_prefix("--path-prefix", "/ews/").unwrap(), "/ews");
+        assert!(normalise_prefix("--path-prefix", "ews").is_err());
     }
 
     #[test]

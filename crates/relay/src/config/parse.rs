@@ -142,10 +142,10 @@ pub(super) fn validate_hostname(name: &str) -> Result<(), ConfigError> {
     }
 }
 
-pub(super) fn normalise_prefix(value: &str) -> Result<String, ConfigError> {
+pub(super) fn normalise_prefix(flag: &'static str, value: &str) -> Result<String, ConfigError> {
     if !value.starts_with('/') || value.contains(['?', '#', ' ']) {
         return Err(ConfigError::new(
-            "--path-prefix",
+            flag,
             format!("'{value}' must be a path starting with '/' (e.g. /ews)"),
         ));
     }
@@ -194,4 +194,34 @@ pub fn under_prefix(path: &str, prefix: &str) -> bool {
         Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
+}
+
+/// Whether `path` has no `.` or `..` segment (also percent-encoded), no encoded `/` or `\\`, no
+/// `\\` and no path parameter (`;`, also encoded): so the prefix check sees the path every
+/// receiver would see.
+///
+/// Path parameters are refused wherever they are: servlet containers (Tomcat, Jetty) strip
+/// `;...` from each segment before resolving dot segments, so `/ews/..;/admin` is `/admin` to
+/// them, and `/ews/notify;x` another resource than the one the prefix names. EWS callback URLs
+/// carry none (Exchange posts to the URL a subscription gave, which the relay's operator
+/// chooses).
+pub fn plain_path(path: &str) -> bool {
+    let bytes = path.as_bytes();
+    if !bytes
+        .iter()
+        .any(|&b| matches!(b, b'.' | b'%' | b'\\' | b';'))
+    {
+        return true; // the usual case, in one pass
+    }
+    if bytes.contains(&b'\\') || bytes.contains(&b';') {
+        return false;
+    }
+    let lower = path.to_ascii_lowercase();
+    if lower.contains("%2f") || lower.contains("%5c") || lower.contains("%3b") {
+        return false;
+    }
+    !lower
+        .split('/')
+        .map(|segment| segment.replace("%2e", "."))
+        .any(|segment| segment == "." || segment == "..")
 }

@@ -12,6 +12,9 @@
 //! | `spool_meta` | `(&str mailbox, u64 seq)` | `(&str subscription_id, u64 received_at_ms, u32 attempts)` |
 //! | `spool_body` | `(&str mailbox, u64 seq)` | `&[u8]` raw SOAP body |
 //! | `spool_depth` | `&str mailbox` | `(u64 entries, u64 body_bytes)`; absent when empty |
+//! | `graph_resources`, `graph_ids` | see [`graph`] | managed Graph mode's subscriptions and secrets |
+//!
+//! A spool "mailbox" is a queue key: an SMTP address, or `graph:` and a Graph resource path.
 //!
 //! The spool key puts the mailbox first, so a range scan over one mailbox returns its entries in
 //! order of arrival; `seq` comes from one persisted counter, so it never repeats, even after every
@@ -41,7 +44,10 @@
 //! room, without a restart; until then writes fail with errors for which
 //! [`StoreError::is_disk_full`] is true.
 
+mod graph;
 mod writer;
+
+pub use graph::{GraphId, GraphRecord, GraphState};
 
 pub use writer::{StoreWriter, WriterConfig, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_BATCH_WRITES};
 
@@ -87,9 +93,18 @@ pub fn now_millis() -> UnixMillis {
 
 /// The store's key for a mailbox: SMTP addresses are compared case-insensitively by Exchange, so
 /// `Alice@Contoso.com` and `alice@contoso.com` must be the same mailbox.
+///
+/// The spool's queues are keyed the same way; a Graph resource's queue is `graph:` and the
+/// resource path as configured (an SMTP address never holds `:`), kept as it is.
 pub fn mailbox_key(address: &str) -> String {
+    if address.starts_with(GRAPH_QUEUE_PREFIX) {
+        return address.to_owned();
+    }
     address.trim().to_lowercase()
 }
+
+/// The start of a Graph resource's spool queue key.
+pub const GRAPH_QUEUE_PREFIX: &str = "graph:";
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const MAILBOXES: TableDefinition<&str, &[u8]> = TableDefinition::new("mailboxes");
@@ -474,6 +489,8 @@ impl Store {
         txn.open_table(SPOOL_META)?;
         txn.open_table(SPOOL_BODY)?;
         txn.open_table(SPOOL_DEPTH)?;
+        txn.open_table(graph::GRAPH_RESOURCES)?;
+        txn.open_table(graph::GRAPH_IDS)?;
         self.commit(txn)
     }
 
