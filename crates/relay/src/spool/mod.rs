@@ -54,6 +54,51 @@ pub static X_EWS_SUBSCRIPTION_ID: HeaderName = HeaderName::from_static("x-ews-su
 pub static X_EWS_RESYNC_REQUIRED: HeaderName = HeaderName::from_static("x-ews-resync-required");
 /// Header with the time the relay received a spooled notification (RFC 3339).
 pub static X_EWS_RECEIVED_AT: HeaderName = HeaderName::from_static("x-ews-received-at");
+/// Graph: the resource (as configured) a notification belongs to.
+pub static X_GRAPH_RESOURCE: HeaderName = HeaderName::from_static("x-graph-resource");
+/// Graph: the mailbox of the resource, when its path names one (`users/{upn}/…`).
+pub static X_GRAPH_MAILBOX: HeaderName = HeaderName::from_static("x-graph-mailbox");
+/// Graph: the subscription a notification arrived on.
+pub static X_GRAPH_SUBSCRIPTION_ID: HeaderName =
+    HeaderName::from_static("x-graph-subscription-id");
+/// Graph: the notification's `changeType`.
+pub static X_GRAPH_CHANGE_TYPE: HeaderName = HeaderName::from_static("x-graph-change-type");
+/// Graph: the resync signal (Graph said `missed`): the receiver must resynchronise the
+/// resource this header names, e.g. with a delta query.
+pub static X_GRAPH_RESYNC_REQUIRED: HeaderName =
+    HeaderName::from_static("x-graph-resync-required");
+/// Graph: the time the relay received a spooled notification (RFC 3339).
+pub static X_GRAPH_RECEIVED_AT: HeaderName = HeaderName::from_static("x-graph-received-at");
+
+/// The relay's own header fields: a client's values for them are dropped before a delivery.
+const OWN_FIELDS: [&HeaderName; 10] = [
+    &X_EWS_MAILBOX,
+    &X_EWS_SUBSCRIPTION_ID,
+    &X_EWS_RESYNC_REQUIRED,
+    &X_EWS_RECEIVED_AT,
+    &X_GRAPH_RESOURCE,
+    &X_GRAPH_MAILBOX,
+    &X_GRAPH_SUBSCRIPTION_ID,
+    &X_GRAPH_CHANGE_TYPE,
+    &X_GRAPH_RESYNC_REQUIRED,
+    &X_GRAPH_RECEIVED_AT,
+];
+
+/// The spool queue of a Graph resource: notifications of one resource reach the receiver in
+/// order, across the subscriptions that follow each other for it.
+pub fn graph_queue(resource: &str) -> String {
+    format!("{}{resource}", store::GRAPH_QUEUE_PREFIX)
+}
+
+/// Where deliveries go on the receiver: the path and query of the callback URL the
+/// notifications were posted to, per source.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// EWS: `--callback-url`'s.
+    pub ews: http::uri::PathAndQuery,
+    /// Graph: `--graph-callback-url`'s.
+    pub graph: http::uri::PathAndQuery,
+}
 
 /// Entries replayed per mailbox before moving to the next, so one mailbox's backlog does not
 /// starve the others.
@@ -203,17 +248,25 @@ struct Queue {
 /// Told, under the mailbox's queue lock, whether a resync signal is still waiting for it.
 type ResyncHook = Box<dyn Fn(&str, bool) + Send + Sync>;
 
+/// A delivery attempt made while Graph waits for the answer ends after this long: the
+/// notification is spooled instead, so Graph hears 202 well within the ~3 s after which it
+/// counts an endpoint as slow (and throttles, then drops it). The receiver may then get it twice
+/// (at least once, never lost).
+pub const GRAPH_DIRECT_LIMIT: Duration = Duration::from_millis(1500);
+
 /// The delivery side of managed mode.
 pub struct Delivery {
     receiver: Arc<Receiver>,
-    /// Path and query every delivery uses: the callback URL's, which is where Exchange posts.
-    path: http::uri::PathAndQuery,
+    /// Path and query deliveries use: the callback URL's, which is where Exchange or Graph
+    /// posts.
+    paths: Paths,
     writer: Arc<StoreWriter>,
     store: Arc<Store>,
     queues: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Queue>>>>,
     wake: tokio::sync::Notify,
     metrics: Arc<Metrics>,
-    resync_hook: std::sync::OnceLock<ResyncHook>,
+    /// One per keeper (EWS, Graph); each ignores the queues that are not its own.
+    resync_hooks: std::sync::RwLock<Vec<ResyncHook>>,
     limits: SpoolLimits,
     /// Body bytes waiting, all mailboxes (reserved before an append, so concurrent appends
     /// cannot overshoot the limit together).
@@ -237,7 +290,7 @@ impl Delivery {
     /// from the store so a restart resumes the backlog.
     pub async fn new(
         receiver: Arc<Receiver>,
-        path: http::uri::PathAndQuery,
+        paths: Paths,
         writer: Arc<StoreWriter>,
         limits: SpoolLimits,
         metrics: Arc<Metrics>,
@@ -276,24 +329,32 @@ impl Delivery {
             disk_full: AtomicBool::new(false),
             over_age: Mutex::new(BTreeSet::new()),
             receiver,
-            path,
+            paths,
             writer,
             store,
             queues: Mutex::new(queues),
             wake: tokio::sync::Notify::new(),
             metrics,
-            resync_hook: std::sync::OnceLock::new(),
+            resync_hooks: Default::default(),
         }))
     }
 
     /// Call `hook(mailbox, pending)` whenever a resync signal is queued or delivered, so the
     /// status page can show whether the receiver still has to hear it.
     pub fn on_resync(&self, hook: impl Fn(&str, bool) + Send + Sync + 'static) {
-        let _ = self.resync_hook.set(Box::new(hook));
+        self.resync_hooks
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(hook));
     }
 
     fn resync_changed(&self, mailbox: &str, q: &Queue) {
-        if let Some(hook) = self.resync_hook.get() {
+        for hook in self
+            .resync_hooks
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             hook(mailbox, q.resyncs > 0);
         }
     }
@@ -306,18 +367,33 @@ impl Delivery {
     /// Take care of one notification: deliver it now if nothing is waiting for its mailbox, else
     /// (or if the receiver fails) spool it. `Err` means it is neither delivered nor durably
     /// stored (see the module's "Limits"): Exchange must not be told `OK`.
+    ///
+    /// `direct_limit`: how long the direct attempt may take before the notification is spooled
+    /// instead (Graph, which wants an answer within seconds); `None`: `--upstream-timeout`.
     pub async fn accept(
         &self,
         mailbox: &str,
         subscription_id: &str,
         headers: HeaderBlock,
         body: Bytes,
+        direct_limit: Option<Duration>,
     ) -> Result<Accepted, NotAccepted> {
         let queue = self.queue(mailbox);
         let mut q = queue.lock().await;
         if q.waiting == 0 {
-            let out = self.request(mailbox, subscription_id, &headers, body.clone(), None);
-            match self.try_deliver(&out).await {
+            let out = self.request(mailbox, subscription_id, &headers, body.clone(), None, None);
+            let attempt = match direct_limit {
+                None => self.try_deliver(&out).await,
+                Some(limit) => tokio::time::timeout(limit, self.try_deliver(&out))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(format!(
+                            "receiver slower than {} ms; spooled instead",
+                            limit.as_millis()
+                        ))
+                    }),
+            };
+            match attempt {
                 Ok(()) => {
                     self.metrics.delivery("delivered");
                     self.accepting_again(mailbox, &mut q);
@@ -609,18 +685,18 @@ impl Delivery {
         for e in entries {
             let resync = e.subscription_id.is_empty() && e.body.is_empty();
             let mut headers = HeaderBlock::with_capacity(80);
-            headers.push(b"content-type", b"text/xml; charset=utf-8");
-            let received = humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + Duration::from_millis(e.received_at),
-            )
-            .to_string();
-            headers.push(X_EWS_RECEIVED_AT.as_str().as_bytes(), received.as_bytes());
+            if is_graph(mailbox) {
+                headers.push(b"content-type", b"application/json; charset=utf-8");
+            } else {
+                headers.push(b"content-type", b"text/xml; charset=utf-8");
+            }
             let out = self.request(
                 mailbox,
                 &e.subscription_id,
                 &headers,
                 e.body.clone(),
                 resync.then_some(mailbox),
+                Some(e.received_at),
             );
             if let Err(why) = self.try_deliver(&out).await {
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
@@ -718,8 +794,9 @@ impl Delivery {
         self.metrics.set_spool(self.waiting(), age);
     }
 
-    /// The POST to the receiver: `headers` (any `X-EWS-*` fields a client sent dropped) and the
-    /// relay's own `X-EWS-*` fields.
+    /// The POST to the receiver: `headers` (any of the relay's own fields a client sent
+    /// dropped) and the relay's own `X-EWS-*` or `X-Graph-*` fields; `received_at` for one
+    /// delivered late (replay).
     fn request(
         &self,
         mailbox: &str,
@@ -727,37 +804,71 @@ impl Delivery {
         headers: &HeaderBlock,
         body: Bytes,
         resync: Option<&str>,
+        received_at: Option<UnixMillis>,
     ) -> Outgoing {
-        let own = [
-            &X_EWS_MAILBOX,
-            &X_EWS_SUBSCRIPTION_ID,
-            &X_EWS_RESYNC_REQUIRED,
-        ];
         let mut out = HeaderBlock::with_capacity(headers.as_bytes().len() + 256);
+        let graph = mailbox.strip_prefix(store::GRAPH_QUEUE_PREFIX);
         for (name, value) in headers.iter() {
-            if !own
+            if !OWN_FIELDS
                 .iter()
                 .any(|o| name.eq_ignore_ascii_case(o.as_str().as_bytes()))
             {
                 out.push(name, value);
             }
         }
-        out.push(X_EWS_MAILBOX.as_str().as_bytes(), mailbox.as_bytes());
-        if resync.is_some() {
-            out.push(
-                X_EWS_RESYNC_REQUIRED.as_str().as_bytes(),
-                mailbox.as_bytes(),
-            );
-        }
-        if !subscription_id.is_empty() {
-            out.push(
-                X_EWS_SUBSCRIPTION_ID.as_str().as_bytes(),
-                subscription_id.as_bytes(),
-            );
-        }
+        let received = received_at.map(|at| {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at))
+                .to_string()
+        });
+        let path = match graph {
+            Some(resource) => {
+                if let Some(change) = graph_change_type(&body) {
+                    out.push(X_GRAPH_CHANGE_TYPE.as_str().as_bytes(), change.as_bytes());
+                }
+                if let Some(at) = &received {
+                    out.push(X_GRAPH_RECEIVED_AT.as_str().as_bytes(), at.as_bytes());
+                }
+                out.push(X_GRAPH_RESOURCE.as_str().as_bytes(), resource.as_bytes());
+                if let Some(mailbox) = graph_mailbox(resource) {
+                    out.push(X_GRAPH_MAILBOX.as_str().as_bytes(), mailbox.as_bytes());
+                }
+                if resync.is_some() {
+                    out.push(
+                        X_GRAPH_RESYNC_REQUIRED.as_str().as_bytes(),
+                        resource.as_bytes(),
+                    );
+                }
+                if !subscription_id.is_empty() {
+                    out.push(
+                        X_GRAPH_SUBSCRIPTION_ID.as_str().as_bytes(),
+                        subscription_id.as_bytes(),
+                    );
+                }
+                &self.paths.graph
+            }
+            None => {
+                if let Some(at) = &received {
+                    out.push(X_EWS_RECEIVED_AT.as_str().as_bytes(), at.as_bytes());
+                }
+                out.push(X_EWS_MAILBOX.as_str().as_bytes(), mailbox.as_bytes());
+                if resync.is_some() {
+                    out.push(
+                        X_EWS_RESYNC_REQUIRED.as_str().as_bytes(),
+                        mailbox.as_bytes(),
+                    );
+                }
+                if !subscription_id.is_empty() {
+                    out.push(
+                        X_EWS_SUBSCRIPTION_ID.as_str().as_bytes(),
+                        subscription_id.as_bytes(),
+                    );
+                }
+                &self.paths.ews
+            }
+        };
         Outgoing::new(
             "POST",
-            self.path.as_str(),
+            path.as_str(),
             self.receiver.host_header().as_bytes(),
             &out,
             body,
@@ -778,6 +889,26 @@ impl Delivery {
         tracing::debug!(error = %why, "delivery attempt failed");
         Err(why)
     }
+}
+
+/// Whether a queue key is a Graph resource's.
+fn is_graph(queue: &str) -> bool {
+    queue.starts_with(store::GRAPH_QUEUE_PREFIX)
+}
+
+/// The mailbox a Graph resource path names (`users/{id or upn}/…`), for `X-Graph-Mailbox`.
+fn graph_mailbox(resource: &str) -> Option<&str> {
+    graph::mailbox_of(resource)
+}
+
+/// The `changeType` of one spooled Graph notification (the JSON of that one notification).
+fn graph_change_type(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Item {
+        #[serde(rename = "changeType")]
+        change_type: Option<String>,
+    }
+    serde_json::from_slice::<Item>(body).ok()?.change_type
 }
 
 #[cfg(test)]
