@@ -447,7 +447,11 @@ async fn managed_mode(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-    let delivery = spool::Delivery::new(receiver, path, writer.clone(), m.spool, metrics.clone())
+    let paths = spool::Paths {
+        ews: path,
+        graph: http::uri::PathAndQuery::from_static("/"),
+    };
+    let delivery = spool::Delivery::new(receiver, paths, writer.clone(), m.spool, metrics.clone())
         .await
         .map_err(StartError::Store)?;
     let http = subscriptions::auth::http_client(m.ews_ca_file.as_deref()).map_err(|source| {

@@ -59,7 +59,7 @@ pub async fn answer(
                 forwarded_fields(head, conn, &mut headers);
                 match manager
                     .delivery()
-                    .accept(&mailbox, id, headers, Bytes::copy_from_slice(body))
+                    .accept(&mailbox, id, headers, Bytes::copy_from_slice(body), None)
                     .await
                 {
                     Ok(_) => {

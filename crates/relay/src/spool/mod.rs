@@ -59,14 +59,12 @@ pub static X_GRAPH_RESOURCE: HeaderName = HeaderName::from_static("x-graph-resou
 /// Graph: the mailbox of the resource, when its path names one (`users/{upn}/…`).
 pub static X_GRAPH_MAILBOX: HeaderName = HeaderName::from_static("x-graph-mailbox");
 /// Graph: the subscription a notification arrived on.
-pub static X_GRAPH_SUBSCRIPTION_ID: HeaderName =
-    HeaderName::from_static("x-graph-subscription-id");
+pub static X_GRAPH_SUBSCRIPTION_ID: HeaderName = HeaderName::from_static("x-graph-subscription-id");
 /// Graph: the notification's `changeType`.
 pub static X_GRAPH_CHANGE_TYPE: HeaderName = HeaderName::from_static("x-graph-change-type");
 /// Graph: the resync signal (Graph said `missed`): the receiver must resynchronise the
 /// resource this header names, e.g. with a delta query.
-pub static X_GRAPH_RESYNC_REQUIRED: HeaderName =
-    HeaderName::from_static("x-graph-resync-required");
+pub static X_GRAPH_RESYNC_REQUIRED: HeaderName = HeaderName::from_static("x-graph-resync-required");
 /// Graph: the time the relay received a spooled notification (RFC 3339).
 pub static X_GRAPH_RECEIVED_AT: HeaderName = HeaderName::from_static("x-graph-received-at");
 
