@@ -12,12 +12,14 @@ pub mod config;
 pub mod crypto;
 pub mod deliver;
 pub mod edge;
+pub mod managed_graph;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
 pub mod receiver;
 pub mod reload;
 pub mod route;
+pub mod source;
 pub mod spool;
 pub mod store;
 pub mod subscriptions;
@@ -252,16 +254,15 @@ pub async fn run(
         metrics.clone(),
     ));
     let tracker = Arc::new(notify::Tracker::new(config.stale_after));
-    let manager = match &config.managed {
-        Some(m) => Some(managed_mode(m, &config, receiver.clone(), metrics.clone()).await?),
-        None => None,
-    };
+    let keepers = keepers(&config, receiver.clone(), metrics.clone()).await?;
+    let manager = keepers.ews.clone();
     let allow = Arc::new(arc_swap::ArcSwap::from_pointee(config.allow.clone()));
     let pipeline = Arc::new(pipeline::Pipeline::new(
         route::Router::new(&config, allow.clone(), metrics.clone()),
         notify::Notifications::new(config.accept_any_body, tracker.clone(), metrics.clone()),
         receiver.clone(),
         manager.clone(),
+        keepers.graph.clone(),
         http1::BodyLimits {
             max_body: config.max_body,
             body_timeout: config.timeouts.body,
@@ -375,9 +376,11 @@ pub async fn run(
     admin_state.listening.store(true, Ordering::Relaxed);
     // Exchange calls back at once after a Subscribe: subscribe only now that we listen.
     let mut managed_tasks = Vec::new();
+    if let Some(d) = &keepers.delivery {
+        managed_tasks.push(tokio::spawn(d.clone().replay()));
+    }
     if let Some(m) = &manager {
         m.start().await.map_err(StartError::Store)?;
-        managed_tasks.push(tokio::spawn(m.delivery().clone().replay()));
         managed_tasks.push(tokio::spawn(watch_mailboxes(
             m.clone(),
             config
@@ -385,6 +388,15 @@ pub async fn run(
                 .as_ref()
                 .and_then(|c| c.mailboxes_file.clone()),
         )));
+    }
+    if let Some(g) = &keepers.graph {
+        g.start().await.map_err(StartError::Store)?;
+        let file = config
+            .graph
+            .as_ref()
+            .and_then(|g| g.managed.as_ref())
+            .and_then(|m| m.resources_file.clone());
+        managed_tasks.push(tokio::spawn(watch_resources(g.clone(), file)));
     }
     let serving = edge::serve(
         listeners.relay,
@@ -415,18 +427,47 @@ pub async fn run(
     if let Some(m) = &manager {
         m.shutdown().await;
     }
+    if let Some(g) = &keepers.graph {
+        g.shutdown().await;
+    }
     admin_task.abort();
     tracing::info!("ews-relay stopped");
     Ok(())
 }
 
-/// Open the store and build the subscription manager (nothing is subscribed yet).
-async fn managed_mode(
-    m: &config::Managed,
+/// The keepers of managed mode (EWS, Graph, or both) and the delivery spool they share.
+#[derive(Default)]
+struct Keepers {
+    ews: Option<Arc<subscriptions::Manager>>,
+    graph: Option<Arc<managed_graph::GraphKeeper>>,
+    delivery: Option<Arc<spool::Delivery>>,
+}
+
+/// Where deliveries of one source go on the receiver: its callback URL's path and query.
+fn callback_path(url: &str) -> Result<http::uri::PathAndQuery, StartError> {
+    let callback: http::Uri = url.parse().map_err(|source| StartError::CallbackUrl {
+        url: url.to_owned(),
+        source,
+    })?;
+    Ok(callback
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")))
+}
+
+/// Open the store and build the keepers managed mode asks for (nothing is subscribed yet).
+async fn keepers(
     config: &Config,
     receiver: Arc<receiver::Receiver>,
     metrics: Arc<metrics::Metrics>,
-) -> Result<Arc<subscriptions::Manager>, StartError> {
+) -> Result<Keepers, StartError> {
+    let ews = config.managed.as_ref();
+    let graph = config.graph.as_ref().and_then(|g| g.managed.as_ref());
+    let (spool_limits, ca_file) = match (ews, graph) {
+        (Some(m), _) => (m.spool, m.ews_ca_file.clone()),
+        (None, Some(g)) => (g.spool, g.ca_file.clone()),
+        (None, None) => return Ok(Keepers::default()),
+    };
     let dir = config.state_dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
@@ -436,27 +477,29 @@ async fn managed_mode(
         Arc::new(store),
         Default::default(),
     ));
-    let callback: http::Uri = m
-        .callback_url
-        .parse()
-        .map_err(|source| StartError::CallbackUrl {
-            url: m.callback_url.clone(),
-            source,
-        })?;
-    let path = callback
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let root = || http::uri::PathAndQuery::from_static("/");
     let paths = spool::Paths {
-        ews: path,
-        graph: http::uri::PathAndQuery::from_static("/"),
+        ews: ews
+            .map(|m| callback_path(&m.callback_url))
+            .transpose()?
+            .unwrap_or_else(root),
+        graph: graph
+            .map(|g| callback_path(&g.callback_url))
+            .transpose()?
+            .unwrap_or_else(root),
     };
-    let delivery = spool::Delivery::new(receiver, paths, writer.clone(), m.spool, metrics.clone())
-        .await
-        .map_err(StartError::Store)?;
-    let http = subscriptions::auth::http_client(m.ews_ca_file.as_deref()).map_err(|source| {
+    let delivery = spool::Delivery::new(
+        receiver,
+        paths,
+        writer.clone(),
+        spool_limits,
+        metrics.clone(),
+    )
+    .await
+    .map_err(StartError::Store)?;
+    let http = subscriptions::auth::http_client(ca_file.as_deref()).map_err(|source| {
         StartError::Outbound {
-            flag: if m.ews_ca_file.is_some() {
+            flag: if ca_file.is_some() {
                 "--ews-ca-file"
             } else {
                 "managed mode's outbound HTTPS"
@@ -464,9 +507,13 @@ async fn managed_mode(
             source,
         }
     })?;
-    let credentials = subscriptions::auth::Credentials::new(m.auth.clone(), http.clone());
-    let trace =
-        match &m.trace_dir {
+    let mut keepers = Keepers {
+        delivery: Some(delivery.clone()),
+        ..Keepers::default()
+    };
+    if let Some(m) = ews {
+        let credentials = subscriptions::auth::Credentials::new(m.auth.clone(), http.clone());
+        let trace = match &m.trace_dir {
             Some(dir) => Some(subscriptions::trace::Tracer::new(dir).map_err(|source| {
                 StartError::TraceDir {
                     dir: dir.clone(),
@@ -475,18 +522,67 @@ async fn managed_mode(
             })?),
             None => None,
         };
-    let client =
-        subscriptions::client::EwsClient::new(http, credentials, m.max_concurrent_ews, trace);
-    let manager = subscriptions::Manager::new(m.clone(), client, writer, delivery, metrics)
+        let client = subscriptions::client::EwsClient::new(
+            http.clone(),
+            credentials,
+            m.max_concurrent_ews,
+            trace,
+        );
+        let manager = subscriptions::Manager::new(
+            m.clone(),
+            client,
+            writer.clone(),
+            delivery.clone(),
+            metrics.clone(),
+        )
         .await
         .map_err(StartError::Store)?;
-    tracing::info!(
-        mailboxes = m.mailboxes.len(),
-        mailboxes_file = ?m.mailboxes_file,
-        callback = %m.callback_url,
-        "managed mode: the relay keeps the mailboxes subscribed"
-    );
-    Ok(manager)
+        tracing::info!(
+            mailboxes = m.mailboxes.len(),
+            mailboxes_file = ?m.mailboxes_file,
+            callback = %m.callback_url,
+            "managed mode: the relay keeps the mailboxes subscribed"
+        );
+        keepers.ews = Some(manager);
+    }
+    if let Some(g) = graph {
+        let credentials = subscriptions::auth::Credentials::new(g.auth.clone(), http.clone());
+        let client = managed_graph::client::GraphClient::new(http, &g.url, credentials);
+        let keeper = managed_graph::GraphKeeper::new(g.clone(), client, writer, delivery, metrics)
+            .await
+            .map_err(StartError::Store)?;
+        tracing::info!(
+            resources = g.resources.len(),
+            resources_file = ?g.resources_file,
+            callback = %g.callback_url,
+            lifecycle = %g.lifecycle_url,
+            graph = %g.url,
+            "managed Graph mode: the relay keeps the Graph resources subscribed"
+        );
+        keepers.graph = Some(keeper);
+    }
+    Ok(keepers)
+}
+
+/// Re-read the Graph resources file when it changes or on SIGHUP, and apply the new set.
+async fn watch_resources(
+    keeper: Arc<managed_graph::GraphKeeper>,
+    file: Option<std::path::PathBuf>,
+) {
+    let Some(file) = file else {
+        return std::future::pending().await;
+    };
+    reload::watch(vec![file], "Graph resources file", || {
+        let keeper = keeper.clone();
+        async move {
+            let wanted = keeper.configured_resources();
+            tracing::info!(resources = wanted.len(), "applying the Graph resource set");
+            if let Err(e) = keeper.apply_resource_set(&wanted).await {
+                tracing::error!(error = %e, "cannot apply the new Graph resource set");
+            }
+        }
+    })
+    .await;
 }
 
 /// Re-read the mailboxes file when it changes or on SIGHUP, and apply the new set.

@@ -165,6 +165,18 @@ pub struct Metrics {
     acme_orders: Family<[(&'static str, &'static str); 2], Counter>,
     /// TLS-ALPN-01 validation handshakes answered with a challenge certificate.
     acme_challenges: Counter,
+    /// Managed Graph mode: Graph calls by operation and outcome.
+    graph_calls: Family<[(&'static str, &'static str); 2], Counter>,
+    /// Managed Graph mode: lifecycle events received, by event.
+    graph_lifecycle: Family<Labels, Counter>,
+    /// Managed Graph mode: POSTs refused with 403, by reason (`mismatch`, `unknown_subscription`).
+    graph_refused: Family<Labels, Counter>,
+    /// Managed Graph mode: notifications by what became of them.
+    graph_notifications: Family<Labels, Counter>,
+    /// Managed Graph mode: validation handshakes by outcome.
+    graph_validations: Family<Labels, Counter>,
+    /// Managed Graph mode: resources by state.
+    graph_resources: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -377,6 +389,42 @@ impl Metrics {
             "TLS-ALPN-01 validation handshakes answered with a challenge certificate",
             acme_challenges.clone(),
         );
+        let graph_calls = Family::<[(&'static str, &'static str); 2], Counter>::default();
+        registry.register(
+            "graph_calls",
+            "Managed Graph mode: Graph subscription calls, by operation (create, renew, reauthorize, delete) and outcome",
+            graph_calls.clone(),
+        );
+        let graph_lifecycle = Family::<Labels, Counter>::default();
+        registry.register(
+            "graph_lifecycle_events",
+            "Managed Graph mode: lifecycle notifications received, by event",
+            graph_lifecycle.clone(),
+        );
+        let graph_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "graph_refused",
+            "Managed Graph mode: notification POSTs refused with 403, by reason (mismatch: wrong clientState; unknown_subscription)",
+            graph_refused.clone(),
+        );
+        let graph_notifications = Family::<Labels, Counter>::default();
+        registry.register(
+            "graph_notifications",
+            "Managed Graph mode: change notifications, by outcome (accepted: delivered or spooled; retired: for a replaced subscription, acknowledged only)",
+            graph_notifications.clone(),
+        );
+        let graph_validations = Family::<Labels, Counter>::default();
+        registry.register(
+            "graph_validations",
+            "Graph validation handshakes, by outcome (answered by the relay, refused, forwarded to the receiver)",
+            graph_validations.clone(),
+        );
+        let graph_resources = Family::<Labels, Gauge>::default();
+        registry.register(
+            "graph_resources",
+            "Managed Graph mode: configured resources, by state",
+            graph_resources.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -425,6 +473,12 @@ impl Metrics {
             body_buffer_reserved,
             acme_orders,
             acme_challenges,
+            graph_calls,
+            graph_lifecycle,
+            graph_refused,
+            graph_notifications,
+            graph_validations,
+            graph_resources,
         }
     }
 
@@ -462,6 +516,57 @@ impl Metrics {
         self.reloads
             .get_or_create(&[("what", what), ("outcome", outcome)])
             .inc();
+    }
+
+    /// Count a Graph subscription call's outcome.
+    pub fn graph_call(&self, op: &'static str, outcome: &'static str) {
+        self.graph_calls
+            .get_or_create(&[("op", op), ("outcome", outcome)])
+            .inc();
+    }
+
+    /// Count a Graph lifecycle event.
+    pub fn graph_lifecycle(&self, event: &str) {
+        let event = match event {
+            "reauthorizationRequired" => "reauthorizationRequired",
+            "subscriptionRemoved" => "subscriptionRemoved",
+            "missed" => "missed",
+            // Bounded label values, whatever Graph invents.
+            _ => "other",
+        };
+        self.graph_lifecycle
+            .get_or_create(&[("event", event)])
+            .inc();
+    }
+
+    /// Count a Graph POST refused with 403.
+    pub fn graph_refused(&self, reason: &'static str) {
+        self.graph_refused
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Count a Graph change notification's outcome.
+    pub fn graph_notification(&self, outcome: &'static str) {
+        self.graph_notifications
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Count a Graph validation handshake's outcome.
+    pub fn graph_validation(&self, outcome: &'static str) {
+        self.graph_validations
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// Publish Graph resource counts by state.
+    pub fn set_graph_resources(&self, counts: &[(&'static str, i64)]) {
+        for (state, n) in counts {
+            self.graph_resources
+                .get_or_create(&[("state", *state)])
+                .set(*n);
+        }
     }
 
     /// Count a Subscribe call's outcome.

@@ -14,10 +14,12 @@ use http1::{Answer, BodyError, BodyLimits, Exchange, HeaderBlock, Refused, Reply
 use crate::client::ConnInfo;
 use crate::deliver::managed::{self, Answered};
 use crate::deliver::passthrough::{self, Buffers};
+use crate::managed_graph::inbound::{self, Outcome};
+use crate::managed_graph::GraphKeeper;
 use crate::metrics::Metrics;
 use crate::notify::{Notifications, ReceiverAnswer};
 use crate::receiver::Receiver;
-use crate::route::{Refusal, Route, Router};
+use crate::route::{Refusal, Route, Router, Source};
 use crate::subscriptions::Manager;
 
 /// The request handler shared by all connections.
@@ -28,6 +30,8 @@ pub struct Pipeline {
     receiver: Arc<Receiver>,
     /// Managed mode: the relay answers Exchange itself for the subscriptions it owns.
     manager: Option<Arc<Manager>>,
+    /// Managed Graph mode: the relay answers Graph itself on its own callback URLs.
+    graph: Option<Arc<GraphKeeper>>,
     limits: BodyLimits,
     metrics: Arc<Metrics>,
 }
@@ -46,6 +50,7 @@ impl Pipeline {
         notify: Notifications,
         receiver: Arc<Receiver>,
         manager: Option<Arc<Manager>>,
+        graph: Option<Arc<GraphKeeper>>,
         limits: BodyLimits,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -54,6 +59,7 @@ impl Pipeline {
             notify,
             receiver,
             manager,
+            graph,
             limits,
             metrics,
         }
@@ -105,6 +111,168 @@ impl Pipeline {
     }
 }
 
+impl Pipeline {
+    /// The receiver's exchange as the answer to the client: its reply (and what `classify`
+    /// makes of it), or 502/504 when it failed (counted and logged).
+    fn receiver_reply(
+        &self,
+        result: Result<Reply, crate::receiver::UpstreamError>,
+        client: &ConnInfo,
+        classify: impl FnOnce(&Reply) -> Option<ReceiverAnswer>,
+    ) -> (Reply, Option<ReceiverAnswer>) {
+        match result {
+            Ok(reply) => {
+                let answer = classify(&reply);
+                (reply, answer)
+            }
+            Err(e) => {
+                self.metrics.upstream_error(e.kind);
+                tracing::warn!(
+                    peer = %client.peer,
+                    receiver = self.receiver.authority(),
+                    error = %e,
+                    status = e.status().as_u16(),
+                    "receiver exchange failed"
+                );
+                (
+                    Reply::plain(e.status(), upstream_message(e.status())),
+                    Some(ReceiverAnswer::Unreachable),
+                )
+            }
+        }
+    }
+
+    /// A request under `--graph-path-prefix`: the validation handshake, a change notification
+    /// collection for the relay's own subscriptions (managed Graph mode), or one for the
+    /// receiver's (passthrough).
+    async fn graph(
+        &self,
+        head: &RequestHead<'_>,
+        body: &[u8],
+        client: &ConnInfo,
+        buffers: &mut Buffers,
+        deadline: &mut Deadline,
+    ) -> Answer<Detail> {
+        let started = Instant::now();
+        let refuse = |refusal: Refusal| Answer {
+            reply: refusal.reply(),
+            ready: None,
+            detail: Detail::default(),
+        };
+        let query = head.path_and_query.split_once('?').map_or("", |(_, q)| q);
+        let token = match graph::validation_token(query) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(peer = %client.peer, error = %e, "malformed validationToken; answered 400");
+                return refuse(Refusal::BadValidationToken);
+            }
+        };
+        let own = self.graph.as_ref().filter(|k| k.owns_path(head.path()));
+        if let Some(token) = token {
+            let Some(keeper) = own else {
+                // The receiver's own subscription: it answers its validation.
+                self.metrics.graph_validation("forwarded");
+                return self
+                    .forward_graph(head, body, client, buffers, deadline, None)
+                    .await;
+            };
+            if !keeper.expects_validation(head.path()) {
+                self.metrics.graph_validation("refused");
+                tracing::info!(peer = %client.peer, path = head.path(), "Graph validation request while no subscription is being created: refused (400)");
+                return refuse(Refusal::UnexpectedValidation);
+            }
+            self.metrics.graph_validation("answered");
+            let mut headers = HeaderBlock::with_capacity(48);
+            headers.push(b"content-type", b"text/plain; charset=utf-8");
+            return Answer {
+                reply: Reply {
+                    status: StatusCode::OK,
+                    headers,
+                    body: Bytes::from(token),
+                },
+                ready: Some(Instant::now()),
+                detail: Detail::default(),
+            };
+        }
+        let collection = match graph::parse_collection(body) {
+            Ok(c) => Some(c),
+            Err(_) if own.is_none() && self.notify.accepts_any_body() => None,
+            Err(e) => {
+                self.metrics.rejected_bodies.inc();
+                tracing::debug!(peer = %client.peer, error = %e, "not a Graph change notification collection; answered 400");
+                return refuse(Refusal::NotGraphNotification);
+            }
+        };
+        match (own, collection) {
+            (Some(keeper), Some(c)) => {
+                let reply = match inbound::answer(keeper, &c, head, client, started).await {
+                    Outcome::Accepted => Reply {
+                        status: StatusCode::ACCEPTED,
+                        headers: HeaderBlock::default(),
+                        body: Bytes::new(),
+                    },
+                    Outcome::Forbidden => {
+                        Reply::plain(StatusCode::FORBIDDEN, "clientState does not match\n")
+                    }
+                    Outcome::NotStored => {
+                        let mut r = Reply::plain(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "notification not stored; retry\n",
+                        );
+                        r.headers.push(b"retry-after", b"5");
+                        r
+                    }
+                };
+                Answer {
+                    reply,
+                    ready: Some(Instant::now()),
+                    detail: Detail::default(),
+                }
+            }
+            (_, c) => {
+                self.forward_graph(head, body, client, buffers, deadline, c.as_ref())
+                    .await
+            }
+        }
+    }
+
+    /// Passthrough of a Graph request: the receiver answers it; a notification collection is
+    /// recorded with the receiver's answer.
+    async fn forward_graph(
+        &self,
+        head: &RequestHead<'_>,
+        body: &[u8],
+        client: &ConnInfo,
+        buffers: &mut Buffers,
+        deadline: &mut Deadline,
+        collection: Option<&graph::Collection>,
+    ) -> Answer<Detail> {
+        let forwarded =
+            passthrough::forward(&self.receiver, head, body, client, buffers, deadline).await;
+        let (reply, answer) = self.receiver_reply(forwarded.result, client, |reply| {
+            collection.map(|_| {
+                if reply.status.is_success() {
+                    ReceiverAnswer::Ok
+                } else {
+                    ReceiverAnswer::HttpError(reply.status.as_u16())
+                }
+            })
+        });
+        if let (Some(c), Some(answer)) = (collection, answer) {
+            self.notify.observe_graph(c, client, answer, forwarded.done);
+        }
+        Answer {
+            reply,
+            ready: Some(forwarded.done),
+            detail: Detail {
+                upstream_ms: Some(millis(
+                    forwarded.done.saturating_duration_since(forwarded.start),
+                )),
+            },
+        }
+    }
+}
+
 impl http1::Handler for Pipeline {
     type Conn = ConnInfo;
     type Admitted = Route;
@@ -139,6 +307,10 @@ impl http1::Handler for Pipeline {
         deadline: &mut Deadline,
     ) -> Answer<Detail> {
         let client = route.named_client.as_ref().unwrap_or(conn);
+        if route.source == Source::Graph {
+            // Boxed: Graph's future is large, and EWS requests must not carry its size.
+            return Box::pin(self.graph(head, body, client, buffers, deadline)).await;
+        }
         let notification = match self.notify.parse(body, client) {
             Ok(n) => n,
             Err(_) => {
@@ -158,28 +330,11 @@ impl http1::Handler for Pipeline {
         }
         let forwarded =
             passthrough::forward(&self.receiver, head, body, client, buffers, deadline).await;
-        let (reply, answer) = match forwarded.result {
-            Ok(reply) => {
-                let answer = notification
-                    .as_ref()
-                    .map(|_| self.notify.classify(reply.status, &reply.body));
-                (reply, answer)
-            }
-            Err(e) => {
-                self.metrics.upstream_error(e.kind);
-                tracing::warn!(
-                    peer = %client.peer,
-                    receiver = self.receiver.authority(),
-                    error = %e,
-                    status = e.status().as_u16(),
-                    "receiver exchange failed"
-                );
-                (
-                    Reply::plain(e.status(), upstream_message(e.status())),
-                    Some(ReceiverAnswer::Unreachable),
-                )
-            }
-        };
+        let (reply, answer) = self.receiver_reply(forwarded.result, client, |reply| {
+            notification
+                .as_ref()
+                .map(|_| self.notify.classify(reply.status, &reply.body))
+        });
         if let (Some(n), Some(answer)) = (&notification, answer) {
             self.notify.observe(n, client, answer, forwarded.done);
         }

@@ -14,6 +14,7 @@ use crate::allow::AllowList;
 pub use crate::client::ConnInfo;
 use crate::config::Config;
 use crate::metrics::{BodyBudgetScope, DenyReason, Metrics};
+pub use crate::source::Source;
 
 /// Where an admitted request goes.
 #[derive(Debug)]
@@ -24,12 +25,16 @@ pub struct Route {
     /// Its share of `--max-body-buffer`, given back when the route is dropped: after the
     /// request is answered and logged.
     pub body: BodyReservation,
+    /// EWS (`--path-prefix`) or Graph (`--graph-path-prefix`).
+    pub source: Source,
 }
 
 /// The routing rules, from the configuration.
 #[derive(Debug)]
 pub struct Router {
     path_prefix: String,
+    /// `--graph-path-prefix`: checked first, as it may lie under `--path-prefix`.
+    graph_prefix: Option<String>,
     max_body: u64,
     /// `--client-ip-header`: where a trusted proxy names the client.
     client_ip_header: Option<http::HeaderName>,
@@ -49,6 +54,7 @@ impl Router {
     ) -> Self {
         Self {
             path_prefix: config.path_prefix.clone(),
+            graph_prefix: config.graph.as_ref().map(|g| g.path_prefix.clone()),
             max_body: config.max_body,
             client_ip_header: config.client_ip_header.clone(),
             bodies: BodyBudget::new(config.max_body_buffer)
@@ -84,9 +90,11 @@ impl Router {
         if !plain_path(head.path()) {
             return Err(Refusal::BadTarget);
         }
-        if !under_prefix(head.path(), &self.path_prefix) {
-            return Err(Refusal::NotFound);
-        }
+        let source = match &self.graph_prefix {
+            Some(g) if under_prefix(head.path(), g) => Source::Graph,
+            _ if under_prefix(head.path(), &self.path_prefix) => Source::Ews,
+            _ => return Err(Refusal::NotFound),
+        };
         if head.method != "POST" {
             return Err(Refusal::MethodNotAllowed);
         }
@@ -104,7 +112,11 @@ impl Router {
             self.metrics.body_budget_refused(BodyBudgetScope::Process);
             return Err(Refusal::BodyBufferFull);
         };
-        Ok(Route { named_client, body })
+        Ok(Route {
+            named_client,
+            body,
+            source,
+        })
     }
 }
 
@@ -187,6 +199,13 @@ pub enum Refusal {
     BadBody,
     /// The body is not an EWS SendNotification SOAP message.
     NotNotification,
+    /// Under `--graph-path-prefix`: the body is not a Graph change notification collection.
+    NotGraphNotification,
+    /// Under `--graph-path-prefix`: a malformed `validationToken` query.
+    BadValidationToken,
+    /// Managed Graph mode: a validation request on the relay's own callback URL while no
+    /// subscription is being created.
+    UnexpectedValidation,
     /// Behind a trusted proxy, the client it names is missing or not admitted.
     Forbidden,
     /// A path with dot segments, path parameters or encoded separators, which a receiver
@@ -226,6 +245,18 @@ impl Refusal {
             Refusal::NotNotification => (
                 StatusCode::BAD_REQUEST,
                 "not an EWS SendNotification SOAP message\n",
+            ),
+            Refusal::NotGraphNotification => (
+                StatusCode::BAD_REQUEST,
+                "not a Microsoft Graph change notification collection\n",
+            ),
+            Refusal::BadValidationToken => (
+                StatusCode::BAD_REQUEST,
+                "malformed validationToken in the query\n",
+            ),
+            Refusal::UnexpectedValidation => (
+                StatusCode::BAD_REQUEST,
+                "no subscription is being created for this URL\n",
             ),
             Refusal::BodyBufferFull => (
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -58,6 +58,23 @@ impl Notifications {
         }
     }
 
+    /// `--accept-any-body`.
+    pub fn accepts_any_body(&self) -> bool {
+        self.accept_any_body
+    }
+
+    /// Records a Graph change notification collection the receiver answered (passthrough).
+    pub fn observe_graph(
+        &self,
+        c: &graph::Collection,
+        conn: &ConnInfo,
+        answer: ReceiverAnswer,
+        now: Instant,
+    ) {
+        self.tracker.record_graph(c, conn.peer_ip, answer, now);
+        self.metrics.answer(answer.metric_index());
+    }
+
     /// What the receiver's answer (status and body) said to Exchange.
     pub fn classify(&self, status: http::StatusCode, body: &bytes::Bytes) -> ReceiverAnswer {
         self.answers.classify(status, body)

@@ -314,6 +314,17 @@ impl Tracker {
         }
     }
 
+    /// Record a Graph change notification collection (passthrough) and the receiver's answer.
+    pub fn record_graph(
+        &self,
+        _c: &graph::Collection,
+        _peer: IpAddr,
+        _answer: ReceiverAnswer,
+        _now: Instant,
+    ) {
+        // Graph rows in the tracker: next commit.
+    }
+
     /// Mark silent subscriptions stale (logging each once) and forget long-gone ones; returns
     /// how many subscriptions are in each state, in [`State::ALL`] order.
     pub fn sweep(&self) -> [usize; State::ALL.len()] {
