@@ -61,8 +61,8 @@ fn check_subscription_id(id: &str) -> Result<(), EwsError> {
 /// A streaming subscription for one mailbox. Send it with `X-AnchorMailbox: {mailbox}`.
 ///
 /// Unlike a push subscription it has no watermark to resume from, no `StatusFrequency` and no
-/// URL: events flow only while a `GetStreamingEvents` connection is open, and Exchange keeps an
-/// unconnected streaming subscription for about 30 minutes.
+/// URL: events flow only while a `GetStreamingEvents` connection is open, and a subscription
+/// no connection serves is dropped by Exchange after a while (not checked here how long).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamingSubscribeRequest<'a> {
     /// `RequestServerVersion`: `Exchange2010_SP1` or later, usually

@@ -92,7 +92,7 @@ fn every_pair_of_split_points_in_a_short_stream() {
     // Markup the scanner must not be fooled by: `>` and `/` in attribute values, an empty
     // element, a comment and a processing instruction inside and between envelopes, CDATA
     // holding what looks like an end tag, and a root that is an empty element.
-    let one = r#"<s:Envelope a="x>/y" b='"/>'><s:Body><?pi >?><x/><!-- </s:Envelope> --><![CDATA[</s:Envelope>]]]]></s:Body></s:Envelope>"#;
+    let one = r#"<s:Envelope d="/>" a="x>/y" b='"/>'><s:Body><?pi a></s:Body>?><x/><!-- a>b </s:Envelope> --><![CDATA[1>0</s:Envelope>]]]]></s:Body></s:Envelope>"#;
     let two = "<e:Envelope xmlns:e='u'/>";
     let stream = format!("<?xml version=\"1.0\"?>\n{one} <!-- between > -->\t<?pi x?>{two}\n");
     let stream = stream.as_bytes();
