@@ -2,6 +2,9 @@
 //! callback (`SendNotification`), build the callback's answer (`SendNotificationResult`), build
 //! the requests the subscription manager sends (`Subscribe`, Autodiscover `GetUserSettings`),
 //! parse their responses and faults, and say what each response code asks the caller to do.
+//! Streaming notifications too (`streaming.rs`, `stream_split.rs`): the streaming `Subscribe`,
+//! `GetStreamingEvents` and `Unsubscribe`, the envelopes of a streaming answer cut apart and
+//! parsed, and a streamed notification rewritten as the `SendNotification` a push would be.
 //!
 //! Everything is matched by namespace URI and local name, never by prefix. Parsing is one pass
 //! over the body with quick-xml's reader (namespaces resolved by the module's own reader, see
@@ -22,6 +25,8 @@ mod fast;
 mod fault;
 mod notification;
 mod response;
+mod stream_split;
+mod streaming;
 mod subscribe;
 pub mod xml;
 
@@ -40,6 +45,13 @@ pub use notification::{
     MAX_EVENTS,
 };
 pub use response::{ResponseClass, ResponseStatus};
+pub use stream_split::{EnvelopeSplitter, DEFAULT_MAX_ENVELOPE};
+pub use streaming::{
+    get_streaming_events_request, parse_streaming_events, parse_unsubscribe_response,
+    send_notification_from_stream, streaming_subscribe_request, unsubscribe_request,
+    ConnectionStatus, StreamingBatch, StreamingMessage, StreamingSubscribeRequest,
+    MAX_CONNECTION_TIMEOUT, MAX_STREAMING_SUBSCRIPTIONS,
+};
 pub use subscribe::{
     build_subscribe, parse_subscribe_response, Folders, SubscribeRequest, SubscribeResponse,
     DEFAULT_SERVER_VERSION, MAX_STATUS_FREQUENCY,

@@ -346,6 +346,19 @@ fn read_message<'i, const FULL: bool>(
     Ok((message, tally))
 }
 
+/// Reads the `Notification` element just entered, events included, spending one of `budget`
+/// per event: for the `Notification`s of a streaming response, which have the same type.
+pub(super) fn read_full_notification<'i>(
+    xml: &mut XmlReader<'i>,
+    budget: &mut usize,
+) -> Result<Notification<'i>, EwsError> {
+    let mut tally = Tally {
+        counts: [0; EventType::ALL.len()],
+        last_watermark: None,
+    };
+    read_notification::<true>(xml, budget, &mut tally)
+}
+
 fn read_notification<'i, const FULL: bool>(
     xml: &mut XmlReader<'i>,
     budget: &mut usize,

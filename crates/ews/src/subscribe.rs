@@ -53,30 +53,7 @@ pub struct SubscribeRequest<'a> {
 pub fn build_subscribe(request: &SubscribeRequest<'_>) -> Result<String, EwsError> {
     check_server_version(request.server_version)?;
     check_mailbox("mailbox", request.mailbox)?;
-    if let Folders::Distinguished(folders) = request.folders {
-        if folders.is_empty() {
-            return Err(EwsError::invalid("folders", "empty"));
-        }
-        // Every DistinguishedFolderIdNameType value is a lower-case ASCII word.
-        if !folders
-            .iter()
-            .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_lowercase()))
-        {
-            return Err(EwsError::invalid(
-                "folders",
-                "not a distinguished folder name",
-            ));
-        }
-    }
-    if request.event_types.is_empty() {
-        return Err(EwsError::invalid("event_types", "empty"));
-    }
-    if request.event_types.contains(&EventType::Status) {
-        return Err(EwsError::invalid(
-            "event_types",
-            "StatusEvent cannot be subscribed to",
-        ));
-    }
+    check_folders_and_events(request.folders, request.event_types)?;
     if let Some(watermark) = request.watermark {
         if watermark.is_empty() {
             return Err(EwsError::invalid("watermark", "empty"));
@@ -92,34 +69,14 @@ pub fn build_subscribe(request: &SubscribeRequest<'_>) -> Result<String, EwsErro
     check_url("url", request.url)?;
 
     let mut xml = String::with_capacity(1024);
-    xml.push_str(r#"<?xml version="1.0" encoding="utf-8"?>"#);
-    xml.push_str(&format!(
-        r#"<soap:Envelope xmlns:soap="{SOAP_NS}" xmlns:m="{MESSAGES_NS}" xmlns:t="{TYPES_NS}">"#
-    ));
-    xml.push_str("<soap:Header>");
-    xml.push_str(&format!(
-        r#"<t:RequestServerVersion Version="{}"/>"#,
-        request.server_version
-    ));
-    xml.push_str("<t:ExchangeImpersonation><t:ConnectingSID>");
-    push_element(&mut xml, "t:SmtpAddress", request.mailbox);
-    xml.push_str("</t:ConnectingSID></t:ExchangeImpersonation>");
-    xml.push_str("</soap:Header><soap:Body><m:Subscribe>");
-    match request.folders {
-        Folders::All => xml.push_str(r#"<m:PushSubscriptionRequest SubscribeToAllFolders="true">"#),
-        Folders::Distinguished(folders) => {
-            xml.push_str("<m:PushSubscriptionRequest><t:FolderIds>");
-            for folder in folders {
-                xml.push_str(&format!(r#"<t:DistinguishedFolderId Id="{folder}"/>"#));
-            }
-            xml.push_str("</t:FolderIds>");
-        }
-    }
-    xml.push_str("<t:EventTypes>");
-    for event_type in request.event_types {
-        push_element(&mut xml, "t:EventType", event_type.as_str());
-    }
-    xml.push_str("</t:EventTypes>");
+    push_envelope_start(&mut xml, request.server_version, Some(request.mailbox));
+    xml.push_str("<m:Subscribe>");
+    push_subscription_start(
+        &mut xml,
+        "m:PushSubscriptionRequest",
+        request.folders,
+        request.event_types,
+    );
     if let Some(watermark) = request.watermark {
         push_element(&mut xml, "t:Watermark", watermark);
     }
@@ -131,6 +88,90 @@ pub fn build_subscribe(request: &SubscribeRequest<'_>) -> Result<String, EwsErro
     push_element(&mut xml, "t:URL", request.url);
     xml.push_str("</m:PushSubscriptionRequest></m:Subscribe></soap:Body></soap:Envelope>");
     Ok(xml)
+}
+
+/// Refuses folder and event lists Exchange would refuse in any `Subscribe`, push or streaming.
+pub(super) fn check_folders_and_events(
+    folders: Folders<'_>,
+    event_types: &[EventType],
+) -> Result<(), EwsError> {
+    if let Folders::Distinguished(folders) = folders {
+        if folders.is_empty() {
+            return Err(EwsError::invalid("folders", "empty"));
+        }
+        // Every DistinguishedFolderIdNameType value is a lower-case ASCII word.
+        if !folders
+            .iter()
+            .all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_lowercase()))
+        {
+            return Err(EwsError::invalid(
+                "folders",
+                "not a distinguished folder name",
+            ));
+        }
+    }
+    if event_types.is_empty() {
+        return Err(EwsError::invalid("event_types", "empty"));
+    }
+    if event_types.contains(&EventType::Status) {
+        return Err(EwsError::invalid(
+            "event_types",
+            "StatusEvent cannot be subscribed to",
+        ));
+    }
+    Ok(())
+}
+
+/// Appends the XML declaration, the envelope's start tag with the `soap:`, `m:` and `t:`
+/// declarations, the header (`RequestServerVersion`, and `ExchangeImpersonation` when
+/// `impersonate` names a mailbox) and the body's start tag: everything before the message.
+/// The caller checked `server_version` and the mailbox.
+pub(super) fn push_envelope_start(
+    xml: &mut String,
+    server_version: &str,
+    impersonate: Option<&str>,
+) {
+    xml.push_str(r#"<?xml version="1.0" encoding="utf-8"?>"#);
+    xml.push_str(&format!(
+        r#"<soap:Envelope xmlns:soap="{SOAP_NS}" xmlns:m="{MESSAGES_NS}" xmlns:t="{TYPES_NS}">"#
+    ));
+    xml.push_str("<soap:Header>");
+    xml.push_str(&format!(
+        r#"<t:RequestServerVersion Version="{server_version}"/>"#
+    ));
+    if let Some(mailbox) = impersonate {
+        xml.push_str("<t:ExchangeImpersonation><t:ConnectingSID>");
+        push_element(xml, "t:SmtpAddress", mailbox);
+        xml.push_str("</t:ConnectingSID></t:ExchangeImpersonation>");
+    }
+    xml.push_str("</soap:Header><soap:Body>");
+}
+
+/// Appends the start of a subscription request element (`element`, e.g.
+/// `m:PushSubscriptionRequest`), its `FolderIds` or `SubscribeToAllFolders`, and its
+/// `EventTypes`: the part push and streaming subscriptions share, in schema order. The caller
+/// checked both lists and closes the element.
+pub(super) fn push_subscription_start(
+    xml: &mut String,
+    element: &str,
+    folders: Folders<'_>,
+    event_types: &[EventType],
+) {
+    match folders {
+        Folders::All => xml.push_str(&format!(r#"<{element} SubscribeToAllFolders="true">"#)),
+        Folders::Distinguished(folders) => {
+            xml.push_str(&format!("<{element}><t:FolderIds>"));
+            for folder in folders {
+                xml.push_str(&format!(r#"<t:DistinguishedFolderId Id="{folder}"/>"#));
+            }
+            xml.push_str("</t:FolderIds>");
+        }
+    }
+    xml.push_str("<t:EventTypes>");
+    for event_type in event_types {
+        push_element(xml, "t:EventType", event_type.as_str());
+    }
+    xml.push_str("</t:EventTypes>");
 }
 
 /// A parsed `SubscribeResponse`: its one `SubscribeResponseMessage`.

@@ -19,14 +19,14 @@ use ews::{
     SubscribeRequest, SubscriptionStatus, DEFAULT_SERVER_VERSION, MAX_AUTODISCOVER_USERS,
 };
 
-fn fixture(name: &str) -> String {
+pub(crate) fn fixture(name: &str) -> String {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// White space between tags dropped, runs of it elsewhere made one space: the builders write
 /// compact XML, the fixtures are indented.
-fn normalize(xml: &str) -> String {
+pub(crate) fn normalize(xml: &str) -> String {
     xml.split_whitespace()
         .collect::<Vec<_>>()
         .join(" ")
@@ -34,7 +34,7 @@ fn normalize(xml: &str) -> String {
 }
 
 /// Runs `xmllint` with `args` on `xml`; `None` (after saying so) when xmllint is missing.
-fn xmllint(args: &[&str], xml: &str) -> Option<(bool, String)> {
+pub(crate) fn xmllint(args: &[&str], xml: &str) -> Option<(bool, String)> {
     let mut file = tempfile::NamedTempFile::new().expect("temp file");
     file.write_all(xml.as_bytes()).expect("write temp file");
     let output = match Command::new("xmllint").args(args).arg(file.path()).output() {
@@ -51,7 +51,7 @@ fn xmllint(args: &[&str], xml: &str) -> Option<(bool, String)> {
 }
 
 /// Validates a whole SOAP envelope against Microsoft's schema (see the module comment).
-fn assert_schema_valid(xml: &str) {
+pub(crate) fn assert_schema_valid(xml: &str) {
     let schema = format!(
         "{}/tests/schema/soap-envelope.xsd",
         env!("CARGO_MANIFEST_DIR")
@@ -62,7 +62,7 @@ fn assert_schema_valid(xml: &str) {
 }
 
 /// The string value of the first element named `local` in any namespace, as xmllint reads it.
-fn xpath_value(xml: &str, local: &str) -> Option<String> {
+pub(crate) fn xpath_value(xml: &str, local: &str) -> Option<String> {
     let expr = format!("string(//*[local-name()='{local}'])");
     xmllint(&["--xpath", &expr], xml).map(|(ok, out)| {
         assert!(ok, "xmllint --xpath failed: {out}");

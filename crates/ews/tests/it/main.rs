@@ -7,3 +7,5 @@ mod builders;
 mod fast;
 mod notification;
 mod responses;
+mod stream_split;
+mod streaming;
