@@ -459,7 +459,8 @@ async fn create(shared: &Arc<Shared>, body: &[u8]) -> Result<(StatusCode, Value)
     }
     let expiration = granted_expiration(config, b.expiration_date_time.as_deref())?;
 
-    // Both endpoints are validated, each with its own token, before anything is created.
+    // Both endpoints are validated, each with its own token, before anything is created
+    // (Graph's rule for webhooks; the same URL given twice is validated twice).
     let id = guid();
     let mut endpoints = vec![notification_url.clone()];
     endpoints.extend(b.lifecycle_notification_url.clone());

@@ -227,11 +227,17 @@ async fn delivery_loop(shared: Arc<Shared>, url: String) {
             }
         };
         let kind = batch[0].kind;
-        let mut ids: Vec<String> = batch.iter().map(|i| i.subscription_id.clone()).collect();
-        ids.dedup();
+        // The subscriptions in the batch, each once, in order of first appearance.
+        let mut ids: Vec<String> = Vec::new();
+        for item in &batch {
+            if !ids.contains(&item.subscription_id) {
+                ids.push(item.subscription_id.clone());
+            }
+        }
         let body = json!({"value": batch.iter().map(|i| &i.item).collect::<Vec<_>>()}).to_string();
         let budget = graph.retry_budget.mul_f64(factor);
-        let first_failure = Instant::now();
+        // The budget runs from the first try: Graph gives up on a notification, not a POST.
+        let first_try = Instant::now();
         let mut wait = graph.first_retry.mul_f64(factor);
         loop {
             let started = Instant::now();
@@ -262,7 +268,7 @@ async fn delivery_loop(shared: Arc<Shared>, url: String) {
                 ),
             };
             let ok = error.is_none();
-            let give_up = !ok && first_failure.elapsed() + wait > budget;
+            let give_up = !ok && first_try.elapsed() + wait > budget;
             record(
                 &shared,
                 &url,

@@ -290,7 +290,8 @@ impl MailboxConfig {
     }
 }
 
-/// How EWS and Autodiscover requests must authenticate.
+/// How EWS and Autodiscover requests must authenticate (and Graph's: with `OAuth`, a token
+/// asked for Graph's scope; with `None`, nothing; with `Basic`, Graph refuses everything).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     /// No check (on-premises lab with anonymous access; not how Exchange is ever set up).
@@ -335,7 +336,9 @@ pub struct SimConfig {
     /// Trust for HTTPS callbacks.
     pub callback_trust: CallbackTrust,
     /// Multiplies Exchange's retry schedule (30 s doubling, within StatusFrequency minutes):
-    /// 1.0 is Exchange's, 0.001 makes a StatusFrequency of 1 minute a 60 ms budget.
+    /// 1.0 is Exchange's, 0.001 makes a StatusFrequency of 1 minute a 60 ms budget. Graph's
+    /// notification retries ([`GraphConfig::first_retry`], [`GraphConfig::retry_budget`]) are
+    /// scaled by it too.
     pub time_factor: f64,
     /// Serve HTTPS with this configuration; plain HTTP when `None`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -968,7 +971,7 @@ impl SimHandle {
     }
 
     /// Makes `count` changes of `change` on the target's live subscriptions (those that asked
-    /// for that change type) and queues their notifications.
+    /// for that change type; oldest subscription first) and queues their notifications.
     pub fn graph_change(
         &self,
         target: &GraphTarget,
@@ -994,20 +997,22 @@ impl SimHandle {
                 }
                 vec![id.clone()]
             }
-            GraphTarget::Resource(resource) => state
-                .graph
-                .subscriptions
-                .values()
-                .filter(|s| s.is_live(now) && norm(&s.resource) == norm(resource))
-                .map(|s| s.id.clone())
-                .collect(),
-            GraphTarget::All => state
-                .graph
-                .subscriptions
-                .values()
-                .filter(|s| s.is_live(now))
-                .map(|s| s.id.clone())
-                .collect(),
+            GraphTarget::Resource(_) | GraphTarget::All => {
+                // Oldest first, so a test knows the order items arrive in.
+                let mut live: Vec<(SystemTime, String)> = state
+                    .graph
+                    .subscriptions
+                    .values()
+                    .filter(|s| s.is_live(now))
+                    .filter(|s| match target {
+                        GraphTarget::Resource(r) => norm(&s.resource) == norm(r),
+                        _ => true,
+                    })
+                    .map(|s| (s.created, s.id.clone()))
+                    .collect();
+                live.sort();
+                live.into_iter().map(|(_, id)| id).collect()
+            }
         };
         let mut made = Vec::with_capacity(ids.len());
         let mut start = Vec::new();

@@ -1,8 +1,9 @@
 //! ews_sim: a fake Exchange for exercising ews-relay's subscription manager on one machine.
 //!
-//! Serves EWS push `Subscribe`, SOAP Autodiscover and an OAuth client-credentials token
-//! endpoint on one listener, pushes `SendNotification` to the subscriptions' callbacks, and
-//! takes orders on `/_sim/…` (events, faults, state). See the `ews_sim` library for the behaviour.
+//! Serves EWS push `Subscribe`, SOAP Autodiscover, an OAuth client-credentials token endpoint
+//! and Microsoft Graph's subscription API (`/v1.0/subscriptions`) on one listener, pushes
+//! `SendNotification` and Graph change notifications to the subscriptions' callbacks, and
+//! takes orders on `/_sim/…` (events, Graph changes, faults, state). See the `ews_sim` library for the behaviour.
 //!
 //! Usage: `cargo run -p ews-sim -- --help`. Exits 64 on a bad flag.
 #![forbid(unsafe_code)]
