@@ -22,9 +22,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore};
 
 use super::soap::{self, RequestError, UserAnswer};
-use super::state::{RecordedRequest, Subscription, SubscriptionCounters, SubscriptionState};
+use super::state::{
+    IssuedToken, RecordedRequest, Subscription, SubscriptionCounters, SubscriptionState,
+};
 use super::util::{base64, parse_form, random_bytes, random_token, unbase64};
-use super::{push, Auth, MailboxRedirect, Shared, SimError, SimHandle, SHUTDOWN_GRACE};
+use super::{graph, push, Auth, MailboxRedirect, Shared, SimError, SimHandle, SHUTDOWN_GRACE};
 use ews::EventType;
 
 /// The EWS endpoint path (matched case-insensitively, as IIS does).
@@ -134,6 +136,21 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         let route = route.to_owned();
         return control(shared, req, &route).await;
     }
+    if let Some(rest) = graph_rest(&path) {
+        let rest = rest.to_owned();
+        let (parts, body) = req.into_parts();
+        let body = match read_body(body).await {
+            Ok(body) => body,
+            Err(status) => return text(status, "request body too large or too slow\n"),
+        };
+        let seq = record(&shared, &parts, &body);
+        let response = graph::handle(&shared, &parts.method, &rest, &parts.headers, &body).await;
+        shared
+            .lock()
+            .finish_request(seq, response.status().as_u16(), None);
+        shared.changed();
+        return response;
+    }
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
     }
@@ -180,6 +197,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             "not an endpoint of the EWS simulator\n",
         )
     }
+}
+
+/// The part after `/v1.0` of a Graph API path (Graph matches the version case-insensitively).
+fn graph_rest(path: &str) -> Option<&str> {
+    let prefix = path.get(..graph::GRAPH_PREFIX.len())?;
+    let rest = &path[prefix.len()..];
+    (prefix.eq_ignore_ascii_case(graph::GRAPH_PREFIX) && rest.starts_with('/')).then_some(rest)
 }
 
 /// `/{tenant}/oauth2/v2.0/token`.
@@ -291,7 +315,7 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Option<Response<Body>> 
                         .lock()
                         .tokens
                         .get(token)
-                        .is_some_and(|&expiry| expiry > Instant::now())
+                        .is_some_and(|t| t.is_valid(Instant::now()))
                 });
             (ok, "Bearer realm=\"ews-sim\", error=\"invalid_token\"")
         }
@@ -593,8 +617,13 @@ fn token(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response<Body> {
     let mut state = shared.lock();
     let now = Instant::now();
     // Forget expired tokens so the table stays as big as the valid ones.
-    state.tokens.retain(|_, expiry| *expiry > now);
-    state.tokens.insert(token.clone(), now + *token_lifetime);
+    state.tokens.retain(|_, t| t.is_valid(now));
+    // The scope is kept so Graph routes can refuse a token issued for EWS (its audience).
+    let issued = IssuedToken {
+        expires: now + *token_lifetime,
+        scope: field("scope").unwrap_or_default().to_owned(),
+    };
+    state.tokens.insert(token.clone(), issued);
     state.tokens_issued += 1;
     drop(state);
     json_response(
@@ -678,6 +707,21 @@ async fn control(shared: Arc<Shared>, req: Request<Incoming>, route: &str) -> Re
             return json_response(status, json!({"error": "body too large or too slow"}))
         }
     };
+    if let Some(graph_route) = route.strip_prefix("graph/") {
+        let answer = graph::control(
+            &handle,
+            &method,
+            graph_route,
+            &body,
+            parse::<serde_json::Value>,
+        );
+        if let Some(result) = answer {
+            return match result {
+                Ok(value) => json_response(StatusCode::OK, value),
+                Err((status, message)) => json_response(status, json!({"error": message})),
+            };
+        }
+    }
     let result = match (&method, route) {
         (&Method::GET, "state") => to_json(handle.snapshot()),
         (&Method::GET, "subscriptions") => to_json(handle.subscriptions()),

@@ -28,13 +28,39 @@
 //! | `POST /_sim/faults/error-notification` | `{"subscription_id"}`: an `ErrorReadEventsFailed` push, then it is gone |
 //! | `POST /_sim/faults/delay` | `{"ms"}`: every EWS response waits this long (0 stops) |
 //! | `POST /_sim/faults/revoke-tokens` | every token stops working → `{"revoked"}` |
-//! | `POST /_sim/faults/clear` | disarm busy, 503 and delay |
+//! | `POST /_sim/faults/clear` | disarm busy, 503, delay and Graph throttling |
+//!
+//! # Microsoft Graph (change notifications)
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1.0/subscriptions` | create: checks as Graph, validates `notificationUrl` and `lifecycleNotificationUrl` (`?validationToken=`), 201 |
+//! | `GET /v1.0/subscriptions` | the live subscriptions (`{"value": […]}`) |
+//! | `GET`, `PATCH`, `DELETE /v1.0/subscriptions/{id}` | read; renew (`expirationDateTime`); delete (204). Gone or expired: 404 `ResourceNotFound` |
+//! | `POST /v1.0/subscriptions/{id}/reauthorize` | answers a `reauthorizationRequired` (204) |
+//! | `GET /_sim/graph/subscriptions` | [`GraphSubscriptionInfo`]s, removed and expired ones included |
+//! | `GET /_sim/graph/deliveries`, `DELETE /_sim/graph/deliveries` | every exchange with a callback ([`GraphDelivery`]), or forget them |
+//! | `POST /_sim/graph/changes` | `{"subscription_id"?, "resource"?, "change_type", "count"?: 1}` → `[{"subscription_id", "ids"}]` |
+//! | `POST /_sim/graph/faults/remove` | `{"subscription_id", "silent"?: false}`: gone, with `subscriptionRemoved` unless silent |
+//! | `POST /_sim/graph/faults/missed` | `{"subscription_id"}`: a `missed` lifecycle notification |
+//! | `POST /_sim/graph/faults/reauthorization-required` | `{"subscription_id"}`: `reauthorizationRequired`; removed after the grace unless reauthorized or renewed |
+//! | `POST /_sim/graph/faults/expire` | `{"subscription_id"}`: it expires now |
+//! | `POST /_sim/graph/faults/wrong-client-state` | `{"subscription_id"}`: one change notification with a wrong `clientState` → `{"id"}` |
+//! | `POST /_sim/graph/faults/throttle` | `{"count"?: 1, "retry_after_secs"?: 10, "status"?: 429}`: next Graph calls get 429 (or 503) with `Retry-After` |
+//!
+//! With [`Auth::OAuth`], Graph routes take only tokens asked for scope
+//! `https://graph.microsoft.com/.default` (401 `InvalidAuthenticationToken` otherwise, as
+//! Graph's audience check); with [`Auth::Basic`] they refuse everything, as Graph has no Basic.
+//! Graph facts the simulator follows are in `design/GRAPH.md`.
 //!
 //! Control errors are JSON `{"error": "…"}` with 404 (unknown mailbox, subscription or route)
 //! or 400 (bad body or value). The control API has no authentication: it is for loopback labs
 //! and tests; do not expose it.
 #![forbid(unsafe_code)]
 
+pub mod graph;
+mod graph_push;
+pub mod graph_state;
 mod http;
 mod push;
 pub mod soap;
@@ -53,6 +79,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use ews::EventType;
+pub use graph_push::ValidationFailure;
+pub use graph_state::{ChangeType, DeliveryKind, GraphDelivery, GraphFaults, RemovalReason};
 pub use push::PushError;
 use state::{millis, State};
 pub use state::{
@@ -76,6 +104,148 @@ pub const MIN_STATUS_PERIOD: Duration = Duration::from_millis(10);
 
 /// How long in-flight requests and pushes get to finish after shutdown is asked.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Graph's longest lifetime for Outlook message, event and contact subscriptions: 7 days.
+pub const DEFAULT_GRAPH_MAX_LIFETIME: Duration = Duration::from_secs(10_080 * 60);
+
+/// How long Graph waits for a validation answer.
+pub const DEFAULT_GRAPH_VALIDATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long Graph waits for an answer to a notification POST before counting it failed.
+pub const DEFAULT_GRAPH_NOTIFICATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long Graph keeps retrying a failed notification POST before dropping it: 4 hours.
+pub const DEFAULT_GRAPH_RETRY_BUDGET: Duration = Duration::from_secs(4 * 3600);
+
+/// The first wait after a failed notification POST; later waits double. Graph does not
+/// publish its schedule; a minute doubling reaches the 4-hour budget in 8 tries.
+pub const DEFAULT_GRAPH_FIRST_RETRY: Duration = Duration::from_secs(60);
+
+/// Items per notification POST by default. Graph batches without a published limit.
+pub const DEFAULT_GRAPH_MAX_BATCH: usize = 100;
+
+/// How long a `reauthorizationRequired` may go unanswered before the subscription is removed.
+/// Graph does not publish it (it follows the token's lifetime); ten minutes keeps labs short.
+pub const DEFAULT_GRAPH_REAUTHORIZATION_GRACE: Duration = Duration::from_secs(600);
+
+/// The simulated Graph's behaviour.
+#[derive(Debug, Clone)]
+pub struct GraphConfig {
+    /// Longest lifetime a create or renewal may ask; beyond is 400, as Graph refuses it.
+    pub max_lifetime: Duration,
+    /// Caps the lifetime granted (the `expirationDateTime` answered and really applied),
+    /// whatever was asked: lets relay tests see renewals and expiry quickly.
+    pub lifetime_cap: Option<Duration>,
+    /// Limit on the validation handshake (real time, not scaled).
+    pub validation_timeout: Duration,
+    /// Limit on one notification POST (real time, not scaled).
+    pub notification_timeout: Duration,
+    /// Most items in one notification POST.
+    pub max_batch: usize,
+    /// First retry wait after a failed POST (scaled by the time factor), doubling after.
+    pub first_retry: Duration,
+    /// Retrying stops, and the items are dropped, after this (scaled by the time factor).
+    pub retry_budget: Duration,
+    /// Time to answer a `reauthorizationRequired` (real time, not scaled).
+    pub reauthorization_grace: Duration,
+    /// `tenantId` in notifications.
+    pub tenant_id: String,
+    /// `applicationId` and `creatorId` of subscriptions.
+    pub application_id: String,
+}
+
+impl Default for GraphConfig {
+    fn default() -> Self {
+        Self {
+            max_lifetime: DEFAULT_GRAPH_MAX_LIFETIME,
+            lifetime_cap: None,
+            validation_timeout: DEFAULT_GRAPH_VALIDATION_TIMEOUT,
+            notification_timeout: DEFAULT_GRAPH_NOTIFICATION_TIMEOUT,
+            max_batch: DEFAULT_GRAPH_MAX_BATCH,
+            first_retry: DEFAULT_GRAPH_FIRST_RETRY,
+            retry_budget: DEFAULT_GRAPH_RETRY_BUDGET,
+            reauthorization_grace: DEFAULT_GRAPH_REAUTHORIZATION_GRACE,
+            tenant_id: "5f2d1b3c-7a64-4c2e-9d0b-3e8a6f4c1a20".into(),
+            application_id: "1c0e9a7d-2b48-4f5e-8c36-9d7a0b2e4f11".into(),
+        }
+    }
+}
+
+/// Which Graph subscriptions a simulated change is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraphTarget {
+    /// This one.
+    Subscription(String),
+    /// Every live one on this resource (compared case-insensitively, leading `/` ignored).
+    Resource(String),
+    /// Every live one.
+    All,
+}
+
+/// How throttled Graph calls are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphThrottle {
+    /// 429 Too Many Requests, Graph's throttling answer.
+    TooManyRequests,
+    /// 503 Service Unavailable, which Graph also sends with `Retry-After`.
+    ServiceUnavailable,
+}
+
+/// Change notifications made for one subscription.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphChanges {
+    /// The subscription.
+    pub subscription_id: String,
+    /// The `resourceData.id`s queued, in order (`evt-000001`, …; empty when the subscription
+    /// did not ask for that change type).
+    pub ids: Vec<String>,
+}
+
+/// One Graph subscription, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphSubscriptionInfo {
+    /// The id.
+    pub id: String,
+    /// `resource`.
+    pub resource: String,
+    /// `changeType`, comma-separated.
+    pub change_type: String,
+    /// `notificationUrl`.
+    pub notification_url: String,
+    /// `lifecycleNotificationUrl`.
+    pub lifecycle_url: Option<String>,
+    /// `expirationDateTime`, as Graph formats it.
+    pub expiration: String,
+    /// `clientState`.
+    pub client_state: Option<String>,
+    /// Created (RFC 3339).
+    pub created: String,
+    /// Successful renewals (PATCH).
+    pub renewed: u64,
+    /// Successful reauthorize calls.
+    pub reauthorized: u64,
+    /// A `reauthorizationRequired` is unanswered.
+    pub reauthorization_pending: bool,
+    /// Gone for a reason other than expiry.
+    pub removed: bool,
+    /// Why, if removed.
+    pub removal: Option<RemovalReason>,
+    /// Past its expiration.
+    pub expired: bool,
+    /// Change items made.
+    pub changes_made: u64,
+    /// Items (change and lifecycle) acknowledged by a callback.
+    pub delivered: u64,
+    /// Items given up on.
+    pub dropped: u64,
+}
+
+impl GraphSubscriptionInfo {
+    /// Whether Graph still has it.
+    pub fn is_live(&self) -> bool {
+        !self.removed && !self.expired
+    }
+}
 
 /// A configured Autodiscover redirect.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +290,8 @@ impl MailboxConfig {
     }
 }
 
-/// How EWS and Autodiscover requests must authenticate.
+/// How EWS and Autodiscover requests must authenticate (and Graph's: with `OAuth`, a token
+/// asked for Graph's scope; with `None`, nothing; with `Basic`, Graph refuses everything).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Auth {
     /// No check (on-premises lab with anonymous access; not how Exchange is ever set up).
@@ -165,7 +336,9 @@ pub struct SimConfig {
     /// Trust for HTTPS callbacks.
     pub callback_trust: CallbackTrust,
     /// Multiplies Exchange's retry schedule (30 s doubling, within StatusFrequency minutes):
-    /// 1.0 is Exchange's, 0.001 makes a StatusFrequency of 1 minute a 60 ms budget.
+    /// 1.0 is Exchange's, 0.001 makes a StatusFrequency of 1 minute a 60 ms budget. Graph's
+    /// notification retries ([`GraphConfig::first_retry`], [`GraphConfig::retry_budget`]) are
+    /// scaled by it too.
     pub time_factor: f64,
     /// Serve HTTPS with this configuration; plain HTTP when `None`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -174,6 +347,8 @@ pub struct SimConfig {
     pub public_url: Option<String>,
     /// Limit on one push, connect to answer.
     pub push_timeout: Duration,
+    /// The Microsoft Graph side.
+    pub graph: GraphConfig,
 }
 
 impl SimConfig {
@@ -189,6 +364,7 @@ impl SimConfig {
             tls: None,
             public_url: None,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
+            graph: GraphConfig::default(),
         }
     }
 }
@@ -214,6 +390,9 @@ pub enum SimError {
     /// A configuration value the simulator cannot work with.
     #[error("configuration: {0}")]
     InvalidConfig(&'static str),
+    /// Not a Graph change type.
+    #[error("{0:?} is not a Graph change type (created, updated, deleted)")]
+    InvalidChangeType(String),
     /// A count outside 1..=[`MAX_EVENTS_PER_CALL`].
     #[error("count must be 1..={MAX_EVENTS_PER_CALL}")]
     InvalidCount,
@@ -290,6 +469,12 @@ pub struct Snapshot {
     pub tokens_valid: usize,
     /// Requests received so far.
     pub requests_received: u64,
+    /// Graph subscriptions, removed and expired ones included.
+    pub graph_subscriptions: Vec<GraphSubscriptionInfo>,
+    /// Armed Graph faults.
+    pub graph_faults: GraphFaults,
+    /// Graph API requests (`/v1.0/…`) received so far.
+    pub graph_requests: u64,
 }
 
 /// What the server side, the push tasks and the handle share.
@@ -359,6 +544,16 @@ impl SimHandle {
         if !(config.time_factor.is_finite() && config.time_factor > 0.0) {
             return Err(SimError::InvalidConfig(
                 "time_factor must be a positive number",
+            ));
+        }
+        if config.graph.max_lifetime < graph::MIN_LIFETIME {
+            return Err(SimError::InvalidConfig(
+                "graph.max_lifetime must be at least 45 minutes",
+            ));
+        }
+        if config.graph.max_batch == 0 {
+            return Err(SimError::InvalidConfig(
+                "graph.max_batch must be at least 1",
             ));
         }
         if config.status_period < MIN_STATUS_PERIOD {
@@ -545,14 +740,16 @@ impl SimHandle {
 
     /// Everything at once.
     pub fn snapshot(&self) -> Snapshot {
-        let (faults, tokens_issued, tokens_valid, requests_received) = {
+        let (faults, tokens_issued, tokens_valid, requests_received, graph_faults, graph_requests) = {
             let state = self.shared.lock();
             let now = Instant::now();
             (
                 state.faults.clone(),
                 state.tokens_issued,
-                state.tokens.values().filter(|&&exp| exp > now).count(),
+                state.tokens.values().filter(|t| t.is_valid(now)).count(),
                 state.request_seq,
+                state.graph.faults.clone(),
+                state.graph.requests,
             )
         };
         Snapshot {
@@ -562,6 +759,9 @@ impl SimHandle {
             tokens_issued,
             tokens_valid,
             requests_received,
+            graph_subscriptions: self.graph_subscriptions(),
+            graph_faults,
+            graph_requests,
         }
     }
 
@@ -700,7 +900,250 @@ impl SimHandle {
     /// Disarms every request fault (busy, 503, delay). Moved mailboxes stay moved until
     /// Autodiscover is asked; invalidated watermarks stay invalid.
     pub fn clear_faults(&self) {
-        self.shared.lock().faults = Faults::default();
+        let mut state = self.shared.lock();
+        state.faults = Faults::default();
+        state.graph.faults = GraphFaults::default();
+        drop(state);
+        self.shared.changed();
+    }
+
+    /// The Graph API base (`{base}/v1.0`).
+    pub fn graph_url(&self) -> String {
+        format!("{}{}", self.shared.base_url(), graph::GRAPH_PREFIX)
+    }
+
+    /// Every Graph subscription, removed and expired ones included, oldest first.
+    pub fn graph_subscriptions(&self) -> Vec<GraphSubscriptionInfo> {
+        let state = self.shared.lock();
+        let now = SystemTime::now();
+        let mut subs: Vec<(SystemTime, GraphSubscriptionInfo)> = state
+            .graph
+            .subscriptions
+            .values()
+            .map(|s| {
+                let change: Vec<&str> = s.change_types.iter().map(|c| c.as_str()).collect();
+                let info = GraphSubscriptionInfo {
+                    id: s.id.clone(),
+                    resource: s.resource.clone(),
+                    change_type: change.join(","),
+                    notification_url: s.notification_url.clone(),
+                    lifecycle_url: s.lifecycle_url.clone(),
+                    expiration: graph_state::graph_time(s.expiration),
+                    client_state: s.client_state.clone(),
+                    created: rfc3339(s.created),
+                    renewed: s.renewed,
+                    reauthorized: s.reauthorized,
+                    reauthorization_pending: s.reauthorization_pending.is_some(),
+                    removed: s.removal.is_some(),
+                    removal: s.removal,
+                    expired: s.expiration <= now,
+                    changes_made: s.changes_made,
+                    delivered: s.delivered,
+                    dropped: s.dropped,
+                };
+                (s.created, info)
+            })
+            .collect();
+        subs.sort_by_key(|(created, _)| *created);
+        subs.into_iter().map(|(_, info)| info).collect()
+    }
+
+    /// One Graph subscription.
+    pub fn graph_subscription(&self, id: &str) -> Option<GraphSubscriptionInfo> {
+        self.graph_subscriptions().into_iter().find(|s| s.id == id)
+    }
+
+    /// Every exchange with a Graph callback, oldest first (the last
+    /// [`graph_state::MAX_RECORDED_DELIVERIES`]).
+    pub fn graph_deliveries(&self) -> Vec<GraphDelivery> {
+        self.shared
+            .lock()
+            .graph
+            .deliveries
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Forgets the recorded Graph callback exchanges.
+    pub fn clear_graph_deliveries(&self) {
+        self.shared.lock().graph.deliveries.clear();
+    }
+
+    /// Makes `count` changes of `change` on the target's live subscriptions (those that asked
+    /// for that change type; oldest subscription first) and queues their notifications.
+    pub fn graph_change(
+        &self,
+        target: &GraphTarget,
+        change: ChangeType,
+        count: usize,
+    ) -> Result<Vec<GraphChanges>, SimError> {
+        if !(1..=MAX_EVENTS_PER_CALL).contains(&count) {
+            return Err(SimError::InvalidCount);
+        }
+        let tenant = &self.shared.config.graph.tenant_id;
+        let mut state = self.shared.lock();
+        let now = SystemTime::now();
+        let norm = |r: &str| r.trim_start_matches('/').to_ascii_lowercase();
+        let ids: Vec<String> = match target {
+            GraphTarget::Subscription(id) => {
+                if !state
+                    .graph
+                    .subscriptions
+                    .get(id)
+                    .is_some_and(|s| s.is_live(now))
+                {
+                    return Err(SimError::UnknownSubscription(id.clone()));
+                }
+                vec![id.clone()]
+            }
+            GraphTarget::Resource(_) | GraphTarget::All => {
+                // Oldest first, so a test knows the order items arrive in.
+                let mut live: Vec<(SystemTime, String)> = state
+                    .graph
+                    .subscriptions
+                    .values()
+                    .filter(|s| s.is_live(now))
+                    .filter(|s| match target {
+                        GraphTarget::Resource(r) => norm(&s.resource) == norm(r),
+                        _ => true,
+                    })
+                    .map(|s| (s.created, s.id.clone()))
+                    .collect();
+                live.sort();
+                live.into_iter().map(|(_, id)| id).collect()
+            }
+        };
+        let mut made = Vec::with_capacity(ids.len());
+        let mut start = Vec::new();
+        for id in ids {
+            let wanted = state
+                .graph
+                .subscriptions
+                .get(&id)
+                .is_some_and(|s| s.change_types.contains(&change));
+            let mut ids = Vec::new();
+            if wanted {
+                if let Some((new, url)) =
+                    state.graph.make_changes(&id, change, count, tenant, false)
+                {
+                    ids = new;
+                    start.extend(url);
+                }
+            }
+            made.push(GraphChanges {
+                subscription_id: id,
+                ids,
+            });
+        }
+        drop(state);
+        for url in start {
+            graph::start_delivery(&self.shared, Some(url));
+        }
+        self.shared.changed();
+        Ok(made)
+    }
+
+    /// Runs `f` on a live Graph subscription under the lock, then starts the delivery task
+    /// it asks for.
+    fn graph_fault(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut graph_state::GraphState, &str) -> Option<String>,
+    ) -> Result<(), SimError> {
+        let mut state = self.shared.lock();
+        let now = SystemTime::now();
+        if !state
+            .graph
+            .subscriptions
+            .get(id)
+            .is_some_and(|s| s.is_live(now))
+        {
+            return Err(SimError::UnknownSubscription(id.into()));
+        }
+        let start = f(&mut state.graph, &self.shared.config.graph.tenant_id);
+        drop(state);
+        graph::start_delivery(&self.shared, start);
+        self.shared.changed();
+        Ok(())
+    }
+
+    /// Fault: Graph removes the subscription, with a `subscriptionRemoved` lifecycle
+    /// notification when `notify` (and it has a lifecycle URL), else silently.
+    pub fn graph_remove_subscription(&self, id: &str, notify: bool) -> Result<(), SimError> {
+        self.graph_fault(id, |graph, tenant| {
+            let sub = graph.subscriptions.get_mut(id)?;
+            sub.removal = Some(if notify {
+                RemovalReason::Removed
+            } else {
+                RemovalReason::RemovedSilently
+            });
+            notify
+                .then(|| {
+                    graph.lifecycle(id, graph_state::LifecycleEvent::SubscriptionRemoved, tenant)
+                })
+                .flatten()
+        })
+    }
+
+    /// Fault: a `missed` lifecycle notification (some changes were not delivered).
+    pub fn graph_missed(&self, id: &str) -> Result<(), SimError> {
+        self.graph_fault(id, |graph, tenant| {
+            graph.lifecycle(id, graph_state::LifecycleEvent::Missed, tenant)
+        })
+    }
+
+    /// Fault: a `reauthorizationRequired` lifecycle notification; unless reauthorize or a
+    /// renewal arrives within [`GraphConfig::reauthorization_grace`], the subscription is
+    /// then removed with `subscriptionRemoved`.
+    pub fn graph_require_reauthorization(&self, id: &str) -> Result<(), SimError> {
+        let mut number = 0;
+        self.graph_fault(id, |graph, tenant| {
+            graph.reauthorization_seq += 1;
+            number = graph.reauthorization_seq;
+            graph.subscriptions.get_mut(id)?.reauthorization_pending = Some(number);
+            graph.lifecycle(
+                id,
+                graph_state::LifecycleEvent::ReauthorizationRequired,
+                tenant,
+            )
+        })?;
+        graph_push::spawn_reauthorization_timer(&self.shared, id.to_owned(), number);
+        Ok(())
+    }
+
+    /// Fault: the subscription expires now (no notification, as Graph sends none for expiry).
+    pub fn graph_expire_now(&self, id: &str) -> Result<(), SimError> {
+        self.graph_fault(id, |graph, _| {
+            let sub = graph.subscriptions.get_mut(id)?;
+            sub.expiration = SystemTime::now();
+            None
+        })
+    }
+
+    /// Fault: one change notification (`updated`) whose `clientState` is wrong, as a forged
+    /// POST would carry. Returns its `resourceData.id`.
+    pub fn graph_wrong_client_state(&self, id: &str) -> Result<String, SimError> {
+        let mut made = String::new();
+        self.graph_fault(id, |graph, tenant| {
+            let (ids, start) = graph.make_changes(id, ChangeType::Updated, 1, tenant, true)?;
+            made = ids.into_iter().next().unwrap_or_default();
+            start
+        })?;
+        Ok(made)
+    }
+
+    /// Fault: the next `count` Graph API calls are refused as throttled, with `Retry-After`.
+    pub fn graph_throttle(&self, count: u32, status: GraphThrottle, retry_after_secs: u32) {
+        let mut state = self.shared.lock();
+        let faults = &mut state.graph.faults;
+        faults.throttle_remaining = count;
+        faults.throttle_status = match status {
+            GraphThrottle::TooManyRequests => 429,
+            GraphThrottle::ServiceUnavailable => 503,
+        };
+        faults.throttle_retry_after_secs = retry_after_secs;
+        drop(state);
         self.shared.changed();
     }
 

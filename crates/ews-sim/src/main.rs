@@ -1,8 +1,9 @@
 //! ews_sim: a fake Exchange for exercising ews-relay's subscription manager on one machine.
 //!
-//! Serves EWS push `Subscribe`, SOAP Autodiscover and an OAuth client-credentials token
-//! endpoint on one listener, pushes `SendNotification` to the subscriptions' callbacks, and
-//! takes orders on `/_sim/…` (events, faults, state). See the `ews_sim` library for the behaviour.
+//! Serves EWS push `Subscribe`, SOAP Autodiscover, an OAuth client-credentials token endpoint
+//! and Microsoft Graph's subscription API (`/v1.0/subscriptions`) on one listener, pushes
+//! `SendNotification` and Graph change notifications to the subscriptions' callbacks, and
+//! takes orders on `/_sim/…` (events, Graph changes, faults, state). See the `ews_sim` library for the behaviour.
 //!
 //! Usage: `cargo run -p ews-sim -- --help`. Exits 64 on a bad flag.
 #![forbid(unsafe_code)]
@@ -97,6 +98,26 @@ struct Args {
     /// Base URL Autodiscover hands out (default: from --listen and --tls-cert).
     #[arg(long)]
     public_url: Option<String>,
+    /// Graph: longest subscription lifetime a create or renewal may ask (Graph's for Outlook
+    /// resources is 10080 minutes); beyond is 400.
+    #[arg(long, default_value = "10080m", value_parser = humantime::parse_duration)]
+    graph_max_lifetime: Duration,
+    /// Graph: grant at most this lifetime whatever is asked (the answered
+    /// expirationDateTime, and the real expiry), to see renewals quickly in a lab.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    graph_lifetime_cap: Option<Duration>,
+    /// Graph: limit on the validation handshake (real time).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    graph_validation_timeout: Duration,
+    /// Graph: limit on one notification POST (real time).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    graph_notification_timeout: Duration,
+    /// Graph: most items in one notification POST.
+    #[arg(long, default_value_t = sim::DEFAULT_GRAPH_MAX_BATCH)]
+    graph_max_batch: usize,
+    /// Graph: time to answer reauthorizationRequired before the subscription is removed.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    graph_reauthorization_grace: Duration,
 }
 
 #[tokio::main]
@@ -141,6 +162,10 @@ async fn main() -> ExitCode {
     eprintln!(
         "  control API:      {}/_sim/state, /_sim/subscriptions, /_sim/events, /_sim/faults/…",
         handle.base_url()
+    );
+    eprintln!(
+        "  Graph:            {}/subscriptions (control: /_sim/graph/…)",
+        handle.graph_url()
     );
     eprintln!("  auth:             {secret_hint}");
     for mailbox in handle.mailboxes() {
@@ -289,8 +314,28 @@ fn config(args: &Args) -> Result<(SimConfig, String), String> {
         tls,
         public_url: args.public_url.clone(),
         push_timeout: args.push_timeout,
+        graph: graph_config(args)?,
     };
     Ok((config, hint))
+}
+
+/// The Graph flags, checked.
+fn graph_config(args: &Args) -> Result<sim::GraphConfig, String> {
+    if args.graph_max_lifetime < sim::graph::MIN_LIFETIME {
+        return Err("--graph-max-lifetime: at least 45m (Graph's minimum lifetime)".into());
+    }
+    if args.graph_max_batch == 0 {
+        return Err("--graph-max-batch: at least 1".into());
+    }
+    Ok(sim::GraphConfig {
+        max_lifetime: args.graph_max_lifetime,
+        lifetime_cap: args.graph_lifetime_cap,
+        validation_timeout: args.graph_validation_timeout,
+        notification_timeout: args.graph_notification_timeout,
+        max_batch: args.graph_max_batch,
+        reauthorization_grace: args.graph_reauthorization_grace,
+        ..sim::GraphConfig::default()
+    })
 }
 
 fn check_smtp(flag: &str, smtp: &str) -> Result<(), String> {

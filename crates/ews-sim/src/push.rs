@@ -146,6 +146,34 @@ async fn post_inner(
     url: &str,
     body: String,
 ) -> Result<SubscriptionStatus, PushError> {
+    let answer = send(shared, url, "text/xml; charset=utf-8", USER_AGENT, body).await?;
+    if answer.status != http::StatusCode::OK {
+        return Err(PushError::Status(answer.status.as_u16()));
+    }
+    parse_send_notification_result(&answer.body).map_err(|e| PushError::Answer(e.to_string()))
+}
+
+/// A callback's answer to one POST.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    /// Its status.
+    pub status: http::StatusCode,
+    /// Its `Content-Type`, if any.
+    pub content_type: Option<String>,
+    /// Its body (at most [`MAX_ANSWER`] bytes read).
+    pub body: Bytes,
+}
+
+/// POSTs `body` to `url` on a new connection (HTTPS with the callback trust, or HTTP) and
+/// reads the answer. No timeout here: each caller has its own limit. Shared by EWS pushes and
+/// Graph's validation and notification POSTs, which differ only in what they send and expect.
+pub(crate) async fn send(
+    shared: &Shared,
+    url: &str,
+    content_type: &'static str,
+    user_agent: &'static str,
+    body: String,
+) -> Result<Answer, PushError> {
     let uri: Uri = url.parse().map_err(|e| PushError::Url(format!("{e}")))?;
     let https = match uri.scheme_str().map(str::to_ascii_lowercase).as_deref() {
         Some("https") => true,
@@ -169,8 +197,8 @@ async fn post_inner(
     let _ = tcp.set_nodelay(true);
     let request = Request::post(path)
         .header(http::header::HOST, authority)
-        .header(http::header::CONTENT_TYPE, "text/xml; charset=utf-8")
-        .header(http::header::USER_AGENT, USER_AGENT)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::USER_AGENT, user_agent)
         .body(Full::new(Bytes::from(body)))
         .map_err(|e| PushError::Http(e.to_string()))?;
     if https {
@@ -186,7 +214,7 @@ async fn post_inner(
     }
 }
 
-async fn exchange<T>(io: T, request: Request<Full<Bytes>>) -> Result<SubscriptionStatus, PushError>
+async fn exchange<T>(io: T, request: Request<Full<Bytes>>) -> Result<Answer, PushError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -194,24 +222,29 @@ where
         .await
         .map_err(|e| PushError::Http(e.to_string()))?;
     let connection = tokio::spawn(connection);
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| PushError::Http(e.to_string()));
-    let result = match response {
-        Ok(response) if response.status() != http::StatusCode::OK => {
-            Err(PushError::Status(response.status().as_u16()))
-        }
-        Ok(response) => match Limited::new(response.into_body(), MAX_ANSWER)
+    let result = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| PushError::Http(e.to_string()))?;
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
             .collect()
             .await
-        {
-            Ok(body) => parse_send_notification_result(&body.to_bytes())
-                .map_err(|e| PushError::Answer(e.to_string())),
-            Err(e) => Err(PushError::Http(e.to_string())),
-        },
-        Err(e) => Err(e),
-    };
+            .map_err(|e| PushError::Http(e.to_string()))?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            content_type,
+            body,
+        })
+    }
+    .await;
     // One push per connection, as Exchange opens them; closing is not our concern.
     connection.abort();
     result

@@ -14,6 +14,8 @@ use super::util::{base64, random_bytes, unbase64};
 use super::{MailboxConfig, MailboxRedirect};
 use ews::EventType;
 
+use crate::graph_state::GraphState;
+
 /// Events kept per mailbox for resuming from a watermark. Exchange keeps about 30 days; a
 /// simulator only needs enough for tests and demos, and a watermark older than the log is
 /// refused with `ErrorInvalidWatermark`, as Exchange refuses one older than 30 days.
@@ -206,8 +208,8 @@ pub struct State {
     pub subscriptions: BTreeMap<String, Subscription>,
     /// Ids of ended subscriptions, oldest first, to forget them in order.
     pub ended: VecDeque<String>,
-    /// Bearer tokens and when they expire.
-    pub tokens: HashMap<String, Instant>,
+    /// Bearer tokens: when each expires and what it is for.
+    pub tokens: HashMap<String, IssuedToken>,
     /// Tokens issued so far.
     pub tokens_issued: u64,
     /// Armed faults.
@@ -220,6 +222,25 @@ pub struct State {
     pub affinity_cookies: HashMap<String, String>,
     /// Distinguishes watermarks made at the same position.
     pub nonce: u32,
+    /// The Microsoft Graph side.
+    pub graph: GraphState,
+}
+
+/// A bearer token the token endpoint issued.
+#[derive(Debug, Clone)]
+pub struct IssuedToken {
+    /// When it stops working.
+    pub expires: Instant,
+    /// The `scope` it was asked for (`https://outlook.office365.com/.default`, or Graph's):
+    /// Graph routes check it as Graph checks a token's audience.
+    pub scope: String,
+}
+
+impl IssuedToken {
+    /// Whether it still works.
+    pub fn is_valid(&self, now: Instant) -> bool {
+        self.expires > now
+    }
 }
 
 impl State {

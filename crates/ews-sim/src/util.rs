@@ -1,5 +1,5 @@
-//! Small helpers: Base64 for identifiers, watermarks and Basic credentials, form decoding for
-//! the token endpoint, random bytes.
+//! Small helpers: Base64 for identifiers, watermarks and Basic credentials, form and query
+//! encoding (the token endpoint, Graph's validation tokens), random bytes and GUIDs.
 
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -66,6 +66,53 @@ fn percent_decode(text: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A random GUID in Microsoft's lower-case 8-4-4-4-12 form (version 4), for Graph ids.
+pub fn guid() -> String {
+    let mut b = random_bytes(16);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// Encodes a query value the way .NET's `HttpUtility.UrlEncode` does, which is how Graph's
+/// validation tokens arrive: space as `+`, lower-case `%xx`, `-_.!*()` and alphanumerics
+/// kept. A callback that decodes `+` as a plus, or only upper-case escapes, fails here as it
+/// would against Graph.
+pub fn query_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() * 3);
+    for &b in text.as_bytes() {
+        match b {
+            b' ' => out.push('+'),
+            b'a'..=b'z'
+            | b'A'..=b'Z'
+            | b'0'..=b'9'
+            | b'-'
+            | b'_'
+            | b'.'
+            | b'!'
+            | b'*'
+            | b'('
+            | b')' => out.push(char::from(b)),
+            _ => out.push_str(&format!("%{b:02x}")),
+        }
+    }
+    out
+}
+
+/// Decodes one `application/x-www-form-urlencoded` value (`+` is a space).
+#[cfg(test)]
+pub fn query_decode(text: &str) -> String {
+    percent_decode(text.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +133,25 @@ mod tests {
         assert_eq!(form[1].1, "https://x/.default");
         assert_eq!(form[2].1, "%zz");
         assert_eq!(form[3], ("e".into(), String::new()));
+    }
+
+    #[test]
+    fn query_encoding_round_trips_like_dotnet() {
+        let token = "Validation: Testing client+app/x Request-Id: 1f";
+        let encoded = query_encode(token);
+        assert_eq!(
+            encoded,
+            "Validation%3a+Testing+client%2bapp%2fx+Request-Id%3a+1f"
+        );
+        assert_eq!(query_decode(&encoded), token);
+    }
+
+    #[test]
+    fn guids_look_like_guids() {
+        let g = guid();
+        assert_eq!(g.len(), 36);
+        assert_eq!(g.matches('-').count(), 4);
+        assert_eq!(&g[14..15], "4");
+        assert_ne!(g, guid());
     }
 }

@@ -1,3 +1,4 @@
-//! The simulated Exchange driven as the relay drives it.
+//! The simulated Exchange driven as the relay drives it, and its simulated Microsoft Graph.
 
+mod graph;
 mod sim;
