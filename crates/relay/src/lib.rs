@@ -327,6 +327,8 @@ pub async fn run(
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         manager: manager.clone(),
+        graph: keepers.graph.clone(),
+        graph_path_prefix: config.graph.as_ref().map(|g| g.path_prefix.clone()),
         denied,
         allow: allow.clone(),
         path_prefix: config.path_prefix.clone(),

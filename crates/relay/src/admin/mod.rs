@@ -44,6 +44,10 @@ pub struct AdminState {
     pub tracker: Arc<Tracker>,
     /// Managed mode's mailboxes.
     pub manager: Option<Arc<crate::subscriptions::Manager>>,
+    /// Managed Graph mode's resources.
+    pub graph: Option<Arc<crate::managed_graph::GraphKeeper>>,
+    /// `--graph-path-prefix`, for display.
+    pub graph_path_prefix: Option<String>,
     /// Recently denied source addresses.
     pub denied: Arc<crate::allow::DeniedLog>,
     /// The allow-list in force.
