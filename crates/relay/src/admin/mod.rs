@@ -123,7 +123,11 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         "/api/subscriptions" => {
             let mut r = text(
                 StatusCode::OK,
-                subscriptions_json(&state.tracker, state.manager.as_deref()),
+                subscriptions_json(
+                    &state.tracker,
+                    state.manager.as_deref(),
+                    state.graph.as_deref(),
+                ),
             );
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -271,6 +275,7 @@ struct SubscriptionView<'a> {
 fn subscriptions_json(
     tracker: &Tracker,
     manager: Option<&crate::subscriptions::Manager>,
+    graph: Option<&crate::managed_graph::GraphKeeper>,
 ) -> String {
     let snapshot = tracker.snapshot();
     let now = std::time::SystemTime::now();
@@ -320,13 +325,17 @@ fn subscriptions_json(
         })
         .collect();
     let mut body = serde_json::json!({
-        "mode": if manager.is_some() { "managed" } else { "passthrough" },
+        "mode": if manager.is_some() || graph.is_some() { "managed" } else { "passthrough" },
         "stale_after_seconds": tracker.stale_after().as_secs(),
         "subscriptions": views,
     });
     if let Some(m) = manager {
         body["mailboxes"] = serde_json::to_value(m.views()).unwrap_or_default();
         body["spool_depth"] = m.delivery().waiting().into();
+    }
+    if let Some(g) = graph {
+        body["graph_resources"] = serde_json::to_value(g.views()).unwrap_or_default();
+        body["spool_depth"] = g.delivery().waiting().into();
     }
     let mut out = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
     out.push('\n');

@@ -7,6 +7,7 @@ mod cli;
 mod client_ip;
 mod common;
 mod durability;
+mod graph_managed;
 mod http1;
 mod managed;
 mod managed_discovery;

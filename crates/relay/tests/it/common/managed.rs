@@ -30,6 +30,10 @@ use crate::common::{admin_get, test_cert, Seen, TestCert, TestReceiver};
 /// The relay's path prefix, and the callback path under it.
 pub const PREFIX: &str = "/ews";
 pub const CALLBACK_PATH: &str = "/ews/push";
+/// The relay's Graph path prefix, and the Graph callback paths under it.
+pub const GRAPH_PREFIX: &str = "/graph";
+pub const GRAPH_CALLBACK_PATH: &str = "/graph/notify";
+pub const GRAPH_LIFECYCLE_PATH: &str = "/graph/lifecycle";
 /// Keep-alive period of the simulator: Exchange's StatusFrequency, scaled down.
 pub const STATUS_PERIOD: Duration = Duration::from_millis(200);
 /// The relay's `--heartbeat-timeout` unless a test says otherwise: several keep-alive periods,
@@ -294,6 +298,10 @@ pub struct Setup {
     /// `--auth …` and its companions; `--auth none` when empty.
     pub auth: Vec<String>,
     pub extra: Vec<String>,
+    /// Managed Graph mode's `--graph-resource`s; Graph is off when empty and no file is given.
+    pub graph_resources: Vec<String>,
+    /// `--graph-resources-file`.
+    pub graph_resources_file: Option<PathBuf>,
 }
 
 impl Setup {
@@ -305,7 +313,24 @@ impl Setup {
             heartbeat: HEARTBEAT,
             auth: Vec::new(),
             extra: Vec::new(),
+            graph_resources: Vec::new(),
+            graph_resources_file: None,
         }
+    }
+
+    /// Managed Graph mode only (no EWS mailboxes), following `resources`.
+    pub fn graph(resources: &[&str]) -> Setup {
+        let mut s = Setup::new(&[]);
+        s.graph_resources = resources.iter().map(|r| r.to_string()).collect();
+        s
+    }
+
+    fn has_graph(&self) -> bool {
+        !self.graph_resources.is_empty() || self.graph_resources_file.is_some()
+    }
+
+    fn has_ews(&self) -> bool {
+        !self.mailboxes.is_empty() || self.mailboxes_file.is_some()
     }
 }
 
@@ -393,6 +418,14 @@ impl Lab {
         format!("https://localhost:{}{CALLBACK_PATH}", self.port)
     }
 
+    pub fn graph_callback_url(&self) -> String {
+        format!("https://localhost:{}{GRAPH_CALLBACK_PATH}", self.port)
+    }
+
+    pub fn graph_lifecycle_url(&self) -> String {
+        format!("https://localhost:{}{GRAPH_LIFECYCLE_PATH}", self.port)
+    }
+
     /// The command line of this lab's relay (without `--listen`/`--admin-listen`).
     pub fn words(&self) -> Vec<String> {
         let s = &self.setup;
@@ -408,8 +441,6 @@ impl Lab {
             "127.0.0.0/8".into(),
             "--path-prefix".into(),
             PREFIX.into(),
-            "--callback-url".into(),
-            self.callback_url(),
             "--state-dir".into(),
             self.state.path().display().to_string(),
             "--status-frequency".into(),
@@ -419,10 +450,31 @@ impl Lab {
             "--shutdown-grace".into(),
             "1s".into(),
         ];
-        match s.endpoint {
-            Endpoint::Ews => w.extend(["--ews-url".into(), self.sim.ews_url()]),
-            Endpoint::Autodiscover => {
-                w.extend(["--autodiscover-url".into(), self.sim.autodiscover_url()])
+        if s.has_ews() {
+            w.extend(["--callback-url".into(), self.callback_url()]);
+            match s.endpoint {
+                Endpoint::Ews => w.extend(["--ews-url".into(), self.sim.ews_url()]),
+                Endpoint::Autodiscover => {
+                    w.extend(["--autodiscover-url".into(), self.sim.autodiscover_url()])
+                }
+            }
+        }
+        if s.has_graph() {
+            w.extend([
+                "--graph-path-prefix".into(),
+                GRAPH_PREFIX.into(),
+                "--graph-url".into(),
+                self.sim.graph_url(),
+                "--graph-callback-url".into(),
+                self.graph_callback_url(),
+                "--graph-lifecycle-url".into(),
+                self.graph_lifecycle_url(),
+            ]);
+            for r in &s.graph_resources {
+                w.extend(["--graph-resource".into(), r.clone()]);
+            }
+            if let Some(f) = &s.graph_resources_file {
+                w.extend(["--graph-resources-file".into(), f.display().to_string()]);
             }
         }
         for m in &s.mailboxes {
