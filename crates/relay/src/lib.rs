@@ -460,7 +460,11 @@ async fn managed_mode(
             source,
         }
     })?;
-    let credentials = subscriptions::auth::Credentials::new(m.auth.clone(), http.clone());
+    let credentials = subscriptions::auth::Credentials::new(
+        m.auth.clone(),
+        http.clone(),
+        subscriptions::auth::EWS_SCOPE,
+    );
     let trace =
         match &m.trace_dir {
             Some(dir) => Some(subscriptions::trace::Tracer::new(dir).map_err(|source| {
