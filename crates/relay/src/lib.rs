@@ -514,7 +514,11 @@ async fn keepers(
         ..Keepers::default()
     };
     if let Some(m) = ews {
-        let credentials = subscriptions::auth::Credentials::new(m.auth.clone(), http.clone());
+        let credentials = subscriptions::auth::Credentials::new(
+            m.auth.clone(),
+            http.clone(),
+            subscriptions::auth::EWS_SCOPE,
+        );
         let trace = match &m.trace_dir {
             Some(dir) => Some(subscriptions::trace::Tracer::new(dir).map_err(|source| {
                 StartError::TraceDir {
@@ -548,7 +552,11 @@ async fn keepers(
         keepers.ews = Some(manager);
     }
     if let Some(g) = graph {
-        let credentials = subscriptions::auth::Credentials::new(g.auth.clone(), http.clone());
+        let credentials = subscriptions::auth::Credentials::new(
+            g.auth.clone(),
+            http.clone(),
+            subscriptions::auth::GRAPH_SCOPE,
+        );
         let client = managed_graph::client::GraphClient::new(http, &g.url, credentials);
         let keeper = managed_graph::GraphKeeper::new(g.clone(), client, writer, delivery, metrics)
             .await

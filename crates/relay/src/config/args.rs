@@ -399,6 +399,25 @@ pub struct Args {
     )]
     pub client_secret_file: Option<PathBuf>,
 
+    /// OAuth: the application's certificate (PEM), as uploaded to its Entra ID registration;
+    /// used instead of a client secret, with --client-certificate-key.
+    #[arg(
+        long,
+        env = "EWS_RELAY_CLIENT_CERTIFICATE",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub client_certificate: Option<PathBuf>,
+
+    /// OAuth: the --client-certificate's RSA private key (PEM, PKCS#8 or PKCS#1).
+    #[arg(
+        long,
+        env = "EWS_RELAY_CLIENT_CERTIFICATE_KEY",
+        value_name = "PATH",
+        help_heading = "Managed mode"
+    )]
+    pub client_certificate_key: Option<PathBuf>,
+
     /// OAuth: token endpoint (default Microsoft's for the tenant; for sovereign clouds and tests).
     #[arg(
         long,

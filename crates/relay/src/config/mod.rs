@@ -24,6 +24,7 @@ mod parse;
 pub use acme::{Acme, EabKey};
 pub use args::{Args, AuthKind, LogFormat};
 use auth::auth;
+pub use auth::{ClientCertificate, ClientCredential};
 use graph::graph;
 pub use graph::{read_resources_file, Graph, ManagedGraph};
 use managed::managed;
@@ -88,8 +89,8 @@ pub enum Auth {
         token_url: String,
         /// Application id.
         client_id: String,
-        /// Client secret.
-        secret: Secret,
+        /// Client secret or certificate.
+        credential: ClientCredential,
     },
     /// Basic authentication.
     Basic {
@@ -696,7 +697,9 @@ mod tests {
         let m = c.managed.clone().unwrap();
         match &m.auth {
             Auth::OAuth {
-                token_url, secret, ..
+                token_url,
+                credential: ClientCredential::Secret(secret),
+                ..
             } => {
                 assert_eq!(secret.expose(), "s3cr3t-value");
                 assert_eq!(

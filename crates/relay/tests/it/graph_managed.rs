@@ -139,7 +139,10 @@ async fn resources_are_subscribed_and_notifications_delivered_in_order() {
             / 86400.0;
         assert!(days > 6.9 && days < 7.0, "lifetime {days} days");
     }
-    assert_ne!(subs[0].client_state, subs[1].client_state, "one secret each");
+    assert_ne!(
+        subs[0].client_state, subs[1].client_state,
+        "one secret each"
+    );
     // Validation handshakes (notification and lifecycle URL) all succeeded.
     let validations: Vec<_> = lab
         .sim
@@ -156,7 +159,10 @@ async fn resources_are_subscribed_and_notifications_delivered_in_order() {
     for s in graph_deliveries(&lab.receiver, EVENTS_A) {
         assert_eq!(header(&s, "x-graph-subscription-id"), Some(ids[0].as_str()));
         assert_eq!(header(&s, "x-graph-change-type"), Some("created"));
-        assert_eq!(header(&s, "x-graph-mailbox"), Some("room-a@contoso.example"));
+        assert_eq!(
+            header(&s, "x-graph-mailbox"),
+            Some("room-a@contoso.example")
+        );
         assert_eq!(s.path, GRAPH_CALLBACK_PATH);
         assert!(header(&s, "content-type")
             .unwrap_or("")
@@ -249,7 +255,10 @@ async fn a_wrong_client_state_is_refused_and_never_delivered() {
     );
     let metrics = common::admin_get(lab.admin(), "/metrics").await.unwrap().1;
     assert!(
-        metric_value(&metrics, "ews_relay_graph_refused_total{reason=\"mismatch\"}") >= 1.0,
+        metric_value(
+            &metrics,
+            "ews_relay_graph_refused_total{reason=\"mismatch\"}"
+        ) >= 1.0,
         "{metrics}"
     );
     // Genuine notifications still pass.

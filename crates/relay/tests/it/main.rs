@@ -4,6 +4,7 @@
 mod acme;
 mod budget;
 mod cli;
+mod client_certificate;
 mod client_ip;
 mod common;
 mod durability;
