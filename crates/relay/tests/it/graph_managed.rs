@@ -233,14 +233,21 @@ async fn unexpected_validations_are_refused_and_others_forwarded() {
     assert_eq!(status, 200, "the receiver answered its own validation");
     let all = lab.receiver.all();
     assert_eq!(all.len(), before + 1);
-    assert_eq!(all.last().unwrap().path, "/graph/app");
+    assert!(all.last().unwrap().path.starts_with("/graph/app"));
 }
 
 /// Promise: a notification whose clientState does not match its subscription's secret is
 /// refused with 403, counted, and never delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_client_state_is_refused_and_never_delivered() {
-    let lab = Lab::start(&[], |_| {}, Setup::graph(&[EVENTS_A])).await;
+    // Graph retries the refused POST until its budget is spent (scaled down here), and holds
+    // later notifications for the URL behind it meanwhile.
+    let lab = Lab::start(
+        &[],
+        |c| c.graph.retry_budget = Duration::from_secs(100),
+        Setup::graph(&[EVENTS_A]),
+    )
+    .await;
     let ids = wait_graph_live(&lab.sim, &[EVENTS_A]).await;
     lab.sim.graph_wrong_client_state(&ids[0]).unwrap();
     sim_wait(&lab.sim, WAIT, "a 403 to the forged notification", |s| {
