@@ -297,3 +297,119 @@ async fn subscriptions_are_renewed_before_they_expire() {
     let created = changes(&lab.sim, &ids[0], 2);
     wait_delivered(&lab.receiver, EVENTS_A, &created).await;
 }
+
+/// Promise: `subscriptionRemoved` makes the relay create a new subscription at once (with a new
+/// secret), and tell the receiver to resynchronise the resource, since changes between the two
+/// subscriptions were not observed; the old id is no longer trusted as current.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_removed_is_replaced_and_the_receiver_resyncs() {
+    let lab = Lab::start(&[], |_| {}, Setup::graph(&[EVENTS_A])).await;
+    let ids = wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    let old_secret = lab.sim.graph_subscription(&ids[0]).unwrap().client_state;
+    lab.sim.graph_remove_subscription(&ids[0], true).unwrap();
+    let new = sim_wait(&lab.sim, WAIT, "a new subscription", |s| {
+        live_graph(s, EVENTS_A).filter(|x| x.id != ids[0])
+    })
+    .await;
+    assert_ne!(new.client_state, old_secret, "a fresh secret");
+    let deadline = Instant::now() + WAIT;
+    while resyncs(&lab.receiver, EVENTS_A) == 0 {
+        assert!(Instant::now() < deadline, "no resync signal");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let created = changes(&lab.sim, &new.id, 2);
+    wait_delivered(&lab.receiver, EVENTS_A, &created).await;
+    let lifecycle: Vec<_> = lab
+        .sim
+        .graph_deliveries()
+        .into_iter()
+        .filter(|d| d.kind == DeliveryKind::Lifecycle)
+        .collect();
+    assert!(
+        lifecycle.iter().all(|d| d.status == Some(202)),
+        "{lifecycle:?}"
+    );
+    assert!(lifecycle.iter().all(|d| d.url == lab.graph_lifecycle_url()));
+}
+
+/// Promise: a subscription Graph dropped without a word (expired, removed silently) is found at
+/// the next renewal (404) and replaced, with the resync signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_lost_subscription_is_replaced_at_the_next_renewal() {
+    let lab = Lab::start(
+        &[],
+        |c| c.graph.lifetime_cap = Some(Duration::from_secs(3)),
+        Setup::graph(&[EVENTS_A]),
+    )
+    .await;
+    let ids = wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    lab.sim.graph_remove_subscription(&ids[0], false).unwrap();
+    let new = sim_wait(&lab.sim, WAIT, "a new subscription", |s| {
+        live_graph(s, EVENTS_A).filter(|x| x.id != ids[0])
+    })
+    .await;
+    let deadline = Instant::now() + WAIT;
+    while resyncs(&lab.receiver, EVENTS_A) == 0 {
+        assert!(Instant::now() < deadline, "no resync signal");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let created = changes(&lab.sim, &new.id, 1);
+    wait_delivered(&lab.receiver, EVENTS_A, &created).await;
+}
+
+/// Promise: `missed` tells the receiver to resynchronise the resource (the same resync signal
+/// EWS uses, with `X-Graph-Resync-Required`), and the subscription carries on unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_tells_the_receiver_to_resync() {
+    let lab = Lab::start(&[], |_| {}, Setup::graph(&[EVENTS_A])).await;
+    let ids = wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    lab.sim.graph_missed(&ids[0]).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while resyncs(&lab.receiver, EVENTS_A) == 0 {
+        assert!(Instant::now() < deadline, "no resync signal");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let signal = lab
+        .receiver
+        .accepted()
+        .into_iter()
+        .find(|s| header(s, "x-graph-resync-required").is_some())
+        .unwrap();
+    assert!(signal.body.is_empty(), "the signal is a header, no body");
+    assert_eq!(header(&signal, "x-graph-resource"), Some(EVENTS_A));
+    assert_eq!(live_graph(&lab.sim, EVENTS_A).unwrap().id, ids[0]);
+    let metrics = common::admin_get(lab.admin(), "/metrics").await.unwrap().1;
+    assert!(
+        metric_value(
+            &metrics,
+            "ews_relay_graph_lifecycle_events_total{event=\"missed\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
+}
+
+/// Promise: `reauthorizationRequired` is answered at once (reauthorize), so Graph does not
+/// remove the subscription; it stays the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reauthorization_required_is_answered_at_once() {
+    let lab = Lab::start(
+        &[],
+        |c| c.graph.reauthorization_grace = Duration::from_secs(5),
+        Setup::graph(&[EVENTS_A]),
+    )
+    .await;
+    let ids = wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    lab.sim.graph_require_reauthorization(&ids[0]).unwrap();
+    let sub = sim_wait(&lab.sim, WAIT, "a reauthorization", |s| {
+        s.graph_subscription(&ids[0])
+            .filter(|x| x.reauthorized >= 1 && !x.reauthorization_pending)
+    })
+    .await;
+    assert!(sub.is_live());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        lab.sim.graph_subscription(&ids[0]).unwrap().is_live(),
+        "removed after the grace: the reauthorization did not count"
+    );
+    assert_eq!(live_graph(&lab.sim, EVENTS_A).unwrap().id, ids[0]);
+}
