@@ -303,16 +303,25 @@ async fn read_limited(resp: reqwest::Response) -> Result<bytes::Bytes, GraphFail
     Ok(body)
 }
 
-/// A reqwest error without its URL (which is only Graph's and the subscription id, but keep
-/// log lines short and uniform).
+/// A reqwest error with its causes (reqwest's own text says only "error sending request"; the
+/// cause, e.g. "connection refused", is what the operator needs), without the URL.
 fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(url) = e.url() {
-        s = s
-            .replace(&format!(" ({url})"), "")
-            .replace(url.as_str(), "");
+        s = s.replace(&format!(" ({url})"), "").replace(url.as_str(), "");
     }
-    s
+    let s = s.trim_end_matches(" for url").to_owned();
+    let mut out = s;
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }
 
 fn auth_failure(e: AuthError) -> GraphFailure {
