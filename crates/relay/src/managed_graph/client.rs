@@ -308,7 +308,9 @@ async fn read_limited(resp: reqwest::Response) -> Result<bytes::Bytes, GraphFail
 fn without_url(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     if let Some(url) = e.url() {
-        s = s.replace(&format!(" ({url})"), "").replace(url.as_str(), "");
+        s = s
+            .replace(&format!(" ({url})"), "")
+            .replace(url.as_str(), "");
     }
     let s = s.trim_end_matches(" for url").to_owned();
     let mut out = s;

@@ -46,24 +46,29 @@ pub async fn answer(
 ) -> Outcome {
     let deadline = started + GRAPH_ANSWER_BUDGET;
     // Check everything first: nothing of a POST with one forged item goes anywhere.
-    let mut known = Vec::with_capacity(collection.items.len());
+    let mut checked = Vec::with_capacity(collection.items.len());
     for item in &collection.items {
-        let Some(k) = keeper.lookup(&item.subscription_id).await else {
+        let sent = item.client_state.as_deref().unwrap_or("");
+        let known = match keeper.lookup(&item.subscription_id).await {
+            Some(k) => Some(k),
+            None if !sent.is_empty() => keeper.adopt_orphan(&item.subscription_id, sent).await,
+            None => None,
+        };
+        let Some(k) = known else {
             keeper.client_state_refused("unknown_subscription");
             tracing::warn!(peer = %conn.peer, subscription = %crate::subscriptions::abbreviate(&item.subscription_id), "Graph notification for a subscription the relay did not create: refused (403)");
             return Outcome::Forbidden;
         };
-        let sent = item.client_state.as_deref().unwrap_or("");
         if !graph::constant_time_eq(sent.as_bytes(), k.client_state.expose().as_bytes()) {
             keeper.client_state_refused("mismatch");
             tracing::warn!(peer = %conn.peer, resource = %k.resource, "Graph notification with a wrong clientState: refused (403), not delivered");
             return Outcome::Forbidden;
         }
-        known.push(k);
+        checked.push(k);
     }
     let mut headers = HeaderBlock::with_capacity(256);
     forwarded_fields(head, conn, &mut headers);
-    for (item, k) in collection.items.iter().zip(known) {
+    for (item, k) in collection.items.iter().zip(checked) {
         keeper.notified(&k.resource);
         if let Some(event) = &item.lifecycle_event {
             if k.retired {

@@ -50,6 +50,10 @@ const UNKNOWN_ID_GRACE: Duration = Duration::from_millis(1000);
 const SHUTDOWN_CREATE_GRACE: Duration = Duration::from_secs(12);
 /// The resource gauges are published this often.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+/// Secrets of interrupted creates remembered per resource. Each restart during a create adds
+/// one; a handful covers any real history, and the bound keeps a crash loop from growing the
+/// record.
+const MAX_ORPHAN_SECRETS: usize = 8;
 /// Random bytes in a `clientState` secret: 256 bits, 43 characters base64url (Graph allows 128).
 const CLIENT_STATE_BYTES: usize = 32;
 
@@ -372,10 +376,16 @@ impl GraphKeeper {
                 .find(|r| &r.resource == w)
                 .cloned()
                 .unwrap_or_else(|| GraphRecord::new(w));
-            if record.pending_client_state.take().is_some() {
-                // A create was in flight when the relay stopped; if Graph made it, its
-                // notifications carry a secret no id has, are refused, and it expires unused.
-                tracing::warn!(resource = %w, "a Graph create was interrupted by a stop; creating again (Graph may hold an unused subscription until it expires)");
+            if let Some(secret) = record.pending_client_state.take() {
+                // A create was in flight when the relay stopped: if Graph made it, its first
+                // notification carries this secret and the orphan is deleted then.
+                tracing::warn!(resource = %w, "a Graph create was interrupted by a stop; creating again (a subscription Graph may have made meanwhile is deleted when it first notifies)");
+                record.orphan_client_states.push(secret);
+                let excess = record
+                    .orphan_client_states
+                    .len()
+                    .saturating_sub(MAX_ORPHAN_SECRETS);
+                record.orphan_client_states.drain(..excess);
             }
             self.spawn_resource(record);
         }
@@ -475,6 +485,50 @@ impl GraphKeeper {
                 return None;
             }
         }
+    }
+
+    /// An id the relay does not know whose notification carries the secret of a create a stop
+    /// interrupted: a subscription Graph made for the relay while it never learned the id. It
+    /// is recorded as retired (so it is deleted at Graph, and its notifications acknowledged
+    /// without delivery; the resource's current subscription reports the same changes).
+    pub async fn adopt_orphan(&self, id: &str, client_state: &str) -> Option<Known> {
+        let found = {
+            let resources = self.resources.read().unwrap_or_else(|e| e.into_inner());
+            resources.iter().find_map(|(name, r)| {
+                let rec = r.record.lock().unwrap_or_else(|e| e.into_inner());
+                rec.orphan_client_states
+                    .iter()
+                    .any(|s| graph::constant_time_eq(s.as_bytes(), client_state.as_bytes()))
+                    .then(|| name.clone())
+            })
+        }?;
+        let known = Known {
+            resource: found.clone(),
+            client_state: Secret::new(client_state.to_owned()),
+            retired: true,
+        };
+        self.ids
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_owned(), known.clone());
+        let entry = GraphId {
+            resource: found.clone(),
+            client_state: client_state.to_owned(),
+            retired_at: Some(store::now_millis()),
+            gone: false,
+        };
+        let id2 = id.to_owned();
+        if let Err(e) = self
+            .writer
+            .store()
+            .blocking(move |s| s.put_graph_id(&id2, &entry))
+            .await
+        {
+            tracing::error!(error = %e, "cannot store an orphaned Graph subscription id");
+        }
+        tracing::warn!(resource = %found, subscription = %crate::subscriptions::abbreviate(id), "a Graph subscription made by an interrupted create notified: deleting it");
+        self.retired.notify_one();
+        Some(known)
     }
 
     /// Whether `path` is one of the relay's own callback paths.

@@ -71,6 +71,11 @@ pub struct GraphRecord {
     /// while the relay died before storing its id is recognised by it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pending_client_state: Option<String>,
+    /// Secrets of creates a stop interrupted (the newest last, a few at most): Graph may have
+    /// made those subscriptions without the relay learning their ids. A notification carrying
+    /// one identifies such an orphan, which is then deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphan_client_states: Vec<String>,
 }
 
 impl GraphRecord {

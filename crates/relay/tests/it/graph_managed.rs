@@ -413,3 +413,56 @@ async fn reauthorization_required_is_answered_at_once() {
     );
     assert_eq!(live_graph(&lab.sim, EVENTS_A).unwrap().id, ids[0]);
 }
+
+/// Promise: a subscription Graph made while the relay died during the create (so its id was
+/// never stored) is recognised by the secret stored before the call when it first notifies:
+/// acknowledged, not delivered, and deleted at Graph; a stranger's id is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphan_of_an_interrupted_create_is_recognised_and_deleted() {
+    let mut lab = Lab::prepare(&[], |_| {}, Setup::graph(&[EVENTS_A])).await;
+    // The state a kill -9 during a create leaves: the secret stored, no id.
+    {
+        let store = ews_relay::store::Store::open(lab.state.path()).unwrap();
+        let mut record = ews_relay::store::GraphRecord::new(EVENTS_A);
+        record.pending_client_state = Some("orphan-secret-0123456789".into());
+        store.put_graph(&record).unwrap();
+    }
+    lab.launch().await;
+    wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", lab.port).parse().unwrap();
+    let mut client = common::https_client(addr, &lab.cert.der, None)
+        .await
+        .unwrap();
+    let orphan = "0f3c5a2e-1111-4222-8333-944455556666";
+    let post = |client_state: &str| {
+        let body = serde_json::json!({"value": [{
+            "subscriptionId": orphan,
+            "clientState": client_state,
+            "changeType": "created",
+            "resource": "Users/x/Events/orphan-1",
+            "resourceData": {"id": "orphan-1"},
+            "tenantId": "t"
+        }]});
+        http::Request::post(GRAPH_CALLBACK_PATH)
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap()
+    };
+    let (status, _, _) = common::send(&mut client, post("not-the-secret")).await;
+    assert_eq!(status, 403, "a stranger's subscription is refused");
+    let (status, _, _) = common::send(&mut client, post("orphan-secret-0123456789")).await;
+    assert_eq!(status, 202, "the orphan is acknowledged");
+    sim_wait(&lab.sim, WAIT, "a DELETE of the orphan", |s| {
+        s.requests()
+            .into_iter()
+            .find(|r| r.method == "DELETE" && r.path.ends_with(&format!("/subscriptions/{orphan}")))
+    })
+    .await;
+    assert!(
+        delivered_ids(&lab.receiver, EVENTS_A).is_empty(),
+        "the orphan's notification was delivered"
+    );
+}
