@@ -18,7 +18,7 @@ use http1::{HeaderBlock, RequestHead};
 use super::keeper::GraphKeeper;
 use crate::client::ConnInfo;
 use crate::deliver::passthrough::forwarded_fields;
-use crate::spool::{graph_queue, GRAPH_DIRECT_LIMIT};
+use crate::spool::graph_queue;
 
 /// The whole answer to Graph is due within this after the body arrived: Graph counts endpoints
 /// slower than about 3 s as slow. The rest of the 3 s is for the network and the write.
@@ -87,27 +87,20 @@ pub async fn answer(
             keeper.retired_notification();
             continue;
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let direct = left.min(GRAPH_DIRECT_LIMIT);
-        let accepted = tokio::time::timeout(
-            left,
-            keeper.delivery().accept(
+        let accepted = keeper
+            .delivery()
+            .accept(
                 &graph_queue(&k.resource),
                 &item.subscription_id,
                 headers.clone(),
                 Bytes::from(item.for_receiver()),
-                Some(direct),
-            ),
-        )
-        .await;
+                Some(tokio::time::Instant::from_std(deadline)),
+            )
+            .await;
         match accepted {
-            Ok(Ok(_)) => keeper.delivered(item.change_type.as_deref()),
-            Ok(Err(e)) => {
+            Ok(_) => keeper.delivered(item.change_type.as_deref()),
+            Err(e) => {
                 tracing::debug!(resource = %k.resource, error = %e, "Graph notification not accepted; answering 503 so Graph retries");
-                return Outcome::NotStored;
-            }
-            Err(_) => {
-                tracing::warn!(resource = %k.resource, "Graph notification's queue busy past the answer deadline; answering 503 so Graph retries");
                 return Outcome::NotStored;
             }
         }

@@ -170,6 +170,10 @@ pub enum NotAccepted {
     /// Any other store failure.
     #[error(transparent)]
     Store(StoreError),
+    /// The sender's deadline passed while an earlier notification of the same queue was
+    /// being delivered.
+    #[error("its queue was busy until the sender's deadline")]
+    Busy,
 }
 
 impl NotAccepted {
@@ -180,6 +184,7 @@ impl NotAccepted {
             NotAccepted::OverAge { .. } => "max_age",
             NotAccepted::DiskFull(_) => "disk_full",
             NotAccepted::Store(_) => "store_error",
+            NotAccepted::Busy => "busy",
         }
     }
 }
@@ -366,30 +371,47 @@ impl Delivery {
     /// (or if the receiver fails) spool it. `Err` means it is neither delivered nor durably
     /// stored (see the module's "Limits"): Exchange must not be told `OK`.
     ///
-    /// `direct_limit`: how long the direct attempt may take before the notification is spooled
-    /// instead (Graph, which wants an answer within seconds); `None`: `--upstream-timeout`.
+    /// `answer_by`: when the sender wants its answer (Graph, within seconds): the wait for the
+    /// mailbox's queue ends then ([`NotAccepted::Busy`]), and a direct attempt is cut after
+    /// [`GRAPH_DIRECT_LIMIT`] or at that time, whichever is first, and the notification spooled
+    /// instead. `None`: no limit but `--upstream-timeout` (EWS). Once the spool append has
+    /// begun it runs to its end: cancelling it could store an entry the queue does not count.
     pub async fn accept(
         &self,
         mailbox: &str,
         subscription_id: &str,
         headers: HeaderBlock,
         body: Bytes,
-        direct_limit: Option<Duration>,
+        answer_by: Option<tokio::time::Instant>,
     ) -> Result<Accepted, NotAccepted> {
         let queue = self.queue(mailbox);
-        let mut q = queue.lock().await;
+        let mut q = match answer_by {
+            None => queue.lock().await,
+            Some(at) => match tokio::time::timeout_at(at, queue.lock()).await {
+                Ok(q) => q,
+                Err(_) => {
+                    self.metrics.spool_refusal("busy");
+                    return Err(NotAccepted::Busy);
+                }
+            },
+        };
         if q.waiting == 0 {
             let out = self.request(mailbox, subscription_id, &headers, body.clone(), None, None);
-            let attempt = match direct_limit {
+            let attempt = match answer_by {
                 None => self.try_deliver(&out).await,
-                Some(limit) => tokio::time::timeout(limit, self.try_deliver(&out))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(format!(
-                            "receiver slower than {} ms; spooled instead",
-                            limit.as_millis()
-                        ))
-                    }),
+                Some(at) => {
+                    let limit = at
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(GRAPH_DIRECT_LIMIT);
+                    tokio::time::timeout(limit, self.try_deliver(&out))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!(
+                                "receiver slower than {} ms; spooled instead",
+                                limit.as_millis()
+                            ))
+                        })
+                }
             };
             match attempt {
                 Ok(()) => {
@@ -624,11 +646,7 @@ impl Delivery {
             let mut progressed = false;
             let mut failed = false;
             for (mailbox, queue) in busy {
-                let mut q = queue.lock().await;
-                if q.waiting == 0 {
-                    continue;
-                }
-                match self.replay_mailbox(&mailbox, &mut q).await {
+                match self.replay_mailbox(&mailbox, &queue).await {
                     Ok(n) => progressed |= n > 0,
                     Err(()) => failed = true,
                 }
@@ -656,25 +674,43 @@ impl Delivery {
     }
 
     /// Replay up to [`REPLAY_BATCH`] entries of one mailbox; `Err` when the receiver refused.
-    async fn replay_mailbox(&self, mailbox: &str, q: &mut Queue) -> Result<usize, ()> {
-        let m = mailbox.to_owned();
-        let entries = match self
-            .store
-            .blocking(move |s| s.spool_peek(&m, REPLAY_BATCH))
-            .await
-        {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the spool");
-                return Err(());
+    ///
+    /// The queue's lock is held to read the batch and to account for it afterwards, not while
+    /// the receiver is being sent to: a slow receiver must not make a new notification wait for
+    /// the lock (Graph wants its answer within seconds). Order still holds: an entry being
+    /// replayed stays counted in `waiting` until acknowledged, so a notification arriving
+    /// meanwhile is spooled behind it, never delivered directly.
+    async fn replay_mailbox(
+        &self,
+        mailbox: &str,
+        queue: &tokio::sync::Mutex<Queue>,
+    ) -> Result<usize, ()> {
+        let entries = {
+            let mut q = queue.lock().await;
+            if q.waiting == 0 {
+                return Ok(0);
             }
+            // Read under the lock: every entry `waiting` counts is in the store by now.
+            let m = mailbox.to_owned();
+            let entries = match self
+                .store
+                .blocking(move |s| s.spool_peek(&m, REPLAY_BATCH))
+                .await
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the spool");
+                    return Err(());
+                }
+            };
+            if entries.is_empty() {
+                q.waiting = 0;
+                self.drained(mailbox, &mut q);
+                return Ok(0);
+            }
+            q.oldest = entries.first().map(|e| e.received_at);
+            entries
         };
-        if entries.is_empty() {
-            q.waiting = 0;
-            self.drained(mailbox, q);
-            return Ok(0);
-        }
-        q.oldest = entries.first().map(|e| e.received_at);
         // The oldest entry not delivered in this round, to refresh `q.oldest` afterwards.
         let mut first_left = None;
         let mut done = 0;
@@ -699,7 +735,7 @@ impl Delivery {
             if let Err(why) = self.try_deliver(&out).await {
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
                 self.metrics.delivery("failed");
-                self.receiver_failed(mailbox, q, &why);
+                self.receiver_failed(mailbox, &mut *queue.lock().await, &why);
                 first_left = Some(e.received_at);
                 refused = true;
                 break;
@@ -715,7 +751,13 @@ impl Delivery {
                 .delivery(if resync { "resync" } else { "replayed" });
         }
         let mut ack_failed = false;
+        let mut acked = Vec::new();
         while let Some(joined) = acks.join_next().await {
+            acked.push(joined);
+        }
+        let mut q = queue.lock().await;
+        let q = &mut *q;
+        for joined in acked {
             match joined {
                 Ok((resync, len, Ok(_))) => {
                     self.release(len);
