@@ -809,6 +809,26 @@ impl GraphKeeper {
                 if let Some(old) = old {
                     self.retire(&old, false).await;
                 }
+                let still_wanted = self
+                    .resource(resource)
+                    .is_some_and(|current| std::ptr::eq(Arc::as_ptr(&current), r));
+                if !still_wanted {
+                    // Removed from the configuration while this create was in flight.
+                    tracing::info!(
+                        resource,
+                        "Graph resource removed during its create; the new subscription is deleted"
+                    );
+                    self.retire(&sub.id, false).await;
+                    let res = resource.to_owned();
+                    let _ = self
+                        .writer
+                        .store()
+                        .blocking(move |s| s.remove_graph(&res))
+                        .await;
+                    self.creating.fetch_sub(1, Ordering::AcqRel);
+                    self.created.notify_waiters();
+                    return Ok(());
+                }
                 tracing::info!(
                     resource,
                     expires = %humantime::format_rfc3339_seconds(sub.expiration_date_time),
