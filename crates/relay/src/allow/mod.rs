@@ -372,6 +372,22 @@ mod tests {
     }
 
     #[test]
+    fn microsoft_graph_preset_is_not_exchange_online() {
+        let l = AllowList::build(&[], None, &["microsoft-graph".into()]).unwrap();
+        assert!(l.allows("52.159.23.209".parse().unwrap()));
+        assert!(l.allows("2603:1006:2000::1".parse().unwrap()));
+        assert!(
+            !l.allows("40.96.1.1".parse().unwrap()),
+            "naming a preset replaces the exchange-online default"
+        );
+        assert!(l.describe().contains("microsoft-graph"));
+        let e = AllowList::build(&[], None, &["nope".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("microsoft-graph"), "{e}");
+    }
+
+    #[test]
     fn file_and_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("allow.txt");

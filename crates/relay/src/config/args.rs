@@ -166,7 +166,7 @@ pub struct Args {
     pub allow_file: Option<PathBuf>,
 
     /// Built-in network list: `exchange-online` (the default when no --allow* flag is given),
-    /// `cloudflare` (repeatable; added to --allow and --allow-file).
+    /// `microsoft-graph`, `cloudflare` (repeatable; added to --allow and --allow-file).
     #[arg(
         long,
         env = "EWS_RELAY_ALLOW_PRESET",
