@@ -263,7 +263,14 @@ impl AllowSource {
         ))
     }
 
-    /// Whether the `exchange-online` preset is part of the list (explicitly or by default).
+    /// Whether the `microsoft-graph` preset is named.
+    pub fn uses_microsoft_graph(&self) -> bool {
+        self.presets
+            .iter()
+            .any(|p| p == presets::MICROSOFT_GRAPH.name)
+    }
+
+    /// Whether the `exchange-online` preset is part of the list (named, or the default).
     pub fn uses_exchange_online(&self) -> bool {
         self.presets
             .iter()

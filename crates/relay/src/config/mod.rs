@@ -289,6 +289,18 @@ impl Config {
                 );
             }
         }
+        let graph_host = graph
+            .as_ref()
+            .and_then(|g| g.managed.as_ref())
+            .and_then(|m| m.url.parse::<Uri>().ok())
+            .and_then(|u| u.host().map(str::to_ascii_lowercase));
+        if let Some(host) = graph_host.filter(|h| h == "graph.microsoft.com") {
+            if !allow_source.uses_microsoft_graph() {
+                tracing::warn!(
+                    "managed Graph mode subscribes at {host}, whose notifications come from Microsoft Graph's networks, but the allow-list does not admit them: add --allow-preset microsoft-graph (unless a load balancer in front hides the client addresses and --allow names it)"
+                );
+            }
+        }
         let path_prefix = normalise_prefix("--path-prefix", &args.path_prefix)?;
         let trusted_proxies = trusted_proxies(&args.trusted_proxy)?;
         let refresh_ranges = if args.refresh_ranges {
