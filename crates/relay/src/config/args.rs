@@ -38,7 +38,8 @@ Start-up errors go to stderr, once; logs go to stdout.";
 #[derive(Debug, Parser)]
 #[command(name = "ews-relay", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Args {
-    /// TLS listener address (IPv4 or IPv6, e.g. `[::]:443`).
+    /// TLS listener address (IPv4 or IPv6, e.g. `[::]:443`), or `none` (managed EWS mode with
+    /// `--transport streaming` only: nothing listens for Exchange).
     #[arg(
         long,
         env = "EWS_RELAY_LISTEN",
@@ -362,6 +363,40 @@ pub struct Args {
     #[arg(long, env = "EWS_RELAY_HEARTBEAT_TIMEOUT", value_name = "DUR", value_parser = parse_duration, help_heading = "Managed mode")]
     pub heartbeat_timeout: Option<Duration>,
 
+    /// How managed EWS mode follows mailboxes: push (Exchange calls --callback-url) or
+    /// streaming (the relay holds GetStreamingEvents connections open to Exchange; no inbound
+    /// path needed).
+    #[arg(
+        long,
+        env = "EWS_RELAY_TRANSPORT",
+        default_value = "push",
+        value_name = "push|streaming",
+        help_heading = "Managed mode"
+    )]
+    pub transport: Transport,
+
+    /// Streaming: the ConnectionTimeout asked of Exchange for each GetStreamingEvents
+    /// connection, 1..30 minutes.
+    #[arg(
+        long,
+        env = "EWS_RELAY_STREAM_CONNECTION_TIMEOUT",
+        default_value_t = 30,
+        value_name = "MIN",
+        help_heading = "Managed mode"
+    )]
+    pub stream_connection_timeout: u8,
+
+    /// Streaming: a group's connection is replaced by a new one (overlapping) after this long,
+    /// before Exchange closes it (default: the connection timeout less one minute, or 90% of
+    /// it); shorter values suit middleboxes that cut long connections.
+    #[arg(long, env = "EWS_RELAY_STREAM_RECONNECT_AFTER", value_name = "DUR", value_parser = parse_duration, help_heading = "Managed mode")]
+    pub stream_reconnect_after: Option<Duration>,
+
+    /// Streaming: a connection with no event and no keep-alive for this long is taken as broken
+    /// and replaced (default: Exchange's keep-alive period plus a margin).
+    #[arg(long, env = "EWS_RELAY_STREAM_SILENCE_TIMEOUT", value_name = "DUR", value_parser = parse_duration, help_heading = "Managed mode")]
+    pub stream_silence_timeout: Option<Duration>,
+
     /// How the relay authenticates to EWS: oauth, basic, none (lab servers only).
     #[arg(
         long,
@@ -584,6 +619,16 @@ pub struct Args {
         value_name = "FORMAT"
     )]
     pub log_format: LogFormat,
+}
+
+/// How managed EWS mode hears of mailbox events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Transport {
+    /// Push notifications: Exchange POSTs to `--callback-url`.
+    #[default]
+    Push,
+    /// Streaming notifications: the relay holds `GetStreamingEvents` connections open.
+    Streaming,
 }
 
 /// How the relay authenticates to EWS.

@@ -131,36 +131,17 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
             "managed mode needs at least one mailbox (--mailbox or --mailboxes-file)",
         ));
     }
-    let callback_url = args.callback_url.as_deref().ok_or_else(|| {
-        ConfigError::new(
-            "--callback-url",
-            "managed mode needs the public https URL Exchange calls back",
-        )
-    })?;
-    let callback: Uri = callback_url.parse().map_err(|_| {
-        ConfigError::new("--callback-url", format!("'{callback_url}' is not a URL"))
-    })?;
-    if callback.scheme() != Some(&Scheme::HTTPS) || callback.host().is_none() {
-        return Err(ConfigError::new(
-            "--callback-url",
-            format!("'{callback_url}' must be an https:// URL with a host (the relay serves TLS)"),
-        ));
-    }
-    if !under_prefix(callback.path(), path_prefix) {
-        return Err(ConfigError::new(
-            "--callback-url",
-            format!(
-                "path '{}' is not under --path-prefix {path_prefix}",
-                callback.path()
-            ),
-        ));
-    }
-    if callback_url.len() >= ews::MAX_URL_LEN {
-        return Err(ConfigError::new(
-            "--callback-url",
-            "longer than EWS accepts (2083 characters)",
-        ));
-    }
+    let callback_url = match args.transport {
+        Transport::Push => Some(push_callback(args, path_prefix)?),
+        Transport::Streaming if args.callback_url.is_some() => {
+            return Err(ConfigError::new(
+                "--callback-url",
+                "not used with --transport streaming (Exchange is not called back): leave it out",
+            ))
+        }
+        Transport::Streaming => None,
+    };
+    let stream = stream_timing(args)?;
     let mut folders = Vec::new();
     for f in &args.folder {
         let f = f.trim().to_ascii_lowercase();
@@ -217,7 +198,9 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
         endpoint,
         mailboxes,
         mailboxes_file: args.mailboxes_file.clone(),
-        callback_url: callback_url.to_owned(),
+        callback_url,
+        transport: args.transport,
+        stream,
         folders,
         event_types,
         status_frequency: args.status_frequency,
@@ -231,6 +214,78 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
             max_age: args.spool_max_age,
         },
     }))
+}
+
+/// `--callback-url`: a public https URL under `--path-prefix` that EWS accepts.
+fn push_callback(args: &Args, path_prefix: &str) -> Result<String, ConfigError> {
+    let callback_url = args.callback_url.as_deref().ok_or_else(|| {
+        ConfigError::new(
+            "--callback-url",
+            "managed mode needs the public https URL Exchange calls back",
+        )
+    })?;
+    let callback: Uri = callback_url.parse().map_err(|_| {
+        ConfigError::new("--callback-url", format!("'{callback_url}' is not a URL"))
+    })?;
+    if callback.scheme() != Some(&Scheme::HTTPS) || callback.host().is_none() {
+        return Err(ConfigError::new(
+            "--callback-url",
+            format!("'{callback_url}' must be an https:// URL with a host (the relay serves TLS)"),
+        ));
+    }
+    if !under_prefix(callback.path(), path_prefix) {
+        return Err(ConfigError::new(
+            "--callback-url",
+            format!(
+                "path '{}' is not under --path-prefix {path_prefix}",
+                callback.path()
+            ),
+        ));
+    }
+    if callback_url.len() >= ews::MAX_URL_LEN {
+        return Err(ConfigError::new(
+            "--callback-url",
+            "longer than EWS accepts (2083 characters)",
+        ));
+    }
+    Ok(callback_url.to_owned())
+}
+
+/// The longest ConnectionTimeout EWS accepts for `GetStreamingEvents`, in minutes.
+const MAX_STREAM_CONNECTION_TIMEOUT: u8 = 30;
+/// Exchange writes a keep-alive into a streaming connection about every 30 s when nothing else
+/// happens (PROTOCOL.md); silence for twice that and a margin means the connection is broken
+/// (a middlebox dropped it without a reset, or the server hangs).
+const DEFAULT_STREAM_SILENCE: Duration = Duration::from_secs(75);
+
+/// The streaming flags, checked against each other.
+fn stream_timing(args: &Args) -> Result<StreamTiming, ConfigError> {
+    let minutes = args.stream_connection_timeout;
+    if !(1..=MAX_STREAM_CONNECTION_TIMEOUT).contains(&minutes) {
+        return Err(ConfigError::new(
+            "--stream-connection-timeout",
+            "must be 1..30 minutes (EWS's ConnectionTimeout)",
+        ));
+    }
+    let timeout = Duration::from_secs(60 * u64::from(minutes));
+    let reconnect_after = match args.stream_reconnect_after {
+        Some(d) if d >= timeout => {
+            return Err(ConfigError::new(
+                "--stream-reconnect-after",
+                format!(
+                    "must be shorter than --stream-connection-timeout ({minutes} min), or Exchange closes the connection first"
+                ),
+            ))
+        }
+        Some(d) => d,
+        None if minutes > 1 => timeout - Duration::from_secs(60),
+        None => timeout.mul_f64(0.9),
+    };
+    Ok(StreamTiming {
+        connection_timeout_minutes: minutes,
+        reconnect_after,
+        silence_timeout: args.stream_silence_timeout.unwrap_or(DEFAULT_STREAM_SILENCE),
+    })
 }
 
 /// An SMTP address, lower-cased (Exchange compares them case-insensitively).

@@ -22,7 +22,7 @@ mod managed;
 mod parse;
 
 pub use acme::{Acme, EabKey};
-pub use args::{Args, AuthKind, LogFormat};
+pub use args::{Args, AuthKind, LogFormat, Transport};
 use auth::auth;
 pub use auth::{ClientCertificate, ClientCredential};
 use graph::graph;
@@ -121,8 +121,12 @@ pub struct Managed {
     pub mailboxes: Vec<String>,
     /// `--mailboxes-file`, re-read on change.
     pub mailboxes_file: Option<PathBuf>,
-    /// The public callback URL.
-    pub callback_url: String,
+    /// The public callback URL (push); `None` with streaming.
+    pub callback_url: Option<String>,
+    /// Push or streaming.
+    pub transport: Transport,
+    /// Streaming's connection timing (used with `--transport streaming`).
+    pub stream: StreamTiming,
     /// Distinguished folder ids; empty means all folders.
     pub folders: Vec<String>,
     /// Event types to subscribe to.
@@ -141,6 +145,17 @@ pub struct Managed {
     pub trace_dir: Option<PathBuf>,
     /// `--spool-max-bytes` and `--spool-max-age`.
     pub spool: SpoolLimits,
+}
+
+/// Streaming connections' timing.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamTiming {
+    /// `--stream-connection-timeout`: the `ConnectionTimeout` asked for, minutes.
+    pub connection_timeout_minutes: u8,
+    /// `--stream-reconnect-after`: when a connection is replaced by an overlapping new one.
+    pub reconnect_after: Duration,
+    /// `--stream-silence-timeout`: silence after which a connection is taken as broken.
+    pub silence_timeout: Duration,
 }
 
 /// Where the receiver is and how requests to it are addressed.
