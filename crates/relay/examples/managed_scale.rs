@@ -1077,7 +1077,7 @@ impl Relay {
         let (stop, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(ews_relay::run(
             ews_relay::Listeners {
-                relay: listener,
+                relay: Some(listener),
                 admin,
             },
             config,

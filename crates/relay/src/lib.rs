@@ -22,6 +22,7 @@ pub mod route;
 pub mod source;
 pub mod spool;
 pub mod store;
+pub mod streaming;
 pub mod subscriptions;
 
 use std::future::Future;
@@ -151,8 +152,8 @@ fn bind_hint(addr: SocketAddr, e: &std::io::Error) -> String {
 /// The relay's listening sockets.
 #[derive(Debug)]
 pub struct Listeners {
-    /// The TLS listener Exchange connects to.
-    pub relay: TcpListener,
+    /// The TLS listener Exchange connects to; `None` with `--listen none`.
+    pub relay: Option<TcpListener>,
     /// The admin listener.
     pub admin: TcpListener,
 }
@@ -160,14 +161,21 @@ pub struct Listeners {
 impl Listeners {
     /// Bind both listeners from the configuration.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
-        let relay = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                flag: "--listen",
-                addr: config.listen,
-                hint: bind_hint(config.listen, &source),
-                source,
-            })?;
+        let relay = match config.listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| StartError::Bind {
+                            flag: "--listen",
+                            addr,
+                            hint: bind_hint(addr, &source),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let admin = TcpListener::bind(config.admin_listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -367,7 +375,7 @@ pub async fn run(
         tracing::info!("{note}");
     }
     tracing::info!(
-        listen = %listeners.relay.local_addr().map_or(config.listen, |a| a),
+        listen = %listeners.relay.as_ref().and_then(|l| l.local_addr().ok()).or(config.listen).map_or("none".into(), |a| a.to_string()),
         admin = %admin_addr,
         mode = if config.managed.is_some() { "managed" } else { "passthrough" },
         upstream = %config.upstream.authority,
@@ -380,6 +388,10 @@ pub async fn run(
     let mut managed_tasks = Vec::new();
     if let Some(d) = &keepers.delivery {
         managed_tasks.push(tokio::spawn(d.clone().replay()));
+    }
+    if let Some(s) = &keepers.streams {
+        s.start().await.map_err(StartError::Store)?;
+        managed_tasks.push(tokio::spawn(streaming::watch_mailboxes(s.clone())));
     }
     if let Some(m) = &manager {
         m.start().await.map_err(StartError::Store)?;
@@ -400,12 +412,15 @@ pub async fn run(
             .and_then(|m| m.resources_file.clone());
         managed_tasks.push(tokio::spawn(watch_resources(g.clone(), file)));
     }
-    let serving = edge::serve(
-        listeners.relay,
-        edge,
-        stop_rx,
-        config.timeouts.shutdown_grace,
-    );
+    // With `--listen none` only the shutdown trigger ends the wait.
+    let serving = async move {
+        match listeners.relay {
+            Some(relay) => {
+                edge::serve(relay, edge, stop_rx, config.timeouts.shutdown_grace).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
     let trigger = async move {
         shutdown.await;
         tracing::info!("shutdown requested");
@@ -429,6 +444,9 @@ pub async fn run(
     if let Some(m) = &manager {
         m.shutdown().await;
     }
+    if let Some(s) = &keepers.streams {
+        s.shutdown().await;
+    }
     if let Some(g) = &keepers.graph {
         g.shutdown().await;
     }
@@ -441,6 +459,8 @@ pub async fn run(
 #[derive(Default)]
 struct Keepers {
     ews: Option<Arc<subscriptions::Manager>>,
+    /// Managed EWS mode with `--transport streaming` (then `ews` is `None`).
+    streams: Option<Arc<streaming::Streams>>,
     graph: Option<Arc<managed_graph::GraphKeeper>>,
     delivery: Option<Arc<spool::Delivery>>,
 }
@@ -481,14 +501,21 @@ async fn keepers(
     ));
     let root = || http::uri::PathAndQuery::from_static("/");
     let paths = spool::Paths {
+        // Streaming has no callback URL: deliveries go to --path-prefix.
         ews: ews
-            .map(|m| callback_path(&m.callback_url))
+            .map(|m| match &m.callback_url {
+                Some(url) => callback_path(url),
+                None => Ok(streaming::delivery_path(&config.path_prefix)),
+            })
             .transpose()?
             .unwrap_or_else(root),
         graph: graph
             .map(|g| callback_path(&g.callback_url))
             .transpose()?
             .unwrap_or_else(root),
+        ews_transport: ews
+            .filter(|m| m.transport == config::Transport::Streaming)
+            .map(|_| "streaming"),
     };
     let delivery = spool::Delivery::new(
         receiver,
@@ -534,22 +561,40 @@ async fn keepers(
             m.max_concurrent_ews,
             trace,
         );
-        let manager = subscriptions::Manager::new(
-            m.clone(),
-            client,
-            writer.clone(),
-            delivery.clone(),
-            metrics.clone(),
-        )
-        .await
-        .map_err(StartError::Store)?;
-        tracing::info!(
-            mailboxes = m.mailboxes.len(),
-            mailboxes_file = ?m.mailboxes_file,
-            callback = %m.callback_url,
-            "managed mode: the relay keeps the mailboxes subscribed"
-        );
-        keepers.ews = Some(manager);
+        if m.transport == config::Transport::Streaming {
+            let streams = streaming::Streams::new(
+                m.clone(),
+                client,
+                writer.clone(),
+                delivery.clone(),
+                metrics.clone(),
+            )
+            .await
+            .map_err(StartError::Store)?;
+            tracing::info!(
+                mailboxes = m.mailboxes.len(),
+                mailboxes_file = ?m.mailboxes_file,
+                "managed mode, streaming: the relay follows the mailboxes over GetStreamingEvents"
+            );
+            keepers.streams = Some(streams);
+        } else {
+            let manager = subscriptions::Manager::new(
+                m.clone(),
+                client,
+                writer.clone(),
+                delivery.clone(),
+                metrics.clone(),
+            )
+            .await
+            .map_err(StartError::Store)?;
+            tracing::info!(
+                mailboxes = m.mailboxes.len(),
+                mailboxes_file = ?m.mailboxes_file,
+                callback = m.callback_url.as_deref().unwrap_or(""),
+                "managed mode: the relay keeps the mailboxes subscribed"
+            );
+            keepers.ews = Some(manager);
+        }
     }
     if let Some(g) = graph {
         let credentials = subscriptions::auth::Credentials::new(

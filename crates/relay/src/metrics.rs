@@ -177,6 +177,14 @@ pub struct Metrics {
     graph_validations: Family<Labels, Counter>,
     /// Managed Graph mode: resources by state.
     graph_resources: Family<Labels, Gauge>,
+    /// Streaming: `GetStreamingEvents` connections open now (two per group during an overlap).
+    stream_connections: Gauge,
+    /// Streaming: groups (one connection each when all is well).
+    stream_groups: Gauge,
+    /// Streaming: connections replaced, by reason (`renew`, `closed`, `broken`, `silence`, …).
+    stream_reconnects: Family<Labels, Counter>,
+    /// Streaming: seconds since the least recent keep-alive or event of any open group.
+    stream_keepalive_age: Gauge,
 }
 
 impl Default for Metrics {
@@ -425,6 +433,30 @@ impl Metrics {
             "Managed Graph mode: configured resources, by state",
             graph_resources.clone(),
         );
+        let stream_connections = Gauge::default();
+        registry.register(
+            "stream_connections",
+            "Streaming: GetStreamingEvents connections open",
+            stream_connections.clone(),
+        );
+        let stream_groups = Gauge::default();
+        registry.register(
+            "stream_groups",
+            "Streaming: groups of mailboxes sharing one connection",
+            stream_groups.clone(),
+        );
+        let stream_reconnects = Family::<Labels, Counter>::default();
+        registry.register(
+            "stream_reconnects",
+            "Streaming: connections replaced, by reason",
+            stream_reconnects.clone(),
+        );
+        let stream_keepalive_age = Gauge::default();
+        registry.register(
+            "stream_keepalive_age_seconds",
+            "Streaming: seconds since the least recent keep-alive or event of an open group",
+            stream_keepalive_age.clone(),
+        );
         let class = |c: &'static str| requests_family.get_or_create_owned(&[("class", c)]);
         let requests = [
             class("1xx"),
@@ -479,6 +511,10 @@ impl Metrics {
             graph_notifications,
             graph_validations,
             graph_resources,
+            stream_connections,
+            stream_groups,
+            stream_reconnects,
+            stream_keepalive_age,
         }
     }
 
@@ -678,6 +714,25 @@ impl Metrics {
     /// Denied connections for the source reason (for the admin API).
     pub fn denied_source_total(&self) -> u64 {
         self.denied_source.get()
+    }
+
+    /// Streaming: a connection opened (`+1`) or ended (`-1`).
+    pub fn stream_connection(&self, delta: i64) {
+        self.stream_connections.inc_by(delta);
+    }
+
+    /// Streaming: count a connection replaced and why.
+    pub fn stream_reconnect(&self, reason: &'static str) {
+        self.stream_reconnects
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    /// Streaming: publish the number of groups and the oldest keep-alive age.
+    pub fn set_stream_groups(&self, groups: usize, oldest_keepalive: std::time::Duration) {
+        self.stream_groups.set(groups as i64);
+        self.stream_keepalive_age
+            .set(oldest_keepalive.as_secs() as i64);
     }
 
     /// The Prometheus text exposition.

@@ -131,16 +131,15 @@ pub(super) fn managed(args: &Args, path_prefix: &str) -> Result<Option<Managed>,
             "managed mode needs at least one mailbox (--mailbox or --mailboxes-file)",
         ));
     }
-    let callback_url = match args.transport {
-        Transport::Push => Some(push_callback(args, path_prefix)?),
-        Transport::Streaming if args.callback_url.is_some() => {
-            return Err(ConfigError::new(
+    let callback_url =
+        match args.transport {
+            Transport::Push => Some(push_callback(args, path_prefix)?),
+            Transport::Streaming if args.callback_url.is_some() => return Err(ConfigError::new(
                 "--callback-url",
                 "not used with --transport streaming (Exchange is not called back): leave it out",
-            ))
-        }
-        Transport::Streaming => None,
-    };
+            )),
+            Transport::Streaming => None,
+        };
     let stream = stream_timing(args)?;
     let mut folders = Vec::new();
     for f in &args.folder {
@@ -284,7 +283,9 @@ fn stream_timing(args: &Args) -> Result<StreamTiming, ConfigError> {
     Ok(StreamTiming {
         connection_timeout_minutes: minutes,
         reconnect_after,
-        silence_timeout: args.stream_silence_timeout.unwrap_or(DEFAULT_STREAM_SILENCE),
+        silence_timeout: args
+            .stream_silence_timeout
+            .unwrap_or(DEFAULT_STREAM_SILENCE),
     })
 }
 

@@ -209,8 +209,9 @@ pub struct Timeouts {
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// TLS listener.
-    pub listen: SocketAddr,
+    /// TLS listener; `None` with `--listen none` (managed EWS streaming only: nothing
+    /// listens for Exchange).
+    pub listen: Option<SocketAddr>,
     /// Admin listener.
     pub admin_listen: SocketAddr,
     /// The receiver.
@@ -263,7 +264,7 @@ impl Config {
         let ews_prefix = normalise_prefix("--path-prefix", &args.path_prefix)?;
         let managed = managed(&args, &ews_prefix)?;
         let graph = graph(&args, &ews_prefix)?;
-        let listen = parse_socket_addr("--listen", &args.listen)?;
+        let listen = listen(&args, managed.as_ref(), graph.is_some())?;
         let admin_listen = parse_socket_addr("--admin-listen", &args.admin_listen)?;
         let upstream = parse_upstream(&args.upstream)?;
         let acme = acme::acme(&args)?;
@@ -493,6 +494,38 @@ impl Default for SpoolLimits {
     }
 }
 
+/// `--listen`: an address, or `none` when nothing needs to reach the relay: managed EWS mode
+/// with `--transport streaming`, no Graph and no ACME (both need Microsoft or the CA to call in).
+fn listen(
+    args: &Args,
+    managed: Option<&Managed>,
+    graph: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    if !args.listen.trim().eq_ignore_ascii_case("none") {
+        return parse_socket_addr("--listen", &args.listen).map(Some);
+    }
+    let streaming = managed.is_some_and(|m| m.transport == Transport::Streaming);
+    if !streaming {
+        return Err(ConfigError::new(
+            "--listen",
+            "'none' only with managed EWS mode and --transport streaming (push and passthrough need Exchange to reach the relay)",
+        ));
+    }
+    if graph {
+        return Err(ConfigError::new(
+            "--listen",
+            "'none' leaves Microsoft Graph no way to deliver: give an address, or leave out the --graph-* flags",
+        ));
+    }
+    if !args.acme_domain.is_empty() {
+        return Err(ConfigError::new(
+            "--listen",
+            "'none' leaves the ACME CA no port to check --acme-domain on: give an address, or leave out --acme-domain",
+        ));
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,10 +572,84 @@ mod tests {
     #[test]
     fn defaults_parse() {
         let c = Config::parse_from(["ews-relay"]).unwrap();
-        assert_eq!(c.listen.port(), 443);
+        assert_eq!(c.listen.map(|l| l.port()), Some(443));
         assert_eq!(c.max_body, 4 << 20);
         assert!(matches!(c.tls, TlsSource::SelfSigned { .. }));
         assert!(c.allow.describe().contains("exchange-online"));
+    }
+
+    const STREAMING: [&str; 9] = [
+        "ews-relay",
+        "--ews-url",
+        "http://127.0.0.1:1/EWS/Exchange.asmx",
+        "--mailbox",
+        "a@contoso.example",
+        "--auth",
+        "none",
+        "--transport",
+        "streaming",
+    ];
+
+    #[test]
+    fn streaming_needs_no_callback_and_may_listen_nowhere() {
+        let mut words = STREAMING.to_vec();
+        words.extend(["--listen", "none"]);
+        let c = Config::parse_from(words).unwrap();
+        assert_eq!(c.listen, None);
+        let m = c.managed.unwrap();
+        assert_eq!(m.transport, Transport::Streaming);
+        assert_eq!(m.callback_url, None);
+        // Defaults: 30 min asked, renewed a minute before, silence after 75 s.
+        assert_eq!(m.stream.connection_timeout_minutes, 30);
+        assert_eq!(m.stream.reconnect_after, Duration::from_secs(29 * 60));
+        assert_eq!(m.stream.silence_timeout, Duration::from_secs(75));
+        // With a listener, pushes are still served beside the streams.
+        let c = Config::parse_from(STREAMING).unwrap();
+        assert!(c.listen.is_some());
+    }
+
+    #[test]
+    fn streaming_timing_flags() {
+        let mut words = STREAMING.to_vec();
+        words.extend([
+            "--stream-connection-timeout",
+            "1",
+            "--stream-silence-timeout",
+            "5s",
+        ]);
+        let m = Config::parse_from(words).unwrap().managed.unwrap();
+        assert_eq!(m.stream.reconnect_after, Duration::from_secs(54));
+        assert_eq!(m.stream.silence_timeout, Duration::from_secs(5));
+        let mut words = STREAMING.to_vec();
+        words.extend(["--stream-reconnect-after", "10s"]);
+        let m = Config::parse_from(words).unwrap().managed.unwrap();
+        assert_eq!(m.stream.reconnect_after, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn listen_none_is_refused_where_something_must_reach_the_relay() {
+        for extra in [
+            vec![],
+            vec![
+                "--ews-url",
+                "http://x/EWS/Exchange.asmx",
+                "--mailbox",
+                "a@b.example",
+                "--auth",
+                "none",
+                "--callback-url",
+                "https://relay.example/ews/x",
+            ],
+        ] {
+            let mut words = vec!["ews-relay", "--listen", "none"];
+            words.extend(extra);
+            let e = Config::parse_from(words).unwrap_err();
+            assert!(e.to_string().contains("--listen"), "{e}");
+        }
+        let mut words = STREAMING.to_vec();
+        words.extend(["--listen", "none", "--graph-path-prefix", "/graph"]);
+        let e = Config::parse_from(words).unwrap_err();
+        assert!(e.to_string().contains("--listen"), "{e}");
     }
 
     #[test]

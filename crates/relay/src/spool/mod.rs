@@ -54,6 +54,8 @@ pub static X_EWS_SUBSCRIPTION_ID: HeaderName = HeaderName::from_static("x-ews-su
 pub static X_EWS_RESYNC_REQUIRED: HeaderName = HeaderName::from_static("x-ews-resync-required");
 /// Header with the time the relay received a spooled notification (RFC 3339).
 pub static X_EWS_RECEIVED_AT: HeaderName = HeaderName::from_static("x-ews-received-at");
+/// `streaming` on EWS deliveries when managed EWS mode follows the mailboxes by streaming.
+pub static X_EWS_TRANSPORT: HeaderName = HeaderName::from_static("x-ews-transport");
 /// Graph: the resource (as configured) a notification belongs to.
 pub static X_GRAPH_RESOURCE: HeaderName = HeaderName::from_static("x-graph-resource");
 /// Graph: the mailbox of the resource, when its path names one (`users/{upn}/…`).
@@ -69,8 +71,9 @@ pub static X_GRAPH_RESYNC_REQUIRED: HeaderName = HeaderName::from_static("x-grap
 pub static X_GRAPH_RECEIVED_AT: HeaderName = HeaderName::from_static("x-graph-received-at");
 
 /// The relay's own header fields: a client's values for them are dropped before a delivery.
-const OWN_FIELDS: [&HeaderName; 10] = [
+const OWN_FIELDS: [&HeaderName; 11] = [
     &X_EWS_MAILBOX,
+    &X_EWS_TRANSPORT,
     &X_EWS_SUBSCRIPTION_ID,
     &X_EWS_RESYNC_REQUIRED,
     &X_EWS_RECEIVED_AT,
@@ -96,6 +99,9 @@ pub struct Paths {
     pub ews: http::uri::PathAndQuery,
     /// Graph: `--graph-callback-url`'s.
     pub graph: http::uri::PathAndQuery,
+    /// `X-EWS-Transport` on every EWS delivery, replays and resync signals included (the spool
+    /// keeps no headers): `Some("streaming")` with `--transport streaming`.
+    pub ews_transport: Option<&'static str>,
 }
 
 /// Entries replayed per mailbox before moving to the next, so one mailbox's backlog does not
@@ -891,6 +897,9 @@ impl Delivery {
                     out.push(X_EWS_RECEIVED_AT.as_str().as_bytes(), at.as_bytes());
                 }
                 out.push(X_EWS_MAILBOX.as_str().as_bytes(), mailbox.as_bytes());
+                if let Some(transport) = self.paths.ews_transport {
+                    out.push(X_EWS_TRANSPORT.as_str().as_bytes(), transport.as_bytes());
+                }
                 if resync.is_some() {
                     out.push(
                         X_EWS_RESYNC_REQUIRED.as_str().as_bytes(),

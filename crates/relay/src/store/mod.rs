@@ -307,6 +307,15 @@ pub struct MailboxRecord {
     /// The watermark was refused (`ErrorInvalidWatermark`): the receiver must resynchronise.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub resync_pending: bool,
+    /// Streaming: a connection of the mailbox's group was open, and the relay has not yet
+    /// stopped cleanly. Found set at start-up (after `kill -9`), events read but not spooled
+    /// may be lost: the receiver is told to resynchronise the mailbox.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stream_open: bool,
+    /// Streaming: the `X-BackEndOverrideCookie` the subscription was made with, so a restarted
+    /// relay reaches the subscription's server again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_cookie: Option<String>,
 }
 
 impl MailboxRecord {

@@ -114,17 +114,7 @@ impl EwsClient {
         let body = ews::build_subscribe(request)
             .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
         let (status, headers, answer) = self.post(target.ews_url, target, body).await?;
-        let backend_cookie = headers
-            .get_all(SET_COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .find_map(|c| {
-                c.split(';')
-                    .next()
-                    .and_then(|kv| kv.trim().strip_prefix(BACKEND_COOKIE))
-                    .and_then(|rest| rest.strip_prefix('='))
-                    .map(str::to_owned)
-            });
+        let backend_cookie = backend_cookie(&headers);
         match ews::parse_subscribe_response(&answer) {
             Ok(r) => match (r.status.action(), r.subscription_id, r.watermark) {
                 (Action::Success, Some(id), Some(w)) => Ok(Subscribed {
@@ -222,6 +212,127 @@ impl EwsClient {
         Ok(out)
     }
 
+    /// A streaming `Subscribe` of `request.mailbox` at `target`: its id (no watermark: streaming
+    /// subscriptions have none) and the backend cookie, when Exchange set one.
+    pub async fn subscribe_streaming(
+        &self,
+        target: Target<'_>,
+        request: &ews::StreamingSubscribeRequest<'_>,
+    ) -> Result<(String, Option<String>), Failure> {
+        let body = ews::streaming_subscribe_request(request)
+            .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
+        let (status, headers, answer) = self.post(target.ews_url, target, body).await?;
+        let cookie = backend_cookie(&headers);
+        match ews::parse_subscribe_response(&answer) {
+            Ok(r) => match (r.status.action(), r.subscription_id) {
+                (Action::Success, Some(id)) => Ok((id.into_owned(), cookie)),
+                (Action::Success, None) => Err(Failure::new(
+                    Action::Transient,
+                    "MissingSubscriptionId",
+                    "SubscribeResponse without SubscriptionId",
+                )),
+                (action, _) => Err(Failure::new(
+                    action,
+                    r.status.code.as_deref().unwrap_or("Error"),
+                    r.status.message_text.as_deref().unwrap_or(""),
+                )),
+            },
+            Err(e) => Err(http_failure(status, &headers, &answer, e)),
+        }
+    }
+
+    /// `Unsubscribe` a streaming subscription (best effort: it expires anyway once no
+    /// connection serves it).
+    pub async fn unsubscribe(&self, target: Target<'_>, id: &str) -> Result<(), Failure> {
+        let body = ews::unsubscribe_request(id, None, ews::DEFAULT_SERVER_VERSION)
+            .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
+        let (status, headers, answer) = self.post(target.ews_url, target, body).await?;
+        match ews::parse_unsubscribe_response(&answer) {
+            Ok(s) if s.action() == Action::Success => Ok(()),
+            Ok(s) => Err(Failure::new(
+                s.action(),
+                s.code.as_deref().unwrap_or("Error"),
+                s.message_text.as_deref().unwrap_or(""),
+            )),
+            Err(e) => Err(http_failure(status, &headers, &answer, e)),
+        }
+    }
+
+    /// Open a `GetStreamingEvents` connection: the response whose body carries the envelopes,
+    /// once Exchange answered 200. `lifetime` replaces the client's whole-request timeout (the
+    /// body stays open for the connection's `ConnectionTimeout`). The concurrency permit is
+    /// held only until the answer's head has arrived.
+    pub async fn open_stream(
+        &self,
+        target: Target<'_>,
+        body: String,
+        lifetime: Duration,
+    ) -> Result<reqwest::Response, Failure> {
+        let permit = self
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| Failure::new(Action::Transient, "ShuttingDown", "client closed"))?;
+        for attempt in 0..2 {
+            let req = self
+                .request(target.ews_url, target, body.clone())
+                .timeout(lifetime);
+            let req = self
+                .credentials
+                .apply(req)
+                .await
+                .map_err(auth_failure)?
+                .build()
+                .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
+            let resp = self.http.execute(req).await.map_err(|e| {
+                Failure::new(Action::Transient, "ConnectionFailed", error_chain(&e))
+            })?;
+            let status = resp.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                && attempt == 0
+                && self.credentials.refreshable()
+            {
+                self.credentials.invalidate().await;
+                continue;
+            }
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                return Err(Failure::new(
+                    Action::Permanent,
+                    "HTTP 401",
+                    "EWS refused the credentials",
+                ));
+            }
+            if status.is_success() {
+                drop(permit);
+                return Ok(resp);
+            }
+            let headers = resp.headers().clone();
+            let answer = read_limited(resp).await?;
+            let e = ews::parse_fault(&answer)
+                .map(|f| EwsError::Fault(Box::new(f)))
+                .unwrap_or_else(|e| e);
+            return Err(http_failure(status, &headers, &answer, e));
+        }
+        unreachable!("the loop returns on its second pass")
+    }
+
+    /// A POST with the routing headers Exchange wants (no credentials yet).
+    fn request(&self, url: &str, target: Target<'_>, body: String) -> reqwest::RequestBuilder {
+        let mut req = self
+            .http
+            .post(url)
+            .header(CONTENT_TYPE, "text/xml; charset=utf-8")
+            .header("X-AnchorMailbox", target.anchor)
+            .body(body);
+        if target.affinity {
+            req = req.header("X-PreferServerAffinity", "true");
+        }
+        if let Some(c) = target.backend_cookie {
+            req = req.header(COOKIE, format!("{BACKEND_COOKIE}={c}"));
+        }
+        req
+    }
+
     /// POST a SOAP body with credentials, refreshing an OAuth token once on 401.
     async fn post(
         &self,
@@ -300,6 +411,33 @@ impl EwsClient {
         }
         unreachable!("the loop returns on its second pass")
     }
+}
+
+/// The `X-BackEndOverrideCookie` value Exchange set, if any.
+fn backend_cookie(headers: &http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(SET_COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|c| {
+            c.split(';')
+                .next()
+                .and_then(|kv| kv.trim().strip_prefix(BACKEND_COOKIE))
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(str::to_owned)
+        })
+}
+
+/// An error with its causes, so "error sending request" says why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 async fn read_limited(resp: reqwest::Response) -> Result<bytes::Bytes, Failure> {

@@ -720,7 +720,8 @@ impl Manager {
             event_types: &self.cfg.event_types,
             watermark: watermark.as_deref(),
             status_frequency: self.cfg.status_frequency,
-            url: &self.cfg.callback_url,
+            // Push mode always has one (config checks); streaming never builds a Manager.
+            url: self.cfg.callback_url.as_deref().unwrap_or_default(),
         };
         let target = Target {
             ews_url: &group.ews_url,

@@ -34,6 +34,78 @@ fn run_bin(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
 
 const LOCAL: [&str; 4] = ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"];
 
+const STREAM: [&str; 6] = [
+    "--ews-url",
+    "http://127.0.0.1:1/EWS/Exchange.asmx",
+    "--mailbox",
+    "a@contoso.example",
+    "--auth",
+    "none",
+];
+const fn with<const N: usize, const M: usize>(extra: [&'static str; M]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < STREAM.len() {
+        out[i] = STREAM[i];
+        i += 1;
+    }
+    let mut j = 0;
+    while j < M {
+        out[i + j] = extra[j];
+        j += 1;
+    }
+    out
+}
+const STREAM_PUSH_NONE: [&str; 10] = with([
+    "--callback-url",
+    "https://relay.example/ews/x",
+    "--listen",
+    "none",
+]);
+const STREAM_CALLBACK: [&str; 10] = with([
+    "--transport",
+    "streaming",
+    "--callback-url",
+    "https://relay.example/ews/x",
+]);
+const STREAM_TIMEOUT_0: [&str; 10] = with([
+    "--transport",
+    "streaming",
+    "--stream-connection-timeout",
+    "0",
+]);
+const STREAM_TIMEOUT_31: [&str; 10] = with([
+    "--transport",
+    "streaming",
+    "--stream-connection-timeout",
+    "31",
+]);
+const STREAM_RECONNECT_LATE: [&str; 12] = with([
+    "--transport",
+    "streaming",
+    "--stream-connection-timeout",
+    "5",
+    "--stream-reconnect-after",
+    "5m",
+]);
+const STREAM_GRAPH_NONE: [&str; 12] = with([
+    "--transport",
+    "streaming",
+    "--listen",
+    "none",
+    "--graph-path-prefix",
+    "/graph",
+]);
+const STREAM_ACME_NONE: [&str; 12] = with([
+    "--transport",
+    "streaming",
+    "--listen",
+    "none",
+    "--acme-domain",
+    "relay.example.com",
+]);
+const STREAM_BAD_TRANSPORT: [&str; 8] = with(["--transport", "pull"]);
+
 #[test]
 fn bad_flag_values_exit_64_naming_the_flag() {
     let cases: &[(&[&str], &str)] = &[
@@ -54,6 +126,16 @@ fn bad_flag_values_exit_64_naming_the_flag() {
         (&["--log-format", "xml"], "--log-format"),
         (&["--tls-cert", "/tmp/x.pem"], "--tls-key"),
         (&["--no-such-flag"], "--no-such-flag"),
+        // Streaming (managed EWS mode): each bad combination names its flag.
+        (&["--listen", "none"], "--listen"),
+        (&STREAM_PUSH_NONE, "--listen"),
+        (&STREAM_CALLBACK, "--callback-url"),
+        (&STREAM_TIMEOUT_0, "--stream-connection-timeout"),
+        (&STREAM_TIMEOUT_31, "--stream-connection-timeout"),
+        (&STREAM_RECONNECT_LATE, "--stream-reconnect-after"),
+        (&STREAM_GRAPH_NONE, "--listen"),
+        (&STREAM_ACME_NONE, "--listen"),
+        (&STREAM_BAD_TRANSPORT, "--transport"),
     ];
     for (args, flag) in cases {
         let (code, text) = run_bin(args, &[]);

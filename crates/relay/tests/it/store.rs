@@ -35,6 +35,8 @@ fn full_record() -> MailboxRecord {
         ews_url: Some("https://outlook.office365.com/EWS/Exchange.asmx".into()),
         grouping: Some("PR05CA0001, NAMPR05".into()),
         resync_pending: true,
+        stream_open: true,
+        stream_cookie: Some("pr05mb0001=abc".into()),
     }
 }
 

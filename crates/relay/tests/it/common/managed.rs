@@ -499,7 +499,7 @@ impl Lab {
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(ews_relay::run(
             ews_relay::Listeners {
-                relay: listener,
+                relay: Some(listener),
                 admin,
             },
             config,

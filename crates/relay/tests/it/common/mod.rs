@@ -98,10 +98,10 @@ impl Relay {
     pub async fn start_words(words: &[String], listen: &str) -> Relay {
         let config = ews_relay::Config::parse_from(words).expect("test command line");
         let listeners = ews_relay::Listeners {
-            relay: TcpListener::bind(listen).await.unwrap(),
+            relay: Some(TcpListener::bind(listen).await.unwrap()),
             admin: TcpListener::bind("127.0.0.1:0").await.unwrap(),
         };
-        let addr = listeners.relay.local_addr().unwrap();
+        let addr = listeners.relay.as_ref().unwrap().local_addr().unwrap();
         let admin = listeners.admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(ews_relay::run(listeners, config, async {
