@@ -926,6 +926,17 @@ impl SimHandle {
         }
     }
 
+    /// The `ItemId`s of a mailbox's logged events, oldest first: how a streaming client (whose
+    /// events carry no watermark here) recognises the events [`SimHandle::create_events`] made.
+    pub fn event_item_ids(&self, mailbox: &str) -> Vec<String> {
+        let state = self.shared.lock();
+        state
+            .mailboxes
+            .get(&mailbox.to_ascii_lowercase())
+            .map(|m| m.log.iter().map(|e| e.item_id.clone()).collect())
+            .unwrap_or_default()
+    }
+
     /// Creates `count` events of `kind` in a mailbox and pushes them to its subscriptions.
     /// Returns the new events' watermarks, oldest first.
     pub fn create_events(

@@ -716,6 +716,12 @@ impl GroupTask {
                 return;
             }
         };
+        tracing::trace!(
+            connection = id,
+            keep_alive = batch.is_keep_alive(),
+            notifications = batch.notifications().count(),
+            "envelope"
+        );
         let first = self.conn_mut(id).map(|c| {
             c.envelopes += 1;
             c.envelopes == 1

@@ -18,4 +18,5 @@ mod reload;
 mod startup;
 mod status_page;
 mod store;
+mod streaming;
 mod tracking;

@@ -450,8 +450,15 @@ impl Lab {
             "--shutdown-grace".into(),
             "1s".into(),
         ];
-        if s.has_ews() {
+        // Streaming (`--transport streaming` in `extra`) has no callback URL.
+        let streaming = s
+            .extra
+            .windows(2)
+            .any(|w| w[0] == "--transport" && w[1] == "streaming");
+        if s.has_ews() && !streaming {
             w.extend(["--callback-url".into(), self.callback_url()]);
+        }
+        if s.has_ews() {
             match s.endpoint {
                 Endpoint::Ews => w.extend(["--ews-url".into(), self.sim.ews_url()]),
                 Endpoint::Autodiscover => {
@@ -497,11 +504,10 @@ impl Lab {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin_addr = admin.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
+        // `--listen none`: the reserved port stays unused.
+        let relay = config.listen.map(|_| listener);
         let handle = tokio::spawn(ews_relay::run(
-            ews_relay::Listeners {
-                relay: Some(listener),
-                admin,
-            },
+            ews_relay::Listeners { relay, admin },
             config,
             async {
                 let _ = rx.await;

@@ -1,0 +1,419 @@
+//! Managed EWS mode with `--transport streaming`, end to end: the relay opens
+//! `GetStreamingEvents` connections over real TLS to the simulator and delivers what they carry
+//! to the receiver as push notifications, through every fault the simulator can inject.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ews::EventType;
+use ews_sim::{ConnectionEnd, MailboxConfig, SimConfig, SimHandle};
+use rustls_pki_types::pem::PemObject;
+
+use crate::common::managed::{
+    assert_in_order_none_lost, header, sim_wait, Endpoint, Lab, Setup, PREFIX,
+};
+use crate::common::{test_cert, TestCert};
+
+const A: &str = "alice@contoso.example";
+const B: &str = "bob@contoso.example";
+const C: &str = "carol@contoso.example";
+/// Generous: the relay reconnects within a silence window plus a reconnect.
+const LONG: Duration = Duration::from_secs(20);
+
+/// A rustls server config for the simulator, so the relay's outbound calls run over TLS.
+fn sim_tls(cert: &TestCert) -> Arc<rustls::ServerConfig> {
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key_path).unwrap();
+    Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der.clone()], key)
+        .unwrap(),
+    )
+}
+
+/// A lab whose simulator serves TLS, with fast keep-alives and a relay in streaming mode.
+async fn lab(
+    hosted: &[&str],
+    tune: impl FnOnce(&mut SimConfig),
+    relay_flags: &[&str],
+    follow: &[&str],
+) -> (Lab, TestCert) {
+    if std::env::var_os("STREAM_TEST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("ews_relay=trace")
+            .with_test_writer()
+            .try_init();
+    }
+    let ews_cert = test_cert();
+    let tls = sim_tls(&ews_cert);
+    let mut setup = Setup::new(follow);
+    setup.endpoint = Endpoint::Autodiscover;
+    setup.extra = [
+        "--transport",
+        "streaming",
+        "--ews-ca-file",
+        ews_cert.cert_path.to_str().unwrap(),
+        "--stream-silence-timeout",
+        "1s",
+    ]
+    .iter()
+    .chain(relay_flags)
+    .map(|s| s.to_string())
+    .collect();
+    let lab = Lab::start(
+        hosted,
+        |c| {
+            c.tls = Some(tls);
+            c.streaming_keepalive = Duration::from_millis(100);
+            // Connections stay open unless a test shortens them.
+            c.streaming_connection_timeout = Some(Duration::from_secs(60));
+            tune(c);
+        },
+        setup,
+    )
+    .await;
+    (lab, ews_cert)
+}
+
+/// Waits until the simulator has an open connection serving a live subscription of each of
+/// `mailboxes`; returns the subscription ids in the same order.
+async fn wait_streamed(sim: &SimHandle, mailboxes: &[&str]) -> Vec<String> {
+    sim_wait(sim, LONG, "every mailbox streamed", |h| {
+        let subs = h.streaming_subscriptions();
+        let conns = h.streaming_connections();
+        mailboxes
+            .iter()
+            .map(|m| {
+                let s = subs.iter().find(|s| s.live && s.mailbox == *m)?;
+                conns
+                    .iter()
+                    .any(|c| c.open && c.serving.contains(&s.id))
+                    .then(|| s.id.clone())
+            })
+            .collect()
+    })
+    .await
+}
+
+/// Deliveries to the receiver carrying `X-EWS-Resync-Required: mailbox`.
+fn resyncs(lab: &Lab, mailbox: &str) -> usize {
+    lab.receiver
+        .accepted()
+        .iter()
+        .filter(|s| header(s, "x-ews-resync-required") == Some(mailbox))
+        .count()
+}
+
+async fn wait_resync(lab: &Lab, mailbox: &str) {
+    let deadline = std::time::Instant::now() + LONG;
+    while resyncs(lab, mailbox) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync signal for {mailbox}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Creates `n` events for `mailbox`; returns their item ids (streamed events carry no
+/// watermark in the simulator: the item id tells them apart).
+fn create(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
+    lab.sim
+        .create_events(mailbox, EventType::Created, n)
+        .unwrap();
+    let ids = lab.sim.event_item_ids(mailbox);
+    ids[ids.len() - n..].to_vec()
+}
+
+/// Item ids of the events the receiver accepted for `mailbox`, in arrival order.
+fn received(lab: &Lab, mailbox: &str) -> Vec<String> {
+    lab.receiver
+        .accepted_for(mailbox)
+        .iter()
+        .filter(|s| !s.body.is_empty())
+        .flat_map(|s| {
+            let parsed = ews::parse_send_notification(&s.body).unwrap();
+            parsed
+                .messages
+                .into_iter()
+                .filter_map(|m| m.notification)
+                .flat_map(|n| n.events)
+                .filter_map(|e| match e.object {
+                    Some(ews::ObjectId::Item(id)) => Some(id.id.into_owned()),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+async fn wait_received(lab: &Lab, mailbox: &str, want: &[String]) -> Vec<String> {
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let got = received(lab, mailbox);
+        if want.iter().all(|w| got.contains(w)) {
+            return got;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "receiver did not get all events of {mailbox}: want {want:?}, got {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Creates `n` events for `mailbox` and waits until the receiver has them all.
+async fn events_arrive(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
+    let created = create(lab, mailbox, n);
+    wait_received(lab, mailbox, &created).await;
+    created
+}
+
+#[tokio::test]
+async fn streamed_events_reach_the_receiver_as_push_notifications() {
+    let (lab, _c) = lab(&[A, B], |_| {}, &["--listen", "none"], &[A, B]).await;
+    let ids = wait_streamed(&lab.sim, &[A, B]).await;
+    // One connection for the group, anchored on its first mailbox, with affinity cookie.
+    let conns = lab.sim.streaming_connections();
+    let open: Vec<_> = conns.iter().filter(|c| c.open).collect();
+    assert_eq!(open.len(), 1, "{conns:#?}");
+    assert!(open[0].serving.contains(&ids[0]) && open[0].serving.contains(&ids[1]));
+    assert!(open[0].anchor.is_some());
+    assert!(open[0].carried_cookie, "{:#?}", open[0]);
+
+    let created = events_arrive(&lab, A, 3).await;
+    assert_in_order_none_lost(&created, &received(&lab, A));
+    let seen = lab.receiver.accepted_for(A);
+    let first = &seen[0];
+    assert_eq!(first.path, PREFIX, "deliveries go to --path-prefix");
+    assert_eq!(header(first, "x-ews-transport"), Some("streaming"));
+    assert_eq!(
+        header(first, "x-ews-subscription-id"),
+        Some(ids[0].as_str())
+    );
+    // The body is a SendNotification a push receiver reads as such.
+    let parsed = ews::parse_send_notification(&first.body).unwrap();
+    assert_eq!(parsed.messages.len(), 1);
+    events_arrive(&lab, B, 1).await;
+    assert!(lab
+        .receiver
+        .accepted_for(B)
+        .iter()
+        .all(|s| header(s, "x-ews-mailbox") == Some(B)));
+}
+
+#[tokio::test]
+async fn renewal_overlaps_connections_without_losing_or_repeating_events() {
+    let (lab, _c) = lab(&[A], |_| {}, &["--stream-reconnect-after", "1s"], &[A]).await;
+    wait_streamed(&lab.sim, &[A]).await;
+    // Events keep coming while connections are replaced every second.
+    let mut created = Vec::new();
+    for _ in 0..40 {
+        created.extend(create(&lab, A, 2));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = wait_received(&lab, A, &created).await;
+    assert_in_order_none_lost(&created, &got);
+    assert_eq!(got.len(), created.len(), "no event delivered twice");
+    let conns = lab.sim.streaming_connections();
+    let replaced = conns
+        .iter()
+        .filter(|c| c.end == Some(ConnectionEnd::Replaced))
+        .count();
+    assert!(
+        replaced >= 2,
+        "connections were renewed by overlap: {conns:#?}"
+    );
+    assert_eq!(resyncs(&lab, A), 0, "an overlap needs no resync");
+}
+
+#[tokio::test]
+async fn closed_cut_and_silent_connections_are_replaced() {
+    let (lab, _c) = lab(
+        &[A],
+        |c| c.streaming_connection_timeout = Some(Duration::from_millis(700)),
+        &[],
+        &[A],
+    )
+    .await;
+    wait_streamed(&lab.sim, &[A]).await;
+    // Closed by the server (ConnectionTimeout): reopened at once, events keep flowing.
+    sim_wait(&lab.sim, LONG, "three connections closed by timeout", |h| {
+        (h.streaming_connections()
+            .iter()
+            .filter(|c| c.end == Some(ConnectionEnd::Closed))
+            .count()
+            >= 3)
+            .then_some(())
+    })
+    .await;
+    let mut created = events_arrive(&lab, A, 2).await;
+
+    // Cut without Closed.
+    assert!(lab.sim.streaming_cut(None) >= 1);
+    created.extend(events_arrive(&lab, A, 2).await);
+
+    // Silent (stalled): replaced within --stream-silence-timeout plus a reconnect.
+    let before = lab.sim.streaming_connections().len();
+    assert!(lab.sim.streaming_stall(None) >= 1);
+    let stalled_at = std::time::Instant::now();
+    created.extend(create(&lab, A, 2));
+    wait_received(&lab, A, &created).await;
+    assert!(lab.sim.streaming_connections().len() > before);
+    assert!(stalled_at.elapsed() < Duration::from_secs(5));
+    assert_in_order_none_lost(&created, &received(&lab, A));
+}
+
+#[tokio::test]
+async fn expired_subscription_is_remade_and_the_mailbox_resynchronised() {
+    let (lab, _c) = lab(&[A, B], |_| {}, &[], &[A, B]).await;
+    let ids = wait_streamed(&lab.sim, &[A, B]).await;
+    lab.sim.streaming_expire(&ids[0]).unwrap();
+    wait_resync(&lab, A).await;
+    let again = wait_streamed(&lab.sim, &[A, B]).await;
+    assert_ne!(again[0], ids[0], "a new subscription for A");
+    assert_eq!(
+        again[1], ids[1],
+        "B keeps its subscription: errors are per mailbox"
+    );
+    assert_eq!(resyncs(&lab, B), 0);
+    events_arrive(&lab, A, 2).await;
+    events_arrive(&lab, B, 1).await;
+}
+
+#[tokio::test]
+async fn missed_events_ask_for_a_resync_and_the_subscription_lives_on() {
+    let (lab, _c) = lab(&[A], |_| {}, &[], &[A]).await;
+    let ids = wait_streamed(&lab.sim, &[A]).await;
+    lab.sim.streaming_missed_events(&ids[0]).unwrap();
+    wait_resync(&lab, A).await;
+    events_arrive(&lab, A, 2).await;
+    assert_eq!(wait_streamed(&lab.sim, &[A]).await, ids);
+}
+
+#[tokio::test]
+async fn moved_mailbox_is_discovered_again_and_resynchronised() {
+    let (lab, _c) = lab(&[A, B], |_| {}, &[], &[A, B]).await;
+    let ids = wait_streamed(&lab.sim, &[A, B]).await;
+    lab.sim.move_mailbox(A).unwrap();
+    wait_resync(&lab, A).await;
+    let again = wait_streamed(&lab.sim, &[A, B]).await;
+    assert_ne!(again[0], ids[0]);
+    events_arrive(&lab, A, 1).await;
+    events_arrive(&lab, B, 1).await;
+}
+
+#[tokio::test]
+async fn refused_connections_back_off_and_recover() {
+    let (lab, _c) = lab(&[A], |c| c.streaming_connection_limit = 10, &[], &[A]).await;
+    wait_streamed(&lab.sim, &[A]).await;
+    lab.sim.streaming_refuse_connections(2);
+    lab.sim.streaming_cut(None);
+    sim_wait(&lab.sim, LONG, "two refused connections", |h| {
+        (h.streaming_connections()
+            .iter()
+            .filter(|c| c.refused_code.as_deref() == Some("ErrorExceededConnectionCount"))
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    wait_streamed(&lab.sim, &[A]).await;
+    events_arrive(&lab, A, 2).await;
+}
+
+#[tokio::test]
+async fn thousand_mailboxes_in_five_groups() {
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("user{i:04}@contoso.example"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (lab, _c) = lab(&refs, |_| {}, &["--max-concurrent-ews", "16"], &refs).await;
+    let ids = sim_wait(
+        &lab.sim,
+        Duration::from_secs(60),
+        "1000 mailboxes streamed",
+        |h| {
+            let conns = h.streaming_connections();
+            let serving: usize = conns
+                .iter()
+                .filter(|c| c.open)
+                .map(|c| c.serving.len())
+                .sum();
+            (serving == 1000).then_some(conns)
+        },
+    )
+    .await;
+    let open: Vec<_> = ids.iter().filter(|c| c.open).collect();
+    assert!(open.len() >= 5, "{} connections", open.len());
+    assert!(open.iter().all(|c| c.serving.len() <= 200));
+    for m in [&names[0], &names[499], &names[999]] {
+        events_arrive(&lab, m, 1).await;
+    }
+}
+
+#[tokio::test]
+async fn restart_reopens_the_same_subscriptions_and_kill_9_asks_for_resync() {
+    let (mut lab, _c) = lab(&[A, C], |_| {}, &[], &[A, C]).await;
+    let ids = wait_streamed(&lab.sim, &[A, C]).await;
+    events_arrive(&lab, A, 1).await;
+    // Clean stop: same subscriptions afterwards, no resync.
+    lab.stop_relay().await;
+    lab.start_again().await;
+    assert_eq!(wait_streamed(&lab.sim, &[A, C]).await, ids);
+    events_arrive(&lab, A, 1).await;
+    assert_eq!(resyncs(&lab, A), 0);
+    lab.stop_relay().await;
+
+    // kill -9 while streaming: at the next start both mailboxes get the resync signal.
+    let mut child = lab.spawn_binary().await;
+    wait_streamed(&lab.sim, &[A, C]).await;
+    // The connection's first envelope marks the stream open in the store.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.kill_9();
+    lab.start_again().await;
+    wait_resync(&lab, A).await;
+    wait_resync(&lab, C).await;
+    events_arrive(&lab, C, 1).await;
+}
+
+#[tokio::test]
+async fn mailboxes_in_two_groupings_get_two_connections() {
+    let ews_cert = test_cert();
+    let tls = sim_tls(&ews_cert);
+    let mut setup = Setup::new(&[A, B, C]);
+    setup.endpoint = Endpoint::Autodiscover;
+    setup.extra = vec![
+        "--transport".into(),
+        "streaming".into(),
+        "--ews-ca-file".into(),
+        ews_cert.cert_path.display().to_string(),
+    ];
+    let lab = Lab::start(
+        &[A, B, C],
+        |c| {
+            c.tls = Some(tls);
+            c.streaming_keepalive = Duration::from_millis(100);
+            c.mailboxes = vec![
+                MailboxConfig::new(A).grouping("G1"),
+                MailboxConfig::new(B).grouping("G1"),
+                MailboxConfig::new(C).grouping("G2"),
+            ];
+        },
+        setup,
+    )
+    .await;
+    wait_streamed(&lab.sim, &[A, B, C]).await;
+    let open = lab
+        .sim
+        .streaming_connections()
+        .into_iter()
+        .filter(|c| c.open)
+        .count();
+    assert_eq!(open, 2);
+    events_arrive(&lab, C, 1).await;
+}
