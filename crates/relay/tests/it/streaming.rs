@@ -417,3 +417,68 @@ async fn mailboxes_in_two_groupings_get_two_connections() {
     assert_eq!(open, 2);
     events_arrive(&lab, C, 1).await;
 }
+
+#[tokio::test]
+async fn receiver_outage_spools_streamed_events_and_replays_them_in_order() {
+    let (lab, _c) = lab(&[A], |_| {}, &[], &[A]).await;
+    wait_streamed(&lab.sim, &[A]).await;
+    lab.receiver.set_down(true);
+    let mut created = create(&lab, A, 3);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    created.extend(create(&lab, A, 2));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(received(&lab, A).is_empty());
+    lab.receiver.set_down(false);
+    let got = wait_received(&lab, A, &created).await;
+    assert_in_order_none_lost(&created, &got);
+    // Replays look like direct deliveries, transport header included.
+    let replayed: Vec<_> = lab
+        .receiver
+        .accepted_for(A)
+        .into_iter()
+        .filter(|s| header(s, "x-ews-received-at").is_some())
+        .collect();
+    assert!(!replayed.is_empty());
+    assert!(replayed
+        .iter()
+        .all(|s| header(s, "x-ews-transport") == Some("streaming")));
+}
+
+#[tokio::test]
+async fn mailbox_removed_from_the_file_is_unsubscribed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mailboxes.txt");
+    crate::common::managed::write_mailboxes(&file, &[A, B]);
+    let ews_cert = test_cert();
+    let tls = sim_tls(&ews_cert);
+    let mut setup = Setup::new(&[]);
+    setup.mailboxes_file = Some(file.clone());
+    setup.endpoint = Endpoint::Autodiscover;
+    setup.extra = vec![
+        "--transport".into(),
+        "streaming".into(),
+        "--ews-ca-file".into(),
+        ews_cert.cert_path.display().to_string(),
+    ];
+    let lab = Lab::start(
+        &[A, B],
+        |c| {
+            c.tls = Some(tls);
+            c.streaming_keepalive = Duration::from_millis(100);
+        },
+        setup,
+    )
+    .await;
+    let ids = wait_streamed(&lab.sim, &[A, B]).await;
+    crate::common::managed::write_mailboxes(&file, &[A]);
+    sim_wait(&lab.sim, LONG, "B unsubscribed and A still streamed", |h| {
+        let b = h.streaming_subscription(&ids[1])?;
+        let a_served = h
+            .streaming_connections()
+            .iter()
+            .any(|c| c.open && c.serving.contains(&ids[0]) && !c.serving.contains(&ids[1]));
+        (!b.live && a_served).then_some(())
+    })
+    .await;
+    events_arrive(&lab, A, 1).await;
+}
