@@ -616,8 +616,14 @@ impl GroupTask {
             self.envelope(conn.id, &envelope).await;
         }
         let lived = conn.opened.elapsed();
-        let failed = conn.failure.clone();
+        // A failure the server wrote into the stream, or its refusal to open one (HTTP 503,
+        // a ServerBusy fault with BackOffMilliseconds).
+        let failed = conn.failure.clone().or(match &end {
+            End::Refused(f) => Some(f.clone()),
+            _ => None,
+        });
         let label = match (&end, conn.closed_seen, &failed) {
+            (End::Refused(_), _, _) => "refused",
             (_, _, Some(_)) => "error",
             (End::BodyEnded, true, _) => "closed",
             (e, _, _) => e.label(),
@@ -658,7 +664,6 @@ impl GroupTask {
         }
         let detail = match (&failed, &end) {
             (Some(f), _) => Some(format!("{}: {}", f.code, f.detail)),
-            (None, End::Refused(f)) => Some(format!("{}: {}", f.code, f.detail)),
             (None, End::Broken(why)) => Some(format!("connection broken: {why}")),
             (None, End::Silent(d)) => Some(format!(
                 "no event or keep-alive for {}s (--stream-silence-timeout)",

@@ -482,3 +482,15 @@ async fn mailbox_removed_from_the_file_is_unsubscribed() {
     .await;
     events_arrive(&lab, A, 1).await;
 }
+
+#[tokio::test]
+async fn server_busy_is_waited_out() {
+    let (lab, _c) = lab(&[A], |_| {}, &[], &[A]).await;
+    wait_streamed(&lab.sim, &[A]).await;
+    // The next requests (the reconnect after the cut) answer ErrorServerBusy.
+    lab.sim.server_busy(2, Duration::from_millis(300));
+    lab.sim.streaming_cut(None);
+    let created = events_arrive(&lab, A, 2).await;
+    assert_in_order_none_lost(&created, &received(&lab, A));
+    assert_eq!(resyncs(&lab, A), 0, "the subscription survived: no resync");
+}
