@@ -121,7 +121,7 @@ async fn run(
         .args(["--admin-listen", &admin.to_string()])
         .args(["--upstream", &format!("http://{receiver}")])
         .args(["--max-concurrent-ews", "16", "--log-format", "json"])
-        .stdout(std::process::Stdio::null())
+        .stdout(std::fs::File::create(dir.path().join("relay.log"))?)
         .spawn()?;
     let pid = child.id();
     let all_served = |h: &SimHandle| {
@@ -133,10 +133,11 @@ async fn run(
             .sum();
         (serving >= n).then(|| conns.iter().filter(|c| c.open).count())
     };
-    let connections = sim
-        .wait_until(Duration::from_secs(600), all_served)
-        .await
-        .ok_or_else(|| anyhow::anyhow!("not every mailbox streamed within 10 minutes"))?;
+    let Some(connections) = sim.wait_until(Duration::from_secs(300), all_served).await else {
+        let log = std::fs::read_to_string(dir.path().join("relay.log")).unwrap_or_default();
+        let _ = child.kill();
+        anyhow::bail!("not every mailbox streamed within 5 minutes; relay log:\n{log}");
+    };
     let ready = started.elapsed();
 
     // Settle, then idle: only keep-alives flow.

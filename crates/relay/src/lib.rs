@@ -418,7 +418,10 @@ pub async fn run(
             Some(relay) => {
                 edge::serve(relay, edge, stop_rx, config.timeouts.shutdown_grace).await;
             }
-            None => std::future::pending().await,
+            None => {
+                let mut stop = stop_rx;
+                let _ = stop.wait_for(|stop| *stop).await;
+            }
         }
     };
     let trigger = async move {

@@ -494,3 +494,12 @@ async fn server_busy_is_waited_out() {
     assert_in_order_none_lost(&created, &received(&lab, A));
     assert_eq!(resyncs(&lab, A), 0, "the subscription survived: no resync");
 }
+
+#[tokio::test]
+async fn listen_none_relay_stops_cleanly() {
+    let (mut lab, _c) = lab(&[A], |_| {}, &["--listen", "none"], &[A]).await;
+    wait_streamed(&lab.sim, &[A]).await;
+    events_arrive(&lab, A, 1).await;
+    // `stop` fails the test unless `run` returns within its deadline.
+    lab.stop_relay().await;
+}
