@@ -8,6 +8,7 @@ mod client_certificate;
 mod client_ip;
 mod common;
 mod durability;
+mod graph_durability;
 mod graph_managed;
 mod http1;
 mod managed;
