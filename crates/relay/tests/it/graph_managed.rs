@@ -211,6 +211,15 @@ async fn resources_are_subscribed_and_notifications_delivered_in_order() {
 async fn unexpected_validations_are_refused_and_others_forwarded() {
     let lab = Lab::start(&[], |_| {}, Setup::graph(&[EVENTS_A])).await;
     wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    // Until the relay has read Graph's 201, its create is in flight (validations expected).
+    lab.wait_relay(WAIT, "the resource active", |v| {
+        v["graph_resources"]
+            .as_array()?
+            .iter()
+            .find(|r| r["state"] == "active")
+            .map(|_| ())
+    })
+    .await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", lab.port).parse().unwrap();
     let mut client = common::https_client(addr, &lab.cert.der, None)
         .await
