@@ -267,26 +267,7 @@ pub fn parse_resource(flag: &'static str, value: &str) -> Result<String, ConfigE
 
 /// Resources from a file: one per line, `#` comments, blank lines ignored, duplicates removed.
 pub fn read_resources_file(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
-    const FLAG: &str = "--graph-resources-file";
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(FLAG, format!("{}: {e}", path.display())))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let r = parse_resource(FLAG, line).map_err(|e| {
-            ConfigError::new(
-                FLAG,
-                format!("{}: line {}: {}", path.display(), i + 1, e.message),
-            )
-        })?;
-        if !out.contains(&r) {
-            out.push(r);
-        }
-    }
-    Ok(out)
+    super::managed::read_list_file("--graph-resources-file", path, parse_resource)
 }
 
 #[cfg(test)]
