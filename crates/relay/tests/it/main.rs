@@ -9,6 +9,7 @@ mod client_ip;
 mod common;
 mod durability;
 mod graph_managed;
+mod graph_passthrough;
 mod http1;
 mod managed;
 mod managed_discovery;
