@@ -868,10 +868,7 @@ mod graph_rows {
         assert_eq!((st, s.renewals), (State::Alive, 1));
         // A retried notification with the old expiration does not undo the renewal.
         record(&tracker, "s", now + HOUR / 2, CREATED, ReceiverAnswer::Ok);
-        assert_eq!(
-            row(&tracker, "s").0.expiration.unwrap() > now + 71 * HOUR,
-            true
-        );
+        assert!(row(&tracker, "s").0.expiration.unwrap() > now + 71 * HOUR);
         // After a renewal, the share of the lifetime rules: 72 h lifetime, 7.2 h warning.
         let (s, _) = row(&tracker, "s");
         assert_eq!(s.state(now + 65 * HOUR), State::Expiring);
