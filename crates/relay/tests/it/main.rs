@@ -10,6 +10,7 @@ mod common;
 mod durability;
 mod graph_durability;
 mod graph_managed;
+mod graph_passthrough;
 mod http1;
 mod managed;
 mod managed_discovery;
