@@ -475,3 +475,71 @@ async fn an_orphan_of_an_interrupted_create_is_recognised_and_deleted() {
         "the orphan's notification was delivered"
     );
 }
+
+/// Promise: with `--auth oauth`, Graph calls carry a token for Graph's scope
+/// (`https://graph.microsoft.com/.default`), apart from EWS's: the simulated Graph refuses any
+/// other audience, as Graph does. One token serves every Graph call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_calls_use_a_graph_scoped_token() {
+    let mut lab = Lab::prepare(
+        &["room-e@contoso.example"],
+        |c| {
+            c.auth = ews_sim::Auth::OAuth {
+                client_id: "relay-app".into(),
+                client_secret: "s3cret-value".into(),
+                token_lifetime: Duration::from_secs(3600),
+            }
+        },
+        {
+            let mut s = Setup::graph(&[EVENTS_A, EVENTS_B]);
+            s.mailboxes = vec!["room-e@contoso.example".into()];
+            s
+        },
+    )
+    .await;
+    let secret = lab.cert.dir.path().join("client-secret");
+    std::fs::write(&secret, "s3cret-value\n").unwrap();
+    lab.setup.auth = vec![
+        "--auth".into(),
+        "oauth".into(),
+        "--oauth-token-url".into(),
+        lab.sim.token_url(),
+        "--client-id".into(),
+        "relay-app".into(),
+        "--client-secret-file".into(),
+        secret.display().to_string(),
+    ];
+    lab.launch().await;
+    wait_graph_live(&lab.sim, &[EVENTS_A, EVENTS_B]).await;
+    lab.wait_active(&["room-e@contoso.example"]).await;
+    let tokens: Vec<_> = lab
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/oauth2/v2.0/token"))
+        .collect();
+    let graph_tokens = tokens
+        .iter()
+        .filter(|r| r.body.contains("graph.microsoft.com"))
+        .count();
+    let ews_tokens = tokens
+        .iter()
+        .filter(|r| r.body.contains("outlook.office365.com"))
+        .count();
+    assert_eq!(
+        (graph_tokens, ews_tokens),
+        (1, 1),
+        "one token per audience: {tokens:#?}"
+    );
+    let graph_calls: Vec<_> = lab
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1.0/"))
+        .collect();
+    assert!(graph_calls.len() >= 2);
+    assert!(
+        graph_calls.iter().all(|r| r.status != 401),
+        "a Graph call was refused: {graph_calls:#?}"
+    );
+}
