@@ -104,10 +104,12 @@ pub fn parse_ews_request(body: &[u8]) -> Result<EwsRequest, RequestError> {
                 (Ns::Messages, b"Subscribe") => read_subscribe(&mut xml)?,
                 (Ns::Messages, b"GetStreamingEvents") => read_get_streaming_events(&mut xml)?,
                 (Ns::Messages, b"Unsubscribe") => read_unsubscribe(&mut xml)?,
-                (_, other) => return Err(schema(format!(
+                (_, other) => {
+                    return Err(schema(format!(
                     "the simulator serves Subscribe, GetStreamingEvents and Unsubscribe, not {}",
                     String::from_utf8_lossy(other)
-                ))),
+                )))
+                }
             });
             if xml.child()?.is_some() {
                 return Err(schema("more than one element in soap:Body"));
