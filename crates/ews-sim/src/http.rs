@@ -471,6 +471,9 @@ fn subscribe(
         return refusal;
     }
 
+    // Streaming subscriptions count against the same limit; forget the expired ones first.
+    let lifetime = shared.config.streaming_subscription_lifetime_scaled();
+    state.streaming.expire_idle(Instant::now(), lifetime);
     let outcome: Result<String, &'static str> = (|| {
         let mailbox = state.mailboxes.get(&key).ok_or("ErrorNonExistentMailbox")?;
         if mailbox.moved {

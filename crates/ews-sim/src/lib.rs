@@ -523,7 +523,7 @@ pub struct MailboxInfo {
     pub events_created: u64,
     /// The newest event's position in the log.
     pub head: u64,
-    /// Live subscriptions.
+    /// Live subscriptions, push and streaming.
     pub live_subscriptions: usize,
     /// Subscriptions created so far.
     pub subscriptions_created: u64,
