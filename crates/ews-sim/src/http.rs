@@ -11,6 +11,7 @@ use http::header::{
     AUTHORIZATION, CONTENT_TYPE, COOKIE, RETRY_AFTER, SET_COOKIE, WWW_AUTHENTICATE,
 };
 use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -25,6 +26,8 @@ use super::soap::{self, RequestError, UserAnswer};
 use super::state::{
     IssuedToken, RecordedRequest, Subscription, SubscriptionCounters, SubscriptionState,
 };
+use super::stream_soap::{self, EwsRequest};
+use super::streaming;
 use super::util::{base64, parse_form, random_bytes, random_token, unbase64};
 use super::{graph, push, Auth, MailboxRedirect, Shared, SimError, SimHandle, SHUTDOWN_GRACE};
 use ews::EventType;
@@ -56,6 +59,14 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const AFFINITY_COOKIE: &str = "X-BackEndOverrideCookie";
 
 type Body = Full<Bytes>;
+
+/// What the listener answers with: a whole body, or a `GetStreamingEvents` stream.
+pub(crate) type OutBody = BoxBody<Bytes, std::io::Error>;
+
+/// A whole-body response as the listener's body type.
+fn boxed(response: Response<Body>) -> Response<OutBody> {
+    response.map(|body| body.map_err(|never| match never {}).boxed())
+}
 
 pub(crate) async fn serve(
     shared: Arc<Shared>,
@@ -126,22 +137,25 @@ pub(crate) async fn serve(
         }
     }
     drop(listener);
+    // Streaming connections would hold the drain for the whole grace: tell them (and the push
+    // tasks) to stop now.
+    shared.shutdown.send_replace(true);
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<OutBody> {
     let path = req.uri().path().to_owned();
     let lower = path.to_ascii_lowercase();
     if let Some(route) = path.strip_prefix(CONTROL_PREFIX) {
         let route = route.to_owned();
-        return control(shared, req, &route).await;
+        return boxed(control(shared, req, &route).await);
     }
     if let Some(rest) = graph_rest(&path) {
         let rest = rest.to_owned();
         let (parts, body) = req.into_parts();
         let body = match read_body(body).await {
             Ok(body) => body,
-            Err(status) => return text(status, "request body too large or too slow\n"),
+            Err(status) => return boxed(text(status, "request body too large or too slow\n")),
         };
         let seq = record(&shared, &parts, &body);
         let response = graph::handle(&shared, &parts.method, &rest, &parts.headers, &body).await;
@@ -149,15 +163,15 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .lock()
             .finish_request(seq, response.status().as_u16(), None);
         shared.changed();
-        return response;
+        return boxed(response);
     }
     if req.method() != Method::POST {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n");
+        return boxed(text(StatusCode::METHOD_NOT_ALLOWED, "POST only\n"));
     }
     let (parts, body) = req.into_parts();
     let body = match read_body(body).await {
         Ok(body) => body,
-        Err(status) => return text(status, "request body too large or too slow\n"),
+        Err(status) => return boxed(text(status, "request body too large or too slow\n")),
     };
     if lower == EWS_PATH.to_ascii_lowercase() {
         let seq = record(&shared, &parts, &body);
@@ -174,7 +188,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .lock()
             .finish_request(seq, response.status().as_u16(), None);
         shared.changed();
-        response
+        boxed(response)
     } else if lower == TOKEN_PATH || is_tenant_token_path(&lower) {
         // The record is readable by anyone on the control API: keep the secret out of it.
         let redacted: Vec<String> = String::from_utf8_lossy(&body)
@@ -190,12 +204,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             .lock()
             .finish_request(seq, response.status().as_u16(), None);
         shared.changed();
-        response
+        boxed(response)
     } else {
-        text(
+        boxed(text(
             StatusCode::NOT_FOUND,
             "not an endpoint of the EWS simulator\n",
-        )
+        ))
     }
 }
 
@@ -340,7 +354,27 @@ async fn ews(
     shared: &Arc<Shared>,
     headers: &HeaderMap,
     body: &[u8],
-) -> (Response<Body>, Option<String>) {
+) -> (Response<OutBody>, Option<String>) {
+    match ews_plain(shared, headers, body).await {
+        EwsAnswer::Stream(response, code) => (response, code),
+        EwsAnswer::Whole(response, code) => (boxed(response), code),
+    }
+}
+
+/// An EWS answer: a whole body, or a `GetStreamingEvents` stream.
+enum EwsAnswer {
+    Whole(Response<Body>, Option<String>),
+    Stream(Response<OutBody>, Option<String>),
+}
+
+impl From<(Response<Body>, Option<String>)> for EwsAnswer {
+    fn from((response, code): (Response<Body>, Option<String>)) -> Self {
+        EwsAnswer::Whole(response, code)
+    }
+}
+
+/// [`ews`] before the body type is settled.
+async fn ews_plain(shared: &Arc<Shared>, headers: &HeaderMap, body: &[u8]) -> EwsAnswer {
     let delay = shared.lock().faults.response_delay_ms;
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -359,10 +393,10 @@ async fn ews(
         if let Some(seconds) = retry_after {
             response.headers_mut().insert(RETRY_AFTER, seconds.into());
         }
-        return (response, Some("HTTP 503".into()));
+        return (response, Some("HTTP 503".into())).into();
     }
     if let Some(response) = authenticate(shared, headers) {
-        return (response, Some("HTTP 401".into()));
+        return (response, Some("HTTP 401".into())).into();
     }
     let busy = {
         let mut state = shared.lock();
@@ -381,13 +415,29 @@ async fn ews(
         return (
             xml(StatusCode::INTERNAL_SERVER_ERROR, body),
             Some("ErrorServerBusy".into()),
-        );
+        )
+            .into();
     }
-    let request = match soap::parse_subscribe(body) {
-        Ok(request) => request,
-        Err(e) => return refuse(&e),
-    };
-    subscribe(shared, headers, request)
+    match stream_soap::parse_ews_request(body) {
+        Err(e) => refuse(&e).into(),
+        Ok(EwsRequest::PushSubscribe) => match soap::parse_subscribe(body) {
+            Ok(request) => subscribe(shared, headers, request).into(),
+            Err(e) => refuse(&e).into(),
+        },
+        Ok(EwsRequest::StreamingSubscribe(request)) => {
+            streaming_subscribe(shared, headers, request).into()
+        }
+        Ok(EwsRequest::GetStreamingEvents(request)) => {
+            get_streaming_events(shared, headers, request)
+        }
+        Ok(EwsRequest::Unsubscribe(request)) => {
+            let code = streaming::unsubscribe(&mut shared.lock(), &request.id);
+            EwsAnswer::Whole(
+                xml(StatusCode::OK, stream_soap::unsubscribe_response(code)),
+                Some(code.to_owned()),
+            )
+        }
+    }
 }
 
 fn refuse(error: &RequestError) -> (Response<Body>, Option<String>) {
@@ -411,32 +461,19 @@ fn subscribe(
     let carried_cookie = affinity_cookie(headers);
     let mut state = shared.lock();
 
-    // X-AnchorMailbox must name the impersonated mailbox; in an affinity group it may name
-    // the group's anchor, a mailbox with the same GroupingInformation.
-    let anchor_ok = match &anchor {
-        Some(anchor) if *anchor == key => true,
-        Some(anchor) if prefer_affinity || carried_cookie.is_some() => {
-            match (state.mailboxes.get(anchor), state.mailboxes.get(&key)) {
-                (Some(a), Some(m)) => a.grouping == m.grouping,
-                _ => false,
-            }
-        }
-        _ => false,
-    };
-    if !anchor_ok {
-        drop(state);
-        let message = format!(
-            "X-AnchorMailbox {:?} does not match the impersonated mailbox {}",
-            anchor.unwrap_or_default(),
-            request.mailbox
-        );
-        let body = soap::fault("ErrorInvalidRequest", &message, None);
-        return (
-            xml(StatusCode::INTERNAL_SERVER_ERROR, body),
-            Some("ErrorInvalidRequest".into()),
-        );
+    if let Some(refusal) = anchor_refusal(
+        &state,
+        anchor.as_deref(),
+        &key,
+        prefer_affinity || carried_cookie.is_some(),
+        &request.mailbox,
+    ) {
+        return refusal;
     }
 
+    // Streaming subscriptions count against the same limit; forget the expired ones first.
+    let lifetime = shared.config.streaming_subscription_lifetime_scaled();
+    state.streaming.expire_idle(Instant::now(), lifetime);
     let outcome: Result<String, &'static str> = (|| {
         let mailbox = state.mailboxes.get(&key).ok_or("ErrorNonExistentMailbox")?;
         if mailbox.moved {
@@ -494,19 +531,12 @@ fn subscribe(
         }
         Err(code) => (soap::subscribe_response(Err(code)), *code, None),
     };
-    // The first Subscribe of an affinity group gets the backend cookie for the others.
-    let set_cookie = (prefer_affinity && carried_cookie.is_none()).then(|| {
-        let group = anchor
-            .as_ref()
-            .and_then(|a| state.mailboxes.get(a))
-            .map_or_else(|| "default".to_owned(), |m| m.grouping.clone());
-        let value = state
-            .affinity_cookies
-            .entry(group.clone())
-            .or_insert_with(|| format!("1-{group}~{}", random_token(12)))
-            .clone();
-        format!("{AFFINITY_COOKIE}={value}; path=/; secure; HttpOnly")
-    });
+    let set_cookie = affinity_set_cookie(
+        &mut state,
+        prefer_affinity,
+        carried_cookie.as_deref(),
+        anchor.as_deref(),
+    );
     drop(state);
     if let Some(id) = new_id {
         push::spawn(shared, id);
@@ -516,6 +546,184 @@ fn subscribe(
         response.headers_mut().insert(SET_COOKIE, cookie);
     }
     (response, Some(code.to_owned()))
+}
+
+/// `X-AnchorMailbox` must name the impersonated mailbox; in an affinity group it may name the
+/// group's anchor, a mailbox with the same `GroupingInformation`. The fault to answer if not.
+fn anchor_refusal(
+    state: &super::state::State,
+    anchor: Option<&str>,
+    key: &str,
+    in_group: bool,
+    mailbox: &str,
+) -> Option<(Response<Body>, Option<String>)> {
+    let ok = match anchor {
+        Some(anchor) if anchor == key => true,
+        Some(anchor) if in_group => match (state.mailboxes.get(anchor), state.mailboxes.get(key)) {
+            (Some(a), Some(m)) => a.grouping == m.grouping,
+            _ => false,
+        },
+        _ => false,
+    };
+    if ok {
+        return None;
+    }
+    let message = format!(
+        "X-AnchorMailbox {:?} does not match the impersonated mailbox {mailbox}",
+        anchor.unwrap_or_default(),
+    );
+    let body = soap::fault("ErrorInvalidRequest", &message, None);
+    Some((
+        xml(StatusCode::INTERNAL_SERVER_ERROR, body),
+        Some("ErrorInvalidRequest".into()),
+    ))
+}
+
+/// The `Set-Cookie` of the first Subscribe of an affinity group (`X-PreferServerAffinity:
+/// true` without the cookie yet): the group's backend cookie, for the others to carry.
+fn affinity_set_cookie(
+    state: &mut super::state::State,
+    prefer_affinity: bool,
+    carried_cookie: Option<&str>,
+    anchor: Option<&str>,
+) -> Option<String> {
+    (prefer_affinity && carried_cookie.is_none()).then(|| {
+        let value = group_cookie(state, anchor);
+        format!("{AFFINITY_COOKIE}={value}; path=/; secure; HttpOnly")
+    })
+}
+
+/// The backend cookie of the anchor's group, made on first use.
+fn group_cookie(state: &mut super::state::State, anchor: Option<&str>) -> String {
+    let group = anchor
+        .and_then(|a| state.mailboxes.get(a))
+        .map_or_else(|| "default".to_owned(), |m| m.grouping.clone());
+    state
+        .affinity_cookies
+        .entry(group.clone())
+        .or_insert_with(|| format!("1-{group}~{}", random_token(12)))
+        .clone()
+}
+
+/// A streaming `Subscribe`: the push side's routing and mailbox checks, then a subscription
+/// with an id and no watermark.
+fn streaming_subscribe(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    request: stream_soap::StreamingSubscribe,
+) -> (Response<Body>, Option<String>) {
+    let key = request.mailbox.to_ascii_lowercase();
+    let anchor = header(headers, "x-anchormailbox").map(str::to_ascii_lowercase);
+    let prefer_affinity =
+        header(headers, "x-preferserveraffinity").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let carried_cookie = affinity_cookie(headers);
+    let mut guard = shared.lock();
+    let state = &mut *guard;
+    if let Some(refusal) = anchor_refusal(
+        state,
+        anchor.as_deref(),
+        &key,
+        prefer_affinity || carried_cookie.is_some(),
+        &request.mailbox,
+    ) {
+        return refusal;
+    }
+    let lifetime = shared.config.streaming_subscription_lifetime_scaled();
+    state.streaming.expire_idle(Instant::now(), lifetime);
+    let set_cookie = affinity_set_cookie(
+        state,
+        prefer_affinity,
+        carried_cookie.as_deref(),
+        anchor.as_deref(),
+    );
+    let outcome: Result<String, &'static str> = (|| {
+        let mailbox = state.mailboxes.get(&key).ok_or("ErrorNonExistentMailbox")?;
+        if mailbox.moved {
+            return Err("ErrorProxyRequestNotAllowed");
+        }
+        let (grouping, head) = (mailbox.grouping.clone(), mailbox.head);
+        if state.live_count(&key) >= super::MAX_SUBSCRIPTIONS_PER_MAILBOX {
+            return Err("ErrorExceededSubscriptionCount");
+        }
+        // Made with affinity (asked for, or riding on the group's cookie): its
+        // GetStreamingEvents must come with that cookie to reach its mailbox server.
+        let cookie = (prefer_affinity || carried_cookie.is_some())
+            .then(|| group_cookie(state, anchor.as_deref()));
+        let id = subscription_id();
+        state.streaming.subscriptions.insert(
+            id.clone(),
+            streaming::new_subscription(
+                id.clone(),
+                key.clone(),
+                grouping,
+                cookie,
+                request.event_types.clone(),
+                request.folders.clone(),
+                head,
+            ),
+        );
+        if let Some(m) = state.mailboxes.get_mut(&key) {
+            m.subscriptions_created += 1;
+        }
+        Ok(id)
+    })();
+    drop(guard);
+    let (body, code) = match &outcome {
+        Ok(id) => (soap::subscribe_response(Ok((id, ""))), "NoError"),
+        Err(code) => (soap::subscribe_response(Err(code)), *code),
+    };
+    let mut response = xml(StatusCode::OK, body);
+    if let Some(cookie) = set_cookie.and_then(|c| c.parse().ok()) {
+        response.headers_mut().insert(SET_COOKIE, cookie);
+    }
+    (response, Some(code.to_owned()))
+}
+
+/// `GetStreamingEvents`: a stream (`Ok`), or a whole answer when it is refused outright.
+fn get_streaming_events(
+    shared: &Arc<Shared>,
+    headers: &HeaderMap,
+    request: stream_soap::GetStreamingEvents,
+) -> EwsAnswer {
+    let anchor = header(headers, "x-anchormailbox").map(str::to_ascii_lowercase);
+    let cookie = affinity_cookie(headers);
+    // The budget is the target mailbox's: a connection opened impersonating m1 is charged to
+    // (a copy of) m1's budget, one opened without impersonation to the caller's ("Maintain
+    // affinity between a group of subscriptions and the Mailbox server", throttling section).
+    let account = match &request.impersonated {
+        Some(mailbox) => mailbox.to_ascii_lowercase(),
+        None => caller(shared),
+    };
+    let prefer_affinity =
+        header(headers, "x-preferserveraffinity").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let route = streaming::Route {
+        anchor: anchor.as_deref(),
+        cookie: cookie.as_deref(),
+        prefer_affinity,
+        account,
+    };
+    match streaming::open(shared, request, route) {
+        streaming::Opened::Refused(body, code) => {
+            EwsAnswer::Whole(xml(StatusCode::OK, body), Some(code))
+        }
+        streaming::Opened::Stream(body) => {
+            let response = Response::builder()
+                .status(StatusCode::OK)
+                .header(CONTENT_TYPE, "text/xml; charset=utf-8")
+                .body(BodyExt::boxed(body))
+                .unwrap_or_default();
+            EwsAnswer::Stream(response, Some("NoError".into()))
+        }
+    }
+}
+
+/// Who is calling, for per-account limits: the Basic user, the OAuth application, or nobody.
+fn caller(shared: &Shared) -> String {
+    match &shared.config.auth {
+        Auth::None => "anonymous".into(),
+        Auth::Basic { user, .. } => user.to_ascii_lowercase(),
+        Auth::OAuth { client_id, .. } => format!("app:{client_id}"),
+    }
 }
 
 /// A new subscription id: opaque, base64, about as long as Exchange Online's.
@@ -685,6 +893,18 @@ struct UnavailableBody {
 }
 
 #[derive(Debug, Deserialize)]
+struct ConnectionBody {
+    /// One connection; every open one when absent.
+    connection: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct CountBody {
+    #[serde(default = "one_u32")]
+    count: u32,
+}
+
+#[derive(Debug, Deserialize)]
 struct DelayBody {
     ms: u64,
 }
@@ -784,6 +1004,28 @@ async fn control(shared: Arc<Shared>, req: Request<Incoming>, route: &str) -> Re
             json!({"ok": true})
         }),
         (&Method::POST, "faults/revoke-tokens") => Ok(json!({"revoked": handle.revoke_tokens()})),
+        (&Method::GET, "streaming/subscriptions") => to_json(handle.streaming_subscriptions()),
+        (&Method::GET, "streaming/connections") => to_json(handle.streaming_connections()),
+        (&Method::POST, "faults/streaming/cut") => parse::<ConnectionBody>(&body)
+            .map(|b| json!({"cut": handle.streaming_cut(b.connection)})),
+        (&Method::POST, "faults/streaming/stall") => parse::<ConnectionBody>(&body)
+            .map(|b| json!({"stalled": handle.streaming_stall(b.connection)})),
+        (&Method::POST, "faults/streaming/expire") => parse::<SubscriptionBody>(&body)
+            .and_then(|b| handle.streaming_expire(&b.subscription_id).map_err(refused))
+            .map(|()| json!({"ok": true})),
+        (&Method::POST, "faults/streaming/missed-events") => parse::<SubscriptionBody>(&body)
+            .and_then(|b| {
+                handle
+                    .streaming_missed_events(&b.subscription_id)
+                    .map_err(refused)
+            })
+            .map(|()| json!({"ok": true})),
+        (&Method::POST, "faults/streaming/refuse-connections") => {
+            parse::<CountBody>(&body).map(|b| {
+                handle.streaming_refuse_connections(b.count);
+                json!({"ok": true})
+            })
+        }
         (&Method::POST, "faults/clear") => {
             handle.clear_faults();
             Ok(json!({"ok": true}))

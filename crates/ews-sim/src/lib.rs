@@ -11,7 +11,7 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `POST /EWS/Exchange.asmx` | push `Subscribe` (other EWS operations: `ErrorSchemaValidation`) |
+//! | `POST /EWS/Exchange.asmx` | push and streaming `Subscribe`, `GetStreamingEvents`, `Unsubscribe` (other EWS operations: `ErrorSchemaValidation`) |
 //! | `POST /autodiscover/autodiscover.svc` | SOAP `GetUserSettings` |
 //! | `POST [/{tenant}]/oauth2/v2.0/token` | client-credentials tokens (with [`Auth::OAuth`]) |
 //! | `GET /_sim/state` | [`Snapshot`]: mailboxes, subscriptions, faults, token and request counts |
@@ -28,7 +28,40 @@
 //! | `POST /_sim/faults/error-notification` | `{"subscription_id"}`: an `ErrorReadEventsFailed` push, then it is gone |
 //! | `POST /_sim/faults/delay` | `{"ms"}`: every EWS response waits this long (0 stops) |
 //! | `POST /_sim/faults/revoke-tokens` | every token stops working → `{"revoked"}` |
-//! | `POST /_sim/faults/clear` | disarm busy, 503, delay and Graph throttling |
+//! | `POST /_sim/faults/clear` | disarm busy, 503, delay, refused streaming connections and Graph throttling |
+//! | `GET /_sim/streaming/subscriptions` | [`StreamingSubscriptionInfo`]s, ended ones included |
+//! | `GET /_sim/streaming/connections` | [`StreamingConnectionInfo`]s: ids, anchor, account, times, envelopes, errors, how it ended |
+//! | `POST /_sim/faults/streaming/cut` | `{"connection"?}` (default: every open one): TCP dropped, no `Closed` → `{"cut"}` |
+//! | `POST /_sim/faults/streaming/stall` | `{"connection"?}`: nothing more is sent, keep-alives included; the socket stays open → `{"stalled"}` |
+//! | `POST /_sim/faults/streaming/expire` | `{"subscription_id"}`: gone; `ErrorSubscriptionNotFound` in its stream and after |
+//! | `POST /_sim/faults/streaming/missed-events` | `{"subscription_id"}`: `ErrorMissedNotificationEvents` in its stream; waiting events lost |
+//! | `POST /_sim/faults/streaming/refuse-connections` | `{"count"?: 1}`: next `GetStreamingEvents` get `ErrorExceededConnectionCount` |
+//!
+//! # Streaming notifications
+//!
+//! A streaming `Subscribe` (`RequestServerVersion` Exchange2010_SP1 or later, impersonation and
+//! `X-AnchorMailbox` as for push) answers a `SubscriptionId` without a watermark; with
+//! `X-PreferServerAffinity: true` the group's first one sets `X-BackEndOverrideCookie`.
+//! `GetStreamingEvents` (1–200 ids, `ConnectionTimeout` 1–30 minutes) answers 200 with a chunked
+//! body of SOAP envelopes: events as they happen (one `Notification` per subscription, no
+//! watermarks), a keep-alive every [`SimConfig::streaming_keepalive`], and `ConnectionStatus`
+//! `Closed` after `ConnectionTimeout` minutes × the time factor (or
+//! [`SimConfig::streaming_connection_timeout`]). Routing follows Microsoft's affinity article:
+//! `X-PreferServerAffinity: true` with a valid `X-BackEndOverrideCookie` routes to the cookie's
+//! mailbox server, else `X-AnchorMailbox` does; `X-AnchorMailbox` is required. Per id, inside
+//! the stream: unknown, expired, or not on the server the request reached (no anchor, anchor or
+//! cookie of another group, or no cookie when the subscription was made with affinity — the
+//! last stricter than Exchange, which would route by the anchor) → `ErrorSubscriptionNotFound`,
+//! as Microsoft says a request routed to the wrong mailbox server gets; moved mailbox →
+//! `ErrorProxyRequestNotAllowed`. When no id can be served the answer is that one envelope.
+//! Refused whole: more than 200 ids (Microsoft documents the limit, not the code; the simulator
+//! answers `ErrorInvalidArgument`), more open connections than
+//! [`SimConfig::streaming_connection_limit`] for the account (the impersonated mailbox, else
+//! the caller) → `ErrorExceededConnectionCount`. A newer connection for ids another serves takes
+//! them; the older one writes `ErrorNewEventStreamConnectionOpened` for them (and `Closed`
+//! when it has none left). Events wait in the mailbox's log while no connection is open; a
+//! subscription no connection serves for [`SimConfig::streaming_subscription_lifetime`] (×
+//! the time factor) expires. `Unsubscribe` ends a streaming subscription.
 //!
 //! # Microsoft Graph (change notifications)
 //!
@@ -65,6 +98,8 @@ mod http;
 mod push;
 pub mod soap;
 pub mod state;
+pub mod stream_soap;
+pub mod streaming;
 mod util;
 
 use std::future::Future;
@@ -87,6 +122,7 @@ pub use state::{
     EndReason, Faults, RecordedRequest, SubscriptionCounters, SubscriptionState,
     MAX_EVENTS_PER_CALL, MAX_EVENTS_PER_PUSH, MAX_SUBSCRIPTIONS_PER_MAILBOX,
 };
+pub use streaming::{ConnectionEnd, StreamingEnd};
 
 /// Default period between StatusEvent keep-alives on an idle subscription. Exchange uses the
 /// subscription's StatusFrequency in minutes; the simulator has its own so tests run fast.
@@ -127,6 +163,27 @@ pub const DEFAULT_GRAPH_MAX_BATCH: usize = 100;
 /// How long a `reauthorizationRequired` may go unanswered before the subscription is removed.
 /// Graph does not publish it (it follows the token's lifetime); ten minutes keeps labs short.
 pub const DEFAULT_GRAPH_REAUTHORIZATION_GRACE: Duration = Duration::from_secs(600);
+
+/// Default period between keep-alive envelopes on an idle streaming connection. Microsoft does
+/// not publish Exchange's; the EWS Managed API gives up on a connection silent for 45 s
+/// (`GetStreamingEventsRequest.HeartbeatFrequencyDefault`), so Exchange's must be shorter, and
+/// 30 s is what clients commonly observe (not verified against a Microsoft document).
+pub const DEFAULT_STREAMING_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Default limit on open streaming connections per account: Exchange Online's
+/// `HangingConnectionLimit` of 10, not configurable there (Exchange 2013 on-premises defaults
+/// to 3). Sources: "Handling notification-related errors in EWS in Exchange" and "Maintain
+/// affinity between a group of subscriptions and the Mailbox server in Exchange"
+/// (learn.microsoft.com): the budget is the target mailbox's, so a connection impersonating a
+/// mailbox counts against (a copy of) that mailbox's budget, one without impersonation against
+/// the caller's.
+pub const DEFAULT_STREAMING_CONNECTION_LIMIT: usize = 10;
+
+/// Default time a streaming subscription survives with no connection serving it, before the
+/// time factor. Microsoft documents only that subscriptions expire and that a connection lasts
+/// at most 30 minutes; 30 minutes without a connection is the simulator's assumption (not
+/// verified), after which `GetStreamingEvents` answers `ErrorSubscriptionNotFound` for it.
+pub const DEFAULT_STREAMING_SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// The simulated Graph's behaviour.
 #[derive(Debug, Clone)]
@@ -349,9 +406,27 @@ pub struct SimConfig {
     pub push_timeout: Duration,
     /// The Microsoft Graph side.
     pub graph: GraphConfig,
+    /// Period between keep-alive envelopes on a streaming connection with nothing else to say
+    /// (real time, not scaled).
+    pub streaming_keepalive: Duration,
+    /// How long every streaming connection stays open, whatever `ConnectionTimeout` it asked
+    /// (real time); `None`: its `ConnectionTimeout` minutes, scaled by the time factor.
+    pub streaming_connection_timeout: Option<Duration>,
+    /// Open streaming connections allowed per account (the impersonated mailbox, or else the
+    /// authenticated caller); one more gets `ErrorExceededConnectionCount`.
+    pub streaming_connection_limit: usize,
+    /// How long a streaming subscription lives with no connection serving it, scaled by the
+    /// time factor.
+    pub streaming_subscription_lifetime: Duration,
 }
 
 impl SimConfig {
+    /// The subscription lifetime after the time factor.
+    pub(crate) fn streaming_subscription_lifetime_scaled(&self) -> Duration {
+        self.streaming_subscription_lifetime
+            .mul_f64(self.time_factor)
+    }
+
     /// A plain-HTTP simulator hosting `mailboxes`, without authentication, trusting no HTTPS
     /// callback, on Exchange's time scale.
     pub fn new<S: Into<String>>(mailboxes: impl IntoIterator<Item = S>) -> Self {
@@ -365,6 +440,10 @@ impl SimConfig {
             public_url: None,
             push_timeout: DEFAULT_PUSH_TIMEOUT,
             graph: GraphConfig::default(),
+            streaming_keepalive: DEFAULT_STREAMING_KEEPALIVE,
+            streaming_connection_timeout: None,
+            streaming_connection_limit: DEFAULT_STREAMING_CONNECTION_LIMIT,
+            streaming_subscription_lifetime: DEFAULT_STREAMING_SUBSCRIPTION_LIFETIME,
         }
     }
 }
@@ -444,7 +523,7 @@ pub struct MailboxInfo {
     pub events_created: u64,
     /// The newest event's position in the log.
     pub head: u64,
-    /// Live subscriptions.
+    /// Live subscriptions, push and streaming.
     pub live_subscriptions: usize,
     /// Subscriptions created so far.
     pub subscriptions_created: u64,
@@ -452,6 +531,84 @@ pub struct MailboxInfo {
     pub moved: bool,
     /// Watermark generation (bumped by each invalidation).
     pub watermark_generation: u32,
+}
+
+/// One streaming subscription, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamingSubscriptionInfo {
+    /// The subscription id.
+    pub id: String,
+    /// The mailbox (as configured).
+    pub mailbox: String,
+    /// The mailbox server (`GroupingInformation`) it lives on.
+    pub grouping: String,
+    /// The affinity cookie a `GetStreamingEvents` for it must carry, if it was created with
+    /// affinity.
+    pub cookie: Option<String>,
+    /// Event types streamed.
+    pub event_types: Vec<&'static str>,
+    /// Created (RFC 3339).
+    pub created: String,
+    /// Not ended (it may still expire if no connection comes).
+    pub live: bool,
+    /// Why it ended.
+    pub end: Option<StreamingEnd>,
+    /// The open connection serving it.
+    pub connection: Option<u64>,
+    /// Events in its mailbox's log it has not been sent yet (all types).
+    pub pending_events: u64,
+    /// Events delivered.
+    pub events_delivered: u64,
+    /// Connections that served it.
+    pub connections: u64,
+}
+
+/// An error message a streaming connection wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamingErrorInfo {
+    /// The response code.
+    pub code: String,
+    /// Its `ErrorSubscriptionIds`.
+    pub subscription_ids: Vec<String>,
+}
+
+/// One `GetStreamingEvents` connection, as the control API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamingConnectionInfo {
+    /// Arrival order, from 1.
+    pub id: u64,
+    /// The subscription ids asked for.
+    pub subscription_ids: Vec<String>,
+    /// The ids it serves now (none once ended).
+    pub serving: Vec<String>,
+    /// `X-AnchorMailbox` (lower-cased).
+    pub anchor: Option<String>,
+    /// The account its connection limit is charged to.
+    pub account: String,
+    /// Whether it carried the affinity cookie.
+    pub carried_cookie: bool,
+    /// Opened (RFC 3339).
+    pub opened: String,
+    /// Ended (RFC 3339).
+    pub closed: Option<String>,
+    /// How long it was to stay open, in milliseconds.
+    pub timeout_ms: u64,
+    /// Envelopes written (keep-alives and `Closed` included).
+    pub envelopes: u64,
+    /// Keep-alive envelopes written.
+    pub keepalives: u64,
+    /// Events written.
+    pub events: u64,
+    /// Error messages written, in order.
+    pub errors: Vec<StreamingErrorInfo>,
+    /// Still open.
+    pub open: bool,
+    /// How it ended.
+    pub end: Option<ConnectionEnd>,
+    /// The code it was refused with (`end` is `refused`).
+    pub refused_code: Option<String>,
+    /// Frozen by the stall fault.
+    pub stalled: bool,
 }
 
 /// Everything at once, for `GET /_sim/state`.
@@ -554,6 +711,19 @@ impl SimHandle {
         if config.graph.max_batch == 0 {
             return Err(SimError::InvalidConfig(
                 "graph.max_batch must be at least 1",
+            ));
+        }
+        if config.streaming_keepalive < MIN_STATUS_PERIOD {
+            return Err(SimError::InvalidConfig(
+                "streaming_keepalive must be at least 10ms",
+            ));
+        }
+        if config
+            .streaming_connection_timeout
+            .is_some_and(|t| t < MIN_STATUS_PERIOD)
+        {
+            return Err(SimError::InvalidConfig(
+                "streaming_connection_timeout must be at least 10ms",
             ));
         }
         if config.status_period < MIN_STATUS_PERIOD {
@@ -852,7 +1022,9 @@ impl SimHandle {
     }
 
     /// Fault: the mailbox "moved": Subscribe for it gets `ErrorProxyRequestNotAllowed` until
-    /// Autodiscover is asked about it again.
+    /// Autodiscover is asked about it again; its streaming subscriptions end, reported as
+    /// `ErrorProxyRequestNotAllowed` by the connection serving them and by `GetStreamingEvents`
+    /// until then (`ErrorSubscriptionNotFound` after).
     pub fn move_mailbox(&self, mailbox: &str) -> Result<(), SimError> {
         let mut state = self.shared.lock();
         let m = state
@@ -860,9 +1032,139 @@ impl SimHandle {
             .get_mut(&mailbox.to_ascii_lowercase())
             .ok_or_else(|| SimError::UnknownMailbox(mailbox.into()))?;
         m.moved = true;
+        // Streaming connections serving it report the move at once.
+        state.wake_mailbox(&mailbox.to_ascii_lowercase());
         drop(state);
         self.shared.changed();
         Ok(())
+    }
+
+    /// Every streaming subscription, ended ones included, oldest first.
+    pub fn streaming_subscriptions(&self) -> Vec<StreamingSubscriptionInfo> {
+        let mut guard = self.shared.lock();
+        let state = &mut *guard;
+        let lifetime = self.shared.config.streaming_subscription_lifetime_scaled();
+        state.streaming.expire_idle(Instant::now(), lifetime);
+        let mut subs: Vec<(SystemTime, StreamingSubscriptionInfo)> = state
+            .streaming
+            .subscriptions
+            .values()
+            .map(|s| {
+                let mailbox = state.mailboxes.get(&s.mailbox);
+                let info = StreamingSubscriptionInfo {
+                    id: s.id.clone(),
+                    mailbox: mailbox.map_or_else(|| s.mailbox.clone(), |m| m.smtp.clone()),
+                    grouping: s.grouping.clone(),
+                    cookie: s.cookie.clone(),
+                    event_types: s.event_types.iter().map(|t| t.as_str()).collect(),
+                    created: rfc3339(s.created),
+                    live: s.end.is_none(),
+                    end: s.end,
+                    connection: s.connection,
+                    pending_events: mailbox.map_or(0, |m| m.head.saturating_sub(s.cursor)),
+                    events_delivered: s.events_delivered,
+                    connections: s.connections,
+                };
+                (s.created, info)
+            })
+            .collect();
+        subs.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.id.cmp(&b.1.id)));
+        subs.into_iter().map(|(_, info)| info).collect()
+    }
+
+    /// One streaming subscription.
+    pub fn streaming_subscription(&self, id: &str) -> Option<StreamingSubscriptionInfo> {
+        self.streaming_subscriptions()
+            .into_iter()
+            .find(|s| s.id == id)
+    }
+
+    /// Every streaming connection, ended ones included (the last
+    /// [`streaming::MAX_RECORDED_CONNECTIONS`] ended), oldest first.
+    pub fn streaming_connections(&self) -> Vec<StreamingConnectionInfo> {
+        let state = self.shared.lock();
+        state
+            .streaming
+            .connections
+            .values()
+            .map(|c| StreamingConnectionInfo {
+                id: c.id,
+                subscription_ids: c.requested.clone(),
+                serving: c.serving.clone(),
+                anchor: c.anchor.clone(),
+                account: c.account.clone(),
+                carried_cookie: c.carried_cookie,
+                opened: rfc3339(c.opened),
+                closed: c.closed.map(rfc3339),
+                timeout_ms: millis(c.timeout),
+                envelopes: c.envelopes,
+                keepalives: c.keepalives,
+                events: c.events,
+                errors: c
+                    .errors
+                    .iter()
+                    .map(|(code, ids)| StreamingErrorInfo {
+                        code: code.clone(),
+                        subscription_ids: ids.clone(),
+                    })
+                    .collect(),
+                open: c.end.is_none(),
+                end: c.end,
+                refused_code: c.refused_code.clone(),
+                stalled: c.stalled,
+            })
+            .collect()
+    }
+
+    /// One streaming connection.
+    pub fn streaming_connection(&self, id: u64) -> Option<StreamingConnectionInfo> {
+        self.streaming_connections()
+            .into_iter()
+            .find(|c| c.id == id)
+    }
+
+    /// Fault: the open streaming connection `connection` (every open one when `None`) is
+    /// dropped at the TCP level, without a `Closed` envelope or the chunked body's end, as a
+    /// server crash or a middlebox would. Returns how many were.
+    pub fn streaming_cut(&self, connection: Option<u64>) -> usize {
+        let n = streaming::cut(&mut self.shared.lock(), connection);
+        self.shared.changed();
+        n
+    }
+
+    /// Fault: the open streaming connection `connection` (every open one when `None`) stops
+    /// sending anything, keep-alives included, but stays open until the client gives up.
+    /// Returns how many were.
+    pub fn streaming_stall(&self, connection: Option<u64>) -> usize {
+        let n = streaming::stall(&mut self.shared.lock(), connection);
+        self.shared.changed();
+        n
+    }
+
+    /// Fault: the streaming subscription expires now: its connection reports
+    /// `ErrorSubscriptionNotFound` for it, as does every later `GetStreamingEvents`.
+    pub fn streaming_expire(&self, id: &str) -> Result<(), SimError> {
+        let done = streaming::expire(&mut self.shared.lock(), id);
+        self.shared.changed();
+        done.then_some(())
+            .ok_or_else(|| SimError::UnknownSubscription(id.into()))
+    }
+
+    /// Fault: the streaming subscription's next envelope reports
+    /// `ErrorMissedNotificationEvents` for it; the events waiting for it are lost. The
+    /// subscription lives on.
+    pub fn streaming_missed_events(&self, id: &str) -> Result<(), SimError> {
+        let done = streaming::miss_events(&mut self.shared.lock(), id);
+        self.shared.changed();
+        done.then_some(())
+            .ok_or_else(|| SimError::UnknownSubscription(id.into()))
+    }
+
+    /// Fault: the next `count` `GetStreamingEvents` are refused with
+    /// `ErrorExceededConnectionCount`, whatever the connections open.
+    pub fn streaming_refuse_connections(&self, count: u32) {
+        self.shared.lock().faults.streaming_refuse_remaining = count;
+        self.shared.changed();
     }
 
     /// Fault: the subscription's next push is an `ErrorReadEventsFailed` error notification

@@ -1,6 +1,8 @@
 //! ews_sim: a fake Exchange for exercising ews-relay's subscription manager on one machine.
 //!
-//! Serves EWS push `Subscribe`, SOAP Autodiscover, an OAuth client-credentials token endpoint
+//! Serves EWS push and streaming `Subscribe`, `GetStreamingEvents` (chunked streams with
+//! keep-alives and `Closed` at the timeout), `Unsubscribe`, SOAP Autodiscover, an OAuth
+//! client-credentials token endpoint
 //! and Microsoft Graph's subscription API (`/v1.0/subscriptions`) on one listener, pushes
 //! `SendNotification` and Graph change notifications to the subscriptions' callbacks, and
 //! takes orders on `/_sim/…` (events, Graph changes, faults, state). See the `ews_sim` library for the behaviour.
@@ -118,6 +120,21 @@ struct Args {
     /// Graph: time to answer reauthorizationRequired before the subscription is removed.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     graph_reauthorization_grace: Duration,
+    /// Streaming: period of keep-alive envelopes on an idle GetStreamingEvents connection
+    /// (real time).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    streaming_keepalive: Duration,
+    /// Streaming: keep every connection open this long whatever ConnectionTimeout it asked
+    /// (real time); default: its ConnectionTimeout minutes times --time-factor.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    streaming_connection_timeout: Option<Duration>,
+    /// Streaming: open GetStreamingEvents connections allowed per account (Exchange Online:
+    /// 10; on-premises default: 3); one more gets ErrorExceededConnectionCount.
+    #[arg(long, default_value_t = sim::DEFAULT_STREAMING_CONNECTION_LIMIT)]
+    streaming_connection_limit: usize,
+    /// Streaming: how long a subscription survives with no connection, before --time-factor.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    streaming_subscription_lifetime: Duration,
 }
 
 #[tokio::main]
@@ -232,6 +249,15 @@ fn config(args: &Args) -> Result<(SimConfig, String), String> {
     if args.status_period < Duration::from_millis(10) {
         return Err("--status-period: at least 10ms".into());
     }
+    if args.streaming_keepalive < Duration::from_millis(10) {
+        return Err("--streaming-keepalive: at least 10ms".into());
+    }
+    if args
+        .streaming_connection_timeout
+        .is_some_and(|t| t < Duration::from_millis(10))
+    {
+        return Err("--streaming-connection-timeout: at least 10ms".into());
+    }
     let (auth, hint) = match args.auth {
         AuthMode::None => (Auth::None, "none (any request accepted)".to_owned()),
         AuthMode::Basic => {
@@ -315,6 +341,10 @@ fn config(args: &Args) -> Result<(SimConfig, String), String> {
         public_url: args.public_url.clone(),
         push_timeout: args.push_timeout,
         graph: graph_config(args)?,
+        streaming_keepalive: args.streaming_keepalive,
+        streaming_connection_timeout: args.streaming_connection_timeout,
+        streaming_connection_limit: args.streaming_connection_limit,
+        streaming_subscription_lifetime: args.streaming_subscription_lifetime,
     };
     Ok((config, hint))
 }

@@ -43,7 +43,7 @@ impl From<EwsError> for RequestError {
     }
 }
 
-fn schema(message: impl Into<String>) -> RequestError {
+pub(crate) fn schema(message: impl Into<String>) -> RequestError {
     RequestError::Schema(message.into())
 }
 
@@ -155,7 +155,7 @@ pub fn parse_subscribe(body: &[u8]) -> Result<ParsedSubscribe, RequestError> {
     })
 }
 
-fn read_impersonation(xml: &mut XmlReader<'_>) -> Result<Option<String>, RequestError> {
+pub(crate) fn read_impersonation(xml: &mut XmlReader<'_>) -> Result<Option<String>, RequestError> {
     let mut mailbox = None;
     while let Some(sid) = xml.child()? {
         if !sid.is(Ns::Types, "ConnectingSID") {
@@ -283,7 +283,7 @@ fn read_push_request(
     ))
 }
 
-fn read_folder_ids(xml: &mut XmlReader<'_>) -> Result<Vec<String>, RequestError> {
+pub(crate) fn read_folder_ids(xml: &mut XmlReader<'_>) -> Result<Vec<String>, RequestError> {
     let mut folders = Vec::new();
     while let Some(folder) = xml.child()? {
         let id = match (folder.ns, folder.local()) {
@@ -303,7 +303,7 @@ fn read_folder_ids(xml: &mut XmlReader<'_>) -> Result<Vec<String>, RequestError>
     Ok(folders)
 }
 
-fn read_event_types(xml: &mut XmlReader<'_>) -> Result<Vec<EventType>, RequestError> {
+pub(crate) fn read_event_types(xml: &mut XmlReader<'_>) -> Result<Vec<EventType>, RequestError> {
     let mut types = Vec::new();
     while let Some(event_type) = xml.child()? {
         if !event_type.is(Ns::Types, "EventType") {
@@ -382,7 +382,8 @@ pub fn parse_get_user_settings(body: &[u8]) -> Result<Vec<String>, RequestError>
 
 const XML_DECL: &str = "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n";
 
-/// A `SubscribeResponse` with one message: success with id and watermark, or an error code.
+/// A `SubscribeResponse` with one message: success with id and watermark (none for a streaming
+/// subscription: pass an empty one), or an error code.
 pub fn subscribe_response(outcome: Result<(&str, &str), &str>) -> String {
     let mut xml = String::with_capacity(1024);
     xml.push_str(XML_DECL);
@@ -399,9 +400,13 @@ pub fn subscribe_response(outcome: Result<(&str, &str), &str>) -> String {
         Ok((id, watermark)) => {
             xml.push_str("        <m:SubscribeResponseMessage ResponseClass=\"Success\">\n          <m:ResponseCode>NoError</m:ResponseCode>\n          ");
             push_element(&mut xml, "m:SubscriptionId", id);
-            xml.push_str("\n          ");
-            push_element(&mut xml, "m:Watermark", watermark);
             xml.push('\n');
+            // A streaming subscription has no watermark: Exchange sends only the id.
+            if !watermark.is_empty() {
+                xml.push_str("          ");
+                push_element(&mut xml, "m:Watermark", watermark);
+                xml.push('\n');
+            }
         }
         Err(code) => {
             xml.push_str(

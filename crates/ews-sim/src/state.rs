@@ -15,6 +15,7 @@ use super::{MailboxConfig, MailboxRedirect};
 use ews::EventType;
 
 use crate::graph_state::GraphState;
+use crate::streaming::StreamingState;
 
 /// Events kept per mailbox for resuming from a watermark. Exchange keeps about 30 days; a
 /// simulator only needs enough for tests and demos, and a watermark older than the log is
@@ -197,6 +198,8 @@ pub struct Faults {
     pub unavailable_retry_after: Option<u32>,
     /// Delay added before every EWS response.
     pub response_delay_ms: u64,
+    /// Next `GetStreamingEvents` to refuse with `ErrorExceededConnectionCount`.
+    pub streaming_refuse_remaining: u32,
 }
 
 /// Everything the simulator remembers.
@@ -224,6 +227,8 @@ pub struct State {
     pub nonce: u32,
     /// The Microsoft Graph side.
     pub graph: GraphState,
+    /// Streaming subscriptions and connections.
+    pub streaming: StreamingState,
 }
 
 /// A bearer token the token endpoint issued.
@@ -343,8 +348,10 @@ impl State {
         watermarks
     }
 
-    /// Wakes the push task of every live subscription of a mailbox.
+    /// Wakes the push task of every live subscription of a mailbox, and the streaming
+    /// connections serving its streaming subscriptions.
     pub fn wake_mailbox(&self, mailbox: &str) {
+        self.streaming.wake_mailbox(mailbox);
         for sub in self.subscriptions.values() {
             if sub.mailbox == mailbox && !matches!(sub.state, SubscriptionState::Ended(_)) {
                 sub.wake.notify_one();
@@ -352,12 +359,14 @@ impl State {
         }
     }
 
-    /// Live subscriptions of a mailbox.
+    /// Live subscriptions of a mailbox, push and streaming (Exchange counts both against
+    /// the per-mailbox limit).
     pub fn live_count(&self, mailbox: &str) -> usize {
         self.subscriptions
             .values()
             .filter(|s| s.mailbox == mailbox && !matches!(s.state, SubscriptionState::Ended(_)))
             .count()
+            + self.streaming.live_count(mailbox)
     }
 
     /// Ends a subscription (if live), wakes its task, and forgets the oldest ended ones.
@@ -431,7 +440,7 @@ impl State {
 }
 
 /// A stable fake folder id for a mailbox's events.
-fn folder_id(salt: &[u8; 8]) -> String {
+pub(crate) fn folder_id(salt: &[u8; 8]) -> String {
     format!(
         "AAMkADk0ZTI3{}AAuAAAAAAA",
         base64(salt).trim_end_matches('=')
