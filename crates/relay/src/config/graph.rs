@@ -313,3 +313,106 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod flag_errors {
+    use crate::config::{CliError, Config};
+
+    /// The flag a Graph command line is refused for (each bad combination names its flag).
+    fn refused(extra: &[&str]) -> &'static str {
+        let mut words = vec!["ews-relay", "--auth", "none"];
+        words.extend_from_slice(extra);
+        match Config::parse_from(words) {
+            Err(CliError::Config(e)) => e.flag,
+            other => panic!("{extra:?} was not refused by validation: {other:?}"),
+        }
+    }
+
+    const MANAGED: [&str; 6] = [
+        "--graph-path-prefix",
+        "/graph",
+        "--graph-resource",
+        "users/a@b.example/events",
+        "--graph-callback-url",
+        "https://relay.example/graph/notify",
+    ];
+
+    #[test]
+    fn bad_graph_flags_are_refused_naming_the_flag() {
+        let with = |more: &[&'static str]| -> Vec<&'static str> {
+            let mut w = MANAGED.to_vec();
+            w.extend_from_slice(more);
+            w
+        };
+        assert!(
+            Config::parse_from(["ews-relay", "--auth", "none"].into_iter().chain(MANAGED)).is_ok()
+        );
+        assert_eq!(
+            refused(&["--graph-resource", "users/a@b.example/events"]),
+            "--graph-path-prefix"
+        );
+        assert_eq!(
+            refused(&["--graph-path-prefix", "/"]),
+            "--graph-path-prefix"
+        );
+        assert_eq!(
+            refused(&[
+                "--path-prefix",
+                "/graph/ews",
+                "--graph-path-prefix",
+                "/graph"
+            ]),
+            "--graph-path-prefix"
+        );
+        assert_eq!(
+            refused(&[
+                "--graph-path-prefix",
+                "/graph",
+                "--graph-resource",
+                "users/a/events"
+            ]),
+            "--graph-callback-url"
+        );
+        assert_eq!(
+            refused(&[
+                "--graph-path-prefix",
+                "/graph",
+                "--graph-callback-url",
+                "https://relay.example/graph/notify"
+            ]),
+            "--graph-resource"
+        );
+        let mut bad_url = MANAGED;
+        bad_url[5] = "http://relay.example/graph/notify";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        bad_url[5] = "https://relay.example/ews/notify";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        bad_url[5] = "https://relay.example/graph/notify?x=1";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        bad_url[5] = "https://relay.example/graph/..;/notify";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        assert_eq!(
+            refused(&with(&[
+                "--graph-lifecycle-url",
+                "https://relay.example/other"
+            ])),
+            "--graph-lifecycle-url"
+        );
+        assert_eq!(
+            refused(&with(&["--graph-change-types", "created,moved"])),
+            "--graph-change-types"
+        );
+        assert_eq!(refused(&with(&["--graph-url", "ftp://x"])), "--graph-url");
+        assert_eq!(
+            refused(&with(&[
+                "--graph-resource",
+                "https://graph.microsoft.com/v1.0/users"
+            ])),
+            "--graph-resource"
+        );
+        assert_eq!(
+            refused(&with(&["--graph-resources-file", "/nonexistent/resources"])),
+            "--graph-resources-file"
+        );
+    }
+}

@@ -483,13 +483,7 @@ async fn an_orphan_of_an_interrupted_create_is_recognised_and_deleted() {
 async fn graph_calls_use_a_graph_scoped_token() {
     let mut lab = Lab::prepare(
         &["room-e@contoso.example"],
-        |c| {
-            c.auth = ews_sim::Auth::OAuth {
-                client_id: "relay-app".into(),
-                client_secret: "s3cret-value".into(),
-                token_lifetime: Duration::from_secs(3600),
-            }
-        },
+        crate::managed::sim_oauth(Duration::from_secs(3600)),
         {
             let mut s = Setup::graph(&[EVENTS_A, EVENTS_B]);
             s.mailboxes = vec!["room-e@contoso.example".into()];
@@ -497,18 +491,7 @@ async fn graph_calls_use_a_graph_scoped_token() {
         },
     )
     .await;
-    let secret = lab.cert.dir.path().join("client-secret");
-    std::fs::write(&secret, "s3cret-value\n").unwrap();
-    lab.setup.auth = vec![
-        "--auth".into(),
-        "oauth".into(),
-        "--oauth-token-url".into(),
-        lab.sim.token_url(),
-        "--client-id".into(),
-        "relay-app".into(),
-        "--client-secret-file".into(),
-        secret.display().to_string(),
-    ];
+    crate::managed::oauth(&mut lab);
     lab.launch().await;
     wait_graph_live(&lab.sim, &[EVENTS_A, EVENTS_B]).await;
     lab.wait_active(&["room-e@contoso.example"]).await;
