@@ -471,6 +471,9 @@ fn subscribe(
         return refusal;
     }
 
+    // Streaming subscriptions count against the same limit; forget the expired ones first.
+    let lifetime = shared.config.streaming_subscription_lifetime_scaled();
+    state.streaming.expire_idle(Instant::now(), lifetime);
     let outcome: Result<String, &'static str> = (|| {
         let mailbox = state.mailboxes.get(&key).ok_or("ErrorNonExistentMailbox")?;
         if mailbox.moved {
@@ -684,16 +687,19 @@ fn get_streaming_events(
 ) -> EwsAnswer {
     let anchor = header(headers, "x-anchormailbox").map(str::to_ascii_lowercase);
     let cookie = affinity_cookie(headers);
-    // Exchange charges the connection to the impersonated account when there is one
-    // (Microsoft's remedy for ErrorExceededConnectionCount is to impersonate), else to the
-    // caller.
+    // The budget is the target mailbox's: a connection opened impersonating m1 is charged to
+    // (a copy of) m1's budget, one opened without impersonation to the caller's ("Maintain
+    // affinity between a group of subscriptions and the Mailbox server", throttling section).
     let account = match &request.impersonated {
         Some(mailbox) => mailbox.to_ascii_lowercase(),
         None => caller(shared),
     };
+    let prefer_affinity =
+        header(headers, "x-preferserveraffinity").is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let route = streaming::Route {
         anchor: anchor.as_deref(),
         cookie: cookie.as_deref(),
+        prefer_affinity,
         account,
     };
     match streaming::open(shared, request, route) {

@@ -46,12 +46,16 @@
 //! body of SOAP envelopes: events as they happen (one `Notification` per subscription, no
 //! watermarks), a keep-alive every [`SimConfig::streaming_keepalive`], and `ConnectionStatus`
 //! `Closed` after `ConnectionTimeout` minutes × the time factor (or
-//! [`SimConfig::streaming_connection_timeout`]). Per id, inside the stream: unknown, expired,
-//! or not routed to its mailbox server (no `X-AnchorMailbox` of its group, or without the
-//! group's cookie when it was made with affinity) → `ErrorSubscriptionNotFound`, as Microsoft
-//! says a request routed to the wrong mailbox server gets; moved mailbox →
+//! [`SimConfig::streaming_connection_timeout`]). Routing follows Microsoft's affinity article:
+//! `X-PreferServerAffinity: true` with a valid `X-BackEndOverrideCookie` routes to the cookie's
+//! mailbox server, else `X-AnchorMailbox` does; `X-AnchorMailbox` is required. Per id, inside
+//! the stream: unknown, expired, or not on the server the request reached (no anchor, anchor or
+//! cookie of another group, or no cookie when the subscription was made with affinity — the
+//! last stricter than Exchange, which would route by the anchor) → `ErrorSubscriptionNotFound`,
+//! as Microsoft says a request routed to the wrong mailbox server gets; moved mailbox →
 //! `ErrorProxyRequestNotAllowed`. When no id can be served the answer is that one envelope.
-//! Refused whole: more than 200 ids (`ErrorInvalidArgument`), more open connections than
+//! Refused whole: more than 200 ids (Microsoft documents the limit, not the code; the simulator
+//! answers `ErrorInvalidArgument`), more open connections than
 //! [`SimConfig::streaming_connection_limit`] for the account (the impersonated mailbox, else
 //! the caller) → `ErrorExceededConnectionCount`. A newer connection for ids another serves takes
 //! them; the older one writes `ErrorNewEventStreamConnectionOpened` for them (and `Closed`
@@ -167,13 +171,18 @@ pub const DEFAULT_GRAPH_REAUTHORIZATION_GRACE: Duration = Duration::from_secs(60
 pub const DEFAULT_STREAMING_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Default limit on open streaming connections per account: Exchange Online's
-/// `HangingConnectionLimit` of 10 (on-premises Exchange defaults to 3). "Handling
-/// notification-related errors in EWS in Exchange" (learn.microsoft.com).
+/// `HangingConnectionLimit` of 10, not configurable there (Exchange 2013 on-premises defaults
+/// to 3). Sources: "Handling notification-related errors in EWS in Exchange" and "Maintain
+/// affinity between a group of subscriptions and the Mailbox server in Exchange"
+/// (learn.microsoft.com): the budget is the target mailbox's, so a connection impersonating a
+/// mailbox counts against (a copy of) that mailbox's budget, one without impersonation against
+/// the caller's.
 pub const DEFAULT_STREAMING_CONNECTION_LIMIT: usize = 10;
 
 /// Default time a streaming subscription survives with no connection serving it, before the
-/// time factor. Microsoft's guidance: a streaming subscription not connected for about 30
-/// minutes is gone (`ErrorSubscriptionNotFound` then).
+/// time factor. Microsoft documents only that subscriptions expire and that a connection lasts
+/// at most 30 minutes; 30 minutes without a connection is the simulator's assumption (not
+/// verified), after which `GetStreamingEvents` answers `ErrorSubscriptionNotFound` for it.
 pub const DEFAULT_STREAMING_SUBSCRIPTION_LIFETIME: Duration = Duration::from_secs(30 * 60);
 
 /// The simulated Graph's behaviour.
@@ -514,7 +523,7 @@ pub struct MailboxInfo {
     pub events_created: u64,
     /// The newest event's position in the log.
     pub head: u64,
-    /// Live subscriptions.
+    /// Live subscriptions, push and streaming.
     pub live_subscriptions: usize,
     /// Subscriptions created so far.
     pub subscriptions_created: u64,

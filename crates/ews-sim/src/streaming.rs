@@ -478,6 +478,8 @@ pub(crate) struct Route<'a> {
     pub anchor: Option<&'a str>,
     /// The `X-BackEndOverrideCookie` carried.
     pub cookie: Option<&'a str>,
+    /// `X-PreferServerAffinity: true`: with it, a valid cookie routes the request.
+    pub prefer_affinity: bool,
     /// The account the connection is charged to.
     pub account: String,
 }
@@ -551,15 +553,21 @@ pub(crate) fn open(
         return refuse(state, "ErrorExceededConnectionCount", Vec::new());
     }
 
-    // Where the front end sends the request: the cookie's mailbox server if one is carried,
-    // else the anchor mailbox's. Without an anchor the request lands on any server.
-    let cookie_group = route.cookie.and_then(|cookie| {
-        state
-            .affinity_cookies
-            .iter()
-            .find(|(_, value)| value.as_str() == cookie)
-            .map(|(group, _)| group.clone())
-    });
+    // Where the front end sends the request ("Maintain affinity between a group of
+    // subscriptions and the Mailbox server"): X-PreferServerAffinity and a valid
+    // X-BackEndOverrideCookie route it to the cookie's mailbox server; without the cookie,
+    // X-AnchorMailbox does. X-AnchorMailbox is required either way: without it the request
+    // lands on any server, which does not have the subscriptions.
+    let cookie_group = route
+        .cookie
+        .filter(|_| route.prefer_affinity)
+        .and_then(|cookie| {
+            state
+                .affinity_cookies
+                .iter()
+                .find(|(_, value)| value.as_str() == cookie)
+                .map(|(group, _)| group.clone())
+        });
     let anchor_group = route
         .anchor
         .and_then(|a| state.mailboxes.get(a))

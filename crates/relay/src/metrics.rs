@@ -1,5 +1,10 @@
 //! Prometheus metrics. Every labelled series the data path touches is resolved once at start-up,
 //! so recording on the request path is an atomic add, never a map lookup or an allocation.
+//!
+//! Families that describe notifications or subscriptions carry a `source` label, `ews` or
+//! `graph` ([`Source`]): `notification_events`, `receiver_answers`, `rejected_bodies`,
+//! `subscriptions`, `deliveries` and `spool_refusals` (the last two tell the source from the
+//! spool queue's key: Graph queues start with [`crate::store::GRAPH_QUEUE_PREFIX`]).
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -8,7 +13,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::source::Source;
+
 type Labels = [(&'static str, &'static str); 1];
+/// A label and `source`.
+type SourceLabels = [(&'static str, &'static str); 2];
 
 /// Why a connection was not served.
 #[derive(Debug, Clone, Copy)]
@@ -95,7 +104,42 @@ pub const ANSWER_LABELS: [&str; 7] = [
 /// counts (the tracker's states; a test there holds the two together). `replaced`: managed
 /// mode's subscriptions the relay retired itself, kept apart from `stale` so an alert on stale
 /// does not fire after every normal resubscribe.
-pub const SUBSCRIPTION_STATES: [&str; 5] = ["alive", "stale", "unsubscribed", "error", "replaced"];
+/// `expiring`, `expired` and `removed` are Graph's (see
+/// [`crate::notify::tracker::GraphSubscription::state`]); `stale`, `unsubscribed` and
+/// `replaced` are EWS's. Every state is published for both sources, so a series never
+/// disappears.
+pub const SUBSCRIPTION_STATES: [&str; 8] = [
+    "alive",
+    "stale",
+    "unsubscribed",
+    "error",
+    "replaced",
+    "expiring",
+    "expired",
+    "removed",
+];
+
+/// The `type` labels of `notification_events{source="graph"}`: Graph change types
+/// (`created`, `updated`, `deleted`) and lifecycle events, with `other` for values Microsoft
+/// adds later; see [`Metrics::graph_event`].
+pub const GRAPH_EVENT_TYPES: [&str; 7] = [
+    "created",
+    "updated",
+    "deleted",
+    "reauthorizationRequired",
+    "subscriptionRemoved",
+    "missed",
+    "other",
+];
+
+/// The source of a spool queue, from its key.
+fn queue_source(queue: &str) -> Source {
+    if queue.starts_with(crate::store::GRAPH_QUEUE_PREFIX) {
+        Source::Graph
+    } else {
+        Source::Ews
+    }
+}
 
 /// All metrics of the relay, with pre-resolved handles for the hot path.
 #[derive(Debug)]
@@ -117,20 +161,23 @@ pub struct Metrics {
     pub upstream_retries: Counter,
     /// Total request time, receipt of head to response head.
     pub request_duration: Histogram,
-    /// Events forwarded, by EWS event type, in `EventType::ALL` order.
+    /// EWS events forwarded, by EWS event type, in `EventType::ALL` order (`source="ews"`).
     pub events: [Counter; 8],
-    /// Receiver answers to notifications, by kind.
-    answers: [Counter; ANSWER_LABELS.len()],
-    /// POSTs refused with 400 because they were not SendNotification messages.
-    pub rejected_bodies: Counter,
-    /// Tracked subscriptions by state, in `tracker::State::ALL` order (set by the sweep).
-    pub subscriptions: [Gauge; SUBSCRIPTION_STATES.len()],
+    /// Graph notifications forwarded (passthrough), in [`GRAPH_EVENT_TYPES`] order.
+    graph_events: [Counter; GRAPH_EVENT_TYPES.len()],
+    /// Receiver answers to notifications, by source and kind.
+    answers: [[Counter; ANSWER_LABELS.len()]; Source::ALL.len()],
+    /// POSTs refused with 400 because they were not notifications, by source.
+    rejected_bodies: [Counter; Source::ALL.len()],
+    /// Tracked subscriptions by source and state, in `tracker::State::ALL` order (set by the
+    /// sweep).
+    subscriptions: [[Gauge; SUBSCRIPTION_STATES.len()]; Source::ALL.len()],
     /// Managed mode: Subscribe calls by outcome.
     subscribes: Family<Labels, Counter>,
     /// Managed mode: resubscriptions by reason.
     resubscribes: Family<Labels, Counter>,
-    /// Managed mode: deliveries to the receiver by outcome.
-    deliveries: Family<Labels, Counter>,
+    /// Managed mode: deliveries to the receiver by outcome and source.
+    deliveries: Family<SourceLabels, Counter>,
     /// Managed mode: mailboxes by state.
     mailboxes: Family<Labels, Gauge>,
     /// Managed mode: notifications waiting in the spool.
@@ -147,8 +194,8 @@ pub struct Metrics {
     spool_disk_full: Gauge,
     /// Managed mode: mailboxes refusing because their backlog is older than --spool-max-age.
     spool_over_age: Gauge,
-    /// Managed mode: notifications refused (answered 503), by reason.
-    spool_refusals: Family<Labels, Counter>,
+    /// Managed mode: notifications refused (answered 503), by reason and source.
+    spool_refusals: Family<SourceLabels, Counter>,
     /// Seconds until the served certificate expires (negative once expired).
     cert_expiry: Gauge,
     /// Reloads of the certificate and the allow-list, by outcome.
@@ -246,35 +293,46 @@ impl Metrics {
             "Time from request head to response head",
             request_duration.clone(),
         );
-        let events_family = Family::<Labels, Counter>::default();
+        let events_family = Family::<SourceLabels, Counter>::default();
         registry.register(
             "notification_events",
-            "EWS events forwarded, by type (StatusEvent = keep-alive)",
+            "Notification events forwarded, by type and source (ews: EWS event types, StatusEvent = keep-alive; graph: changeType or lifecycle event)",
             events_family.clone(),
         );
-        let events =
-            ews::EventType::ALL.map(|t| events_family.get_or_create_owned(&[("type", t.as_str())]));
-        let answers_family = Family::<Labels, Counter>::default();
+        let events = ews::EventType::ALL
+            .map(|t| events_family.get_or_create_owned(&[("type", t.as_str()), ("source", "ews")]));
+        let graph_events = GRAPH_EVENT_TYPES
+            .map(|t| events_family.get_or_create_owned(&[("type", t), ("source", "graph")]));
+        let answers_family = Family::<SourceLabels, Counter>::default();
         registry.register(
             "receiver_answers",
-            "The receiver's answers to notifications, by kind",
+            "The receiver's answers to notifications, by kind and source",
             answers_family.clone(),
         );
-        let answers = ANSWER_LABELS.map(|a| answers_family.get_or_create_owned(&[("answer", a)]));
-        let rejected_bodies = Counter::default();
+        let answers = Source::ALL.map(|source| {
+            ANSWER_LABELS.map(|a| {
+                answers_family.get_or_create_owned(&[("answer", a), ("source", source.as_str())])
+            })
+        });
+        let rejected_family = Family::<Labels, Counter>::default();
         registry.register(
             "rejected_bodies",
-            "POSTs answered 400 because the body was not an EWS SendNotification",
-            rejected_bodies.clone(),
+            "POSTs answered 400 because the body was not a notification (ews: not a SendNotification; graph: not a change notification collection), by source",
+            rejected_family.clone(),
         );
-        let subs_family = Family::<Labels, Gauge>::default();
+        let rejected_bodies =
+            Source::ALL.map(|s| rejected_family.get_or_create_owned(&[("source", s.as_str())]));
+        let subs_family = Family::<SourceLabels, Gauge>::default();
         registry.register(
             "subscriptions",
-            "Subscriptions seen in the traffic, by state",
+            "Subscriptions seen in the traffic, by state and source",
             subs_family.clone(),
         );
-        let subscriptions =
-            SUBSCRIPTION_STATES.map(|s| subs_family.get_or_create_owned(&[("state", s)]));
+        let subscriptions = Source::ALL.map(|source| {
+            SUBSCRIPTION_STATES.map(|s| {
+                subs_family.get_or_create_owned(&[("state", s), ("source", source.as_str())])
+            })
+        });
         let subscribes = Family::<Labels, Counter>::default();
         registry.register(
             "subscribes",
@@ -287,10 +345,10 @@ impl Metrics {
             "Managed mode: resubscriptions by reason",
             resubscribes.clone(),
         );
-        let deliveries = Family::<Labels, Counter>::default();
+        let deliveries = Family::<SourceLabels, Counter>::default();
         registry.register(
             "deliveries",
-            "Managed mode: deliveries to the receiver by outcome (delivered, spooled, replayed, failed, resync)",
+            "Managed mode: deliveries to the receiver by outcome (delivered, spooled, replayed, failed, resync) and source",
             deliveries.clone(),
         );
         let mailboxes = Family::<Labels, Gauge>::default();
@@ -341,10 +399,10 @@ impl Metrics {
             "Managed mode: mailboxes whose notifications are refused because their spooled backlog is older than --spool-max-age",
             spool_over_age.clone(),
         );
-        let spool_refusals = Family::<Labels, Counter>::default();
+        let spool_refusals = Family::<SourceLabels, Counter>::default();
         registry.register(
             "spool_refusals",
-            "Managed mode: notifications refused with 503 (Exchange retries them), by reason (spool_full, disk_full, max_age, store_error)",
+            "Managed mode: notifications refused with 503 (Microsoft retries them), by reason (spool_full, disk_full, max_age, store_error) and source",
             spool_refusals.clone(),
         );
         let cert_expiry = Gauge::default();
@@ -482,6 +540,7 @@ impl Metrics {
             upstream_retries,
             request_duration,
             events,
+            graph_events,
             answers,
             rejected_bodies,
             subscriptions,
@@ -615,9 +674,12 @@ impl Metrics {
         self.resubscribes.get_or_create(&[("reason", reason)]).inc();
     }
 
-    /// Count a delivery outcome.
-    pub fn delivery(&self, outcome: &'static str) {
-        self.deliveries.get_or_create(&[("outcome", outcome)]).inc();
+    /// Count a delivery outcome for spool queue `queue` (a mailbox, or a Graph queue).
+    pub fn delivery(&self, queue: &str, outcome: &'static str) {
+        let source = queue_source(queue).as_str();
+        self.deliveries
+            .get_or_create(&[("outcome", outcome), ("source", source)])
+            .inc();
     }
 
     /// Publish mailbox counts by state.
@@ -658,22 +720,42 @@ impl Metrics {
         self.spool_over_age.set(mailboxes as i64);
     }
 
-    /// Count a refused notification by reason (a [`crate::spool::NotAccepted::label`]).
-    pub fn spool_refusal(&self, reason: &'static str) {
+    /// Count a notification for spool queue `queue` refused, by reason (a
+    /// [`crate::spool::NotAccepted::label`]).
+    pub fn spool_refusal(&self, queue: &str, reason: &'static str) {
+        let source = queue_source(queue).as_str();
         self.spool_refusals
-            .get_or_create(&[("reason", reason)])
+            .get_or_create(&[("reason", reason), ("source", source)])
             .inc();
     }
 
-    /// Count a receiver answer to a notification, by its index in [`ANSWER_LABELS`].
-    pub fn answer(&self, label: usize) {
-        self.answers[label].inc();
+    /// Count a receiver answer to a notification of `source`, by its index in
+    /// [`ANSWER_LABELS`].
+    pub fn answer(&self, source: Source, label: usize) {
+        self.answers[source as usize][label].inc();
     }
 
-    /// Publish the sweep's per-state counts.
-    pub fn set_subscriptions(&self, counts: [usize; SUBSCRIPTION_STATES.len()]) {
-        for (g, n) in self.subscriptions.iter().zip(counts) {
-            g.set(n as i64);
+    /// Count a POST of `source` refused with 400 because its body was not a notification.
+    pub fn rejected_body(&self, source: Source) {
+        self.rejected_bodies[source as usize].inc();
+    }
+
+    /// Count a Graph notification forwarded (passthrough), by its index in
+    /// [`GRAPH_EVENT_TYPES`].
+    pub fn graph_event(&self, index: usize) {
+        self.graph_events[index].inc();
+    }
+
+    /// Publish the sweep's counts, by source and state
+    /// ([`crate::notify::tracker::StateCounts`]).
+    pub fn set_subscriptions(
+        &self,
+        counts: [[usize; SUBSCRIPTION_STATES.len()]; Source::ALL.len()],
+    ) {
+        for (gauges, counts) in self.subscriptions.iter().zip(counts) {
+            for (g, n) in gauges.iter().zip(counts) {
+                g.set(n as i64);
+            }
         }
     }
 

@@ -198,7 +198,7 @@ impl Pipeline {
             Ok(c) => Some(c),
             Err(_) if own.is_none() && self.notify.accepts_any_body() => None,
             Err(e) => {
-                self.metrics.rejected_bodies.inc();
+                self.metrics.rejected_body(Source::Graph);
                 tracing::debug!(peer = %client.peer, error = %e, "not a Graph change notification collection; answered 400");
                 return refuse(Refusal::NotGraphNotification);
             }

@@ -590,6 +590,13 @@ async fn affinity_group_shares_one_connection_and_needs_anchor_and_cookie() {
     // Without the cookie the request may reach another mailbox server: not found there.
     let mut stream = sim.stream(&[&a, &b], &anchored(A)).await;
     let (envelopes, _) = stream.rest().await;
+    assert_eq!(errors(&parse(&envelopes[0]))[0].1.len(), 2);
+    // The cookie without X-PreferServerAffinity does not route either (the anchor of another
+    // group does).
+    let mut stream = sim
+        .stream(&[&a, &b], &[("x-anchormailbox", C), ("cookie", &cookie)])
+        .await;
+    let (envelopes, _) = stream.rest().await;
     assert_eq!(envelopes.len(), 1);
     assert_eq!(
         errors(&parse(&envelopes[0])),
@@ -958,4 +965,24 @@ async fn thousand_mailboxes_in_five_groups() {
         "{:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn server_busy_refuses_get_streaming_events_with_a_fault() {
+    let sim = Sim::start(config()).await;
+    let a = sim.subscribe(A).await;
+    sim.handle.server_busy(1, Duration::from_millis(1500));
+    let body = get_streaming_events_request(&[&a], 1, None, DEFAULT_SERVER_VERSION).unwrap();
+    let (status, _, answer) = sim.post(&anchored(A), body).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    match parse_streaming_events(&answer) {
+        Err(ews::EwsError::Fault(fault)) => {
+            assert_eq!(fault.response_code.as_deref(), Some("ErrorServerBusy"));
+            assert_eq!(fault.back_off, Some(Duration::from_millis(1500)));
+        }
+        other => panic!("expected a fault, got {other:?}"),
+    }
+    // The next one streams.
+    let mut stream = sim.stream(&[&a], &anchored(A)).await;
+    assert!(parse(&stream.envelope().await).is_keep_alive());
 }

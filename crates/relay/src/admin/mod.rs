@@ -250,10 +250,12 @@ async fn status_page(state: &AdminState) -> Response<Full<Bytes>> {
     r
 }
 
-/// One tracked subscription as `/api/subscriptions` shows it.
+/// One tracked EWS subscription as `/api/subscriptions` shows it.
 #[derive(serde::Serialize)]
 struct SubscriptionView<'a> {
     subscription_id: &'a str,
+    /// Always `ews`.
+    source: &'static str,
     state: &'static str,
     first_seen: String,
     last_seen: String,
@@ -272,17 +274,132 @@ struct SubscriptionView<'a> {
     peer: String,
 }
 
+/// One Graph subscription seen in passthrough, as `/api/subscriptions` shows it (see
+/// [`crate::notify::GraphSubscription`]).
+#[derive(serde::Serialize)]
+struct GraphSubscriptionView<'a> {
+    subscription_id: &'a str,
+    /// Always `graph`.
+    source: &'static str,
+    /// `alive`, `expiring`, `expired`, `removed` or `error`.
+    state: &'static str,
+    first_seen: String,
+    last_seen: String,
+    seconds_since_last_seen: u64,
+    /// The collection its changes are in, derived from the items' paths (Graph does not send
+    /// the subscription's own `resource`).
+    resource: Option<&'a str>,
+    /// The `resource` of its latest change notification.
+    last_resource: Option<&'a str>,
+    /// The change types seen, in `created`, `updated`, `deleted`, `other` order.
+    change_types: Vec<&'static str>,
+    /// Change notifications seen, by change type.
+    changes: std::collections::BTreeMap<&'static str, u64>,
+    /// The latest `subscriptionExpirationDateTime` seen (RFC 3339).
+    expiration: Option<String>,
+    /// Seconds until then (negative once passed).
+    seconds_to_expiry: Option<i64>,
+    /// Renewals seen: times a later expiration than before arrived.
+    renewals: u64,
+    /// Whether a renewal was seen at all.
+    renewal_seen: bool,
+    /// Lifecycle events: the latest, when, and counts by event.
+    lifecycle: GraphLifecycleView,
+    tenant_id: Option<&'a str>,
+    /// Always `receiver` (passthrough) once an answer came back.
+    answered_by: Option<&'static str>,
+    /// `OK` (any 2xx), `http_error` or `unreachable`.
+    receiver_answer: Option<&'static str>,
+    receiver_http_status: Option<u16>,
+    peer: String,
+}
+
+/// A Graph subscription's lifecycle events, as `/api/subscriptions` shows them.
+#[derive(serde::Serialize)]
+struct GraphLifecycleView {
+    last: Option<String>,
+    last_at: Option<String>,
+    counts: std::collections::BTreeMap<&'static str, u64>,
+}
+
+/// A row of `/api/subscriptions`: either source.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum AnySubscriptionView<'a> {
+    Ews(SubscriptionView<'a>),
+    Graph(GraphSubscriptionView<'a>),
+}
+
+fn graph_subscription_view<'a>(
+    id: &'a str,
+    s: &'a crate::notify::GraphSubscription,
+    state: crate::notify::State,
+    now: std::time::SystemTime,
+) -> GraphSubscriptionView<'a> {
+    use crate::notify::tracker::{GRAPH_CHANGE_TYPES, GRAPH_LIFECYCLE_EVENTS};
+    let rfc3339 = |t| humantime::format_rfc3339_seconds(t).to_string();
+    let counted = |names: [&'static str; 4], counts: [u64; 4]| {
+        names
+            .into_iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    GraphSubscriptionView {
+        subscription_id: id,
+        source: crate::source::Source::Graph.as_str(),
+        state: state.as_str(),
+        first_seen: rfc3339(s.first_seen),
+        last_seen: rfc3339(s.last_seen),
+        seconds_since_last_seen: now
+            .duration_since(s.last_seen)
+            .unwrap_or_default()
+            .as_secs(),
+        resource: s.resource.as_deref(),
+        last_resource: s.last_resource.as_deref(),
+        change_types: GRAPH_CHANGE_TYPES
+            .into_iter()
+            .zip(s.changes)
+            .filter(|(_, n)| *n > 0)
+            .map(|(t, _)| t)
+            .collect(),
+        changes: counted(GRAPH_CHANGE_TYPES, s.changes),
+        expiration: s.expiration.map(rfc3339),
+        seconds_to_expiry: s.expiration.map(|e| match e.duration_since(now) {
+            Ok(left) => left.as_secs() as i64,
+            Err(past) => -(past.duration().as_secs() as i64),
+        }),
+        renewals: s.renewals,
+        renewal_seen: s.renewals > 0,
+        lifecycle: GraphLifecycleView {
+            last: s.last_lifecycle.as_ref().map(|(e, _)| e.clone()),
+            last_at: s.last_lifecycle.as_ref().map(|(_, t)| rfc3339(*t)),
+            counts: counted(GRAPH_LIFECYCLE_EVENTS, s.lifecycle),
+        },
+        tenant_id: s.tenant_id.as_deref(),
+        answered_by: s.receiver_answer.map(|_| "receiver"),
+        receiver_answer: s.receiver_answer.map(ReceiverAnswer::as_str),
+        receiver_http_status: match s.receiver_answer {
+            Some(ReceiverAnswer::HttpError(code)) => Some(code),
+            _ => None,
+        },
+        peer: s.peer.to_string(),
+    }
+}
+
 fn subscriptions_json(
     tracker: &Tracker,
     manager: Option<&crate::subscriptions::Manager>,
     graph: Option<&crate::managed_graph::GraphKeeper>,
 ) -> String {
     let snapshot = tracker.snapshot();
+    let graph_snapshot = tracker.graph_snapshot();
     let now = std::time::SystemTime::now();
-    let views: Vec<SubscriptionView<'_>> = snapshot
+    let mut views: Vec<(std::time::SystemTime, AnySubscriptionView<'_>)> = snapshot
         .iter()
         .map(|(id, s, state)| SubscriptionView {
             subscription_id: id,
+            source: crate::source::Source::Ews.as_str(),
             state: state.as_str(),
             first_seen: humantime::format_rfc3339_seconds(s.first_seen).to_string(),
             last_seen: humantime::format_rfc3339_seconds(s.last_seen).to_string(),
@@ -323,7 +440,18 @@ fn subscriptions_json(
             },
             peer: s.peer.to_string(),
         })
+        .zip(snapshot.iter().map(|e| e.1.last_seen))
+        .map(|(v, seen)| (seen, AnySubscriptionView::Ews(v)))
         .collect();
+    views.extend(graph_snapshot.iter().map(|(id, s, state)| {
+        (
+            s.last_seen,
+            AnySubscriptionView::Graph(graph_subscription_view(id, s, *state, now)),
+        )
+    }));
+    // Both sources together, most recently seen first (each snapshot is sorted so already).
+    views.sort_by_key(|(seen, _)| std::cmp::Reverse(*seen));
+    let views: Vec<AnySubscriptionView<'_>> = views.into_iter().map(|(_, v)| v).collect();
     let mut body = serde_json::json!({
         "mode": if manager.is_some() || graph.is_some() { "managed" } else { "passthrough" },
         "stale_after_seconds": tracker.stale_after().as_secs(),
@@ -334,7 +462,13 @@ fn subscriptions_json(
         body["spool_depth"] = m.delivery().waiting().into();
     }
     if let Some(g) = graph {
-        body["graph_resources"] = serde_json::to_value(g.views()).unwrap_or_default();
+        let mut resources = serde_json::to_value(g.views()).unwrap_or_default();
+        if let Some(rows) = resources.as_array_mut() {
+            for row in rows {
+                row["source"] = crate::source::Source::Graph.as_str().into();
+            }
+        }
+        body["graph_resources"] = resources;
         body["spool_depth"] = g.delivery().waiting().into();
     }
     let mut out = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());

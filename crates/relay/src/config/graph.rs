@@ -267,26 +267,7 @@ pub fn parse_resource(flag: &'static str, value: &str) -> Result<String, ConfigE
 
 /// Resources from a file: one per line, `#` comments, blank lines ignored, duplicates removed.
 pub fn read_resources_file(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
-    const FLAG: &str = "--graph-resources-file";
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(FLAG, format!("{}: {e}", path.display())))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let r = parse_resource(FLAG, line).map_err(|e| {
-            ConfigError::new(
-                FLAG,
-                format!("{}: line {}: {}", path.display(), i + 1, e.message),
-            )
-        })?;
-        if !out.contains(&r) {
-            out.push(r);
-        }
-    }
-    Ok(out)
+    super::managed::read_list_file("--graph-resources-file", path, parse_resource)
 }
 
 #[cfg(test)]
@@ -330,5 +311,108 @@ mod tests {
         ] {
             assert!(parse_resource("--graph-resource", bad).is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod flag_errors {
+    use crate::config::{CliError, Config};
+
+    /// The flag a Graph command line is refused for (each bad combination names its flag).
+    fn refused(extra: &[&str]) -> &'static str {
+        let mut words = vec!["ews-relay", "--auth", "none"];
+        words.extend_from_slice(extra);
+        match Config::parse_from(words) {
+            Err(CliError::Config(e)) => e.flag,
+            other => panic!("{extra:?} was not refused by validation: {other:?}"),
+        }
+    }
+
+    const MANAGED: [&str; 6] = [
+        "--graph-path-prefix",
+        "/graph",
+        "--graph-resource",
+        "users/a@b.example/events",
+        "--graph-callback-url",
+        "https://relay.example/graph/notify",
+    ];
+
+    #[test]
+    fn bad_graph_flags_are_refused_naming_the_flag() {
+        let with = |more: &[&'static str]| -> Vec<&'static str> {
+            let mut w = MANAGED.to_vec();
+            w.extend_from_slice(more);
+            w
+        };
+        assert!(
+            Config::parse_from(["ews-relay", "--auth", "none"].into_iter().chain(MANAGED)).is_ok()
+        );
+        assert_eq!(
+            refused(&["--graph-resource", "users/a@b.example/events"]),
+            "--graph-path-prefix"
+        );
+        assert_eq!(
+            refused(&["--graph-path-prefix", "/"]),
+            "--graph-path-prefix"
+        );
+        assert_eq!(
+            refused(&[
+                "--path-prefix",
+                "/graph/ews",
+                "--graph-path-prefix",
+                "/graph"
+            ]),
+            "--graph-path-prefix"
+        );
+        assert_eq!(
+            refused(&[
+                "--graph-path-prefix",
+                "/graph",
+                "--graph-resource",
+                "users/a/events"
+            ]),
+            "--graph-callback-url"
+        );
+        assert_eq!(
+            refused(&[
+                "--graph-path-prefix",
+                "/graph",
+                "--graph-callback-url",
+                "https://relay.example/graph/notify"
+            ]),
+            "--graph-resource"
+        );
+        let mut bad_url = MANAGED;
+        bad_url[5] = "http://relay.example/graph/notify";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        bad_url[5] = "https://relay.example/ews/notify";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        bad_url[5] = "https://relay.example/graph/notify?x=1";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        bad_url[5] = "https://relay.example/graph/..;/notify";
+        assert_eq!(refused(&bad_url), "--graph-callback-url");
+        assert_eq!(
+            refused(&with(&[
+                "--graph-lifecycle-url",
+                "https://relay.example/other"
+            ])),
+            "--graph-lifecycle-url"
+        );
+        assert_eq!(
+            refused(&with(&["--graph-change-types", "created,moved"])),
+            "--graph-change-types"
+        );
+        assert_eq!(refused(&with(&["--graph-url", "ftp://x"])), "--graph-url");
+        assert_eq!(
+            refused(&with(&[
+                "--graph-resource",
+                "https://graph.microsoft.com/v1.0/users"
+            ])),
+            "--graph-resource"
+        );
+        assert_eq!(
+            refused(&with(&["--graph-resources-file", "/nonexistent/resources"])),
+            "--graph-resources-file"
+        );
     }
 }

@@ -308,23 +308,32 @@ pub fn parse_mailbox(flag: &'static str, value: &str) -> Result<String, ConfigEr
 
 /// Mailboxes from a file: one per line, `#` comments, blank lines ignored, duplicates removed.
 pub fn read_mailboxes_file(path: &std::path::Path) -> Result<Vec<String>, ConfigError> {
-    const FLAG: &str = "--mailboxes-file";
+    read_list_file("--mailboxes-file", path, parse_mailbox)
+}
+
+/// A file of one value per line (`#` comments, blank lines ignored, duplicates removed), each
+/// checked by `parse`; an error names `flag`, the file and the line.
+pub(super) fn read_list_file(
+    flag: &'static str,
+    path: &std::path::Path,
+    parse: impl Fn(&'static str, &str) -> Result<String, ConfigError>,
+) -> Result<Vec<String>, ConfigError> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new(FLAG, format!("{}: {e}", path.display())))?;
+        .map_err(|e| ConfigError::new(flag, format!("{}: {e}", path.display())))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
             continue;
         }
-        let m = parse_mailbox(FLAG, line).map_err(|e| {
+        let value = parse(flag, line).map_err(|e| {
             ConfigError::new(
-                FLAG,
+                flag,
                 format!("{}: line {}: {}", path.display(), i + 1, e.message),
             )
         })?;
-        if !out.contains(&m) {
-            out.push(m);
+        if !out.contains(&value) {
+            out.push(value);
         }
     }
     Ok(out)

@@ -768,18 +768,24 @@ impl GraphKeeper {
         };
         self.creating.fetch_add(1, Ordering::AcqRel);
         let result = self.client.create(&request).await;
-        let outcome = match result {
+        if let Ok(sub) = &result {
+            // Known to the request path before anything else: Graph may already post.
+            self.ids.write().unwrap_or_else(|e| e.into_inner()).insert(
+                sub.id.clone(),
+                Known {
+                    resource: resource.to_owned(),
+                    client_state: Secret::new(client_state.clone()),
+                    retired: false,
+                },
+            );
+        }
+        // Graph has answered: no validation for this create can come any more, and a
+        // notification waiting for the new id finds it now.
+        self.creating.fetch_sub(1, Ordering::AcqRel);
+        self.created.notify_waiters();
+        match result {
             Ok(sub) => {
                 self.metrics.graph_call("create", "success");
-                // Known to the request path before anything else: Graph may already post.
-                self.ids.write().unwrap_or_else(|e| e.into_inner()).insert(
-                    sub.id.clone(),
-                    Known {
-                        resource: resource.to_owned(),
-                        client_state: Secret::new(client_state.clone()),
-                        retired: false,
-                    },
-                );
                 let now = store::now_millis();
                 let (record, old) = {
                     let mut rec = r.record.lock().unwrap_or_else(|e| e.into_inner());
@@ -825,8 +831,6 @@ impl GraphKeeper {
                         .store()
                         .blocking(move |s| s.remove_graph(&res))
                         .await;
-                    self.creating.fetch_sub(1, Ordering::AcqRel);
-                    self.created.notify_waiters();
                     return Ok(());
                 }
                 tracing::info!(
@@ -849,10 +853,7 @@ impl GraphKeeper {
                 self.save(r).await;
                 Err(f)
             }
-        };
-        self.creating.fetch_sub(1, Ordering::AcqRel);
-        self.created.notify_waiters();
-        outcome
+        }
     }
 
     async fn renew(

@@ -1,6 +1,7 @@
 //! Notify: what a notification says and what became of it. Parses the body of a request the
 //! router admitted (an EWS `SendNotification`), and records each notification with the answer
-//! Exchange got in the subscription [`tracker`] and the metrics.
+//! Exchange got in the subscription [`tracker`] and the metrics. Graph change notification
+//! collections forwarded in passthrough are recorded the same way ([`Notifications::observe_graph`]).
 
 pub mod tracker;
 
@@ -11,7 +12,8 @@ use ews::NotificationSummary;
 
 use crate::client::ConnInfo;
 use crate::metrics::Metrics;
-pub use tracker::{AnswerCache, ReceiverAnswer, Tracker};
+use crate::source::Source;
+pub use tracker::{AnswerCache, GraphSubscription, ReceiverAnswer, State, StateCounts, Tracker};
 
 /// A body that is not an EWS `SendNotification`: answered 400, never forwarded.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +53,7 @@ impl Notifications {
             Ok(n) => Ok(Some(n)),
             Err(_) if self.accept_any_body => Ok(None),
             Err(e) => {
-                self.metrics.rejected_bodies.inc();
+                self.metrics.rejected_body(Source::Ews);
                 tracing::debug!(peer = %conn.peer, error = %e, "not a SendNotification; answered 400");
                 Err(NotANotification(e))
             }
@@ -72,7 +74,20 @@ impl Notifications {
         now: Instant,
     ) {
         self.tracker.record_graph(c, conn.peer_ip, answer, now);
-        self.metrics.answer(answer.metric_index());
+        self.metrics.answer(Source::Graph, answer.metric_index());
+        for n in &c.items {
+            // Indices into `metrics::GRAPH_EVENT_TYPES`: change types, then lifecycle events.
+            let index = match (&n.change_type, &n.lifecycle_event) {
+                (_, Some(graph::LifecycleEvent::Other(_))) => 6,
+                (_, Some(ev)) => 3 + tracker::lifecycle_index(ev),
+                (Some(ct), None) => match tracker::change_type_index(ct) {
+                    i @ 0..=2 => i,
+                    _ => 6,
+                },
+                (None, None) => continue,
+            };
+            self.metrics.graph_event(index);
+        }
     }
 
     /// What the receiver's answer (status and body) said to Exchange.
@@ -89,7 +104,7 @@ impl Notifications {
         now: Instant,
     ) {
         self.tracker.record(n, conn.peer_ip, answer, now);
-        self.metrics.answer(answer.metric_index());
+        self.metrics.answer(Source::Ews, answer.metric_index());
         for m in &n.messages {
             for (counter, &count) in self.metrics.events.iter().zip(&m.event_counts) {
                 if count > 0 {

@@ -396,7 +396,7 @@ impl Delivery {
             Some(at) => match tokio::time::timeout_at(at, queue.lock()).await {
                 Ok(q) => q,
                 Err(_) => {
-                    self.metrics.spool_refusal("busy");
+                    self.metrics.spool_refusal(mailbox, "busy");
                     return Err(NotAccepted::Busy);
                 }
             },
@@ -421,7 +421,7 @@ impl Delivery {
             };
             match attempt {
                 Ok(()) => {
-                    self.metrics.delivery("delivered");
+                    self.metrics.delivery(mailbox, "delivered");
                     self.accepting_again(mailbox, &mut q);
                     self.drained(mailbox, &mut q);
                     return Ok(Accepted::Delivered);
@@ -468,7 +468,7 @@ impl Delivery {
             q.spooled_in_outage += 1;
         }
         self.accepting_again(mailbox, &mut q);
-        self.metrics.delivery("spooled");
+        self.metrics.delivery(mailbox, "spooled");
         drop(q);
         self.wake.notify_one();
         Ok(Accepted::Spooled)
@@ -526,7 +526,7 @@ impl Delivery {
 
     /// Count and log (once per episode, see [`Episode`]) a refused notification.
     fn refused(&self, mailbox: &str, q: &mut Queue, why: &NotAccepted) {
-        self.metrics.spool_refusal(why.label());
+        self.metrics.spool_refusal(mailbox, why.label());
         let now = Instant::now();
         match &mut q.refusing {
             None => {
@@ -740,7 +740,7 @@ impl Delivery {
             );
             if let Err(why) = self.try_deliver(&out).await {
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
-                self.metrics.delivery("failed");
+                self.metrics.delivery(mailbox, "failed");
                 self.receiver_failed(mailbox, &mut *queue.lock().await, &why);
                 first_left = Some(e.received_at);
                 refused = true;
@@ -754,7 +754,7 @@ impl Delivery {
             first_left = Some(e.received_at);
             acks.spawn(async move { (resync, len, writer.ack(&m, seq).await) });
             self.metrics
-                .delivery(if resync { "resync" } else { "replayed" });
+                .delivery(mailbox, if resync { "resync" } else { "replayed" });
         }
         let mut ack_failed = false;
         let mut acked = Vec::new();

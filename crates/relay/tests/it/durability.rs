@@ -217,7 +217,7 @@ fn pushes_failed(lab: &Lab, mailbox: &str) -> u64 {
 /// refused one for `reason` (metric `ews_relay_spool_refusals_total{reason=…}`); returns the
 /// watermarks of every event created.
 async fn push_until_refused(lab: &Lab, mailbox: &str, reason: &str) -> Vec<String> {
-    let series = format!("ews_relay_spool_refusals_total{{reason=\"{reason}\"}}");
+    let series = format!("ews_relay_spool_refusals_total{{reason=\"{reason}\",source=\"ews\"}}");
     let mut created = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(lab.admin(), &series).await < 1.0 {

@@ -211,6 +211,15 @@ async fn resources_are_subscribed_and_notifications_delivered_in_order() {
 async fn unexpected_validations_are_refused_and_others_forwarded() {
     let lab = Lab::start(&[], |_| {}, Setup::graph(&[EVENTS_A])).await;
     wait_graph_live(&lab.sim, &[EVENTS_A]).await;
+    // Until the relay has read Graph's 201, its create is in flight (validations expected).
+    lab.wait_relay(WAIT, "the resource active", |v| {
+        v["graph_resources"]
+            .as_array()?
+            .iter()
+            .find(|r| r["state"] == "active")
+            .map(|_| ())
+    })
+    .await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", lab.port).parse().unwrap();
     let mut client = common::https_client(addr, &lab.cert.der, None)
         .await
@@ -464,5 +473,56 @@ async fn an_orphan_of_an_interrupted_create_is_recognised_and_deleted() {
     assert!(
         delivered_ids(&lab.receiver, EVENTS_A).is_empty(),
         "the orphan's notification was delivered"
+    );
+}
+
+/// Promise: with `--auth oauth`, Graph calls carry a token for Graph's scope
+/// (`https://graph.microsoft.com/.default`), apart from EWS's: the simulated Graph refuses any
+/// other audience, as Graph does. One token serves every Graph call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_calls_use_a_graph_scoped_token() {
+    let mut lab = Lab::prepare(
+        &["room-e@contoso.example"],
+        crate::managed::sim_oauth(Duration::from_secs(3600)),
+        {
+            let mut s = Setup::graph(&[EVENTS_A, EVENTS_B]);
+            s.mailboxes = vec!["room-e@contoso.example".into()];
+            s
+        },
+    )
+    .await;
+    crate::managed::oauth(&mut lab);
+    lab.launch().await;
+    wait_graph_live(&lab.sim, &[EVENTS_A, EVENTS_B]).await;
+    lab.wait_active(&["room-e@contoso.example"]).await;
+    let tokens: Vec<_> = lab
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/oauth2/v2.0/token"))
+        .collect();
+    let graph_tokens = tokens
+        .iter()
+        .filter(|r| r.body.contains("graph.microsoft.com"))
+        .count();
+    let ews_tokens = tokens
+        .iter()
+        .filter(|r| r.body.contains("outlook.office365.com"))
+        .count();
+    assert_eq!(
+        (graph_tokens, ews_tokens),
+        (1, 1),
+        "one token per audience: {tokens:#?}"
+    );
+    let graph_calls: Vec<_> = lab
+        .sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/v1.0/"))
+        .collect();
+    assert!(graph_calls.len() >= 2);
+    assert!(
+        graph_calls.iter().all(|r| r.status != 401),
+        "a Graph call was refused: {graph_calls:#?}"
     );
 }

@@ -792,7 +792,7 @@ async fn replaced_subscription_is_answered_unsubscribe() {
 // ---------------------------------------------------------------------------------------
 
 /// The relay flags for the simulator's OAuth (see [`sim_oauth`]).
-fn oauth(lab: &mut Lab) {
+pub(crate) fn oauth(lab: &mut Lab) {
     let secret = lab.cert.dir.path().join("client-secret");
     std::fs::write(&secret, "s3cret-value\n").unwrap();
     lab.setup.auth = vec![
@@ -807,7 +807,7 @@ fn oauth(lab: &mut Lab) {
     ];
 }
 
-fn sim_oauth(lifetime: Duration) -> impl FnOnce(&mut ews_sim::SimConfig) {
+pub(crate) fn sim_oauth(lifetime: Duration) -> impl FnOnce(&mut ews_sim::SimConfig) {
     move |c| {
         c.auth = Auth::OAuth {
             client_id: "relay-app".into(),

@@ -617,3 +617,105 @@ async fn browser_checks(admin: SocketAddr) {
     );
     println!("screenshot: {} ({} bytes)", png.display(), bytes.len());
 }
+
+/// Graph subscriptions seen in passthrough are rows of a Graph table next to the EWS one:
+/// removed red, expiring amber, alive green, each red and amber one also an alert, all counted
+/// in the title; `--graph-path-prefix` is among the relay's facts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_rows_show_next_to_ews_rows_with_their_colours() {
+    let receiver = TestReceiver::with(Arc::new(|seen: Seen| {
+        let graph = seen.path.starts_with("/graph");
+        Box::pin(async move {
+            if graph {
+                return http::Response::builder()
+                    .status(202)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+            }
+            http::Response::builder()
+                .header("content-type", "text/xml; charset=utf-8")
+                .body(Full::new(Bytes::from(fixture(
+                    "send-notification-result-ok.xml",
+                ))))
+                .unwrap()
+        })
+    }))
+    .await;
+    let relay = Relay::start(receiver.addr, &["--graph-path-prefix", "/graph"]).await;
+    let mut c = relay.client().await;
+    let alive = fixture("send-notification-events.xml");
+    assert_eq!(send(&mut c, post("/", alive)).await.0, StatusCode::OK);
+    let now = std::time::SystemTime::now();
+    let item = |id: &str, hours_left: u64, kind: &str| {
+        format!(
+            r#"{{"subscriptionId":"{id}","subscriptionExpirationDateTime":"{}",{kind},"resource":"Users/u1/Events/e1","tenantId":"t"}}"#,
+            graph::format_time(now + Duration::from_secs(hours_left * 1800))
+        )
+    };
+    let body = format!(
+        r#"{{"value":[{},{},{}]}}"#,
+        item("graph-alive", 96, r#""changeType":"created""#),
+        item(
+            "graph-removed",
+            96,
+            r#""lifecycleEvent":"subscriptionRemoved""#
+        ),
+        item("graph-expiring", 1, r#""changeType":"updated""#),
+    );
+    let req = http::Request::post("/graph/notify")
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    assert_eq!(send(&mut c, req).await.0, StatusCode::ACCEPTED);
+
+    let (status, _, html) = admin_fetch(relay.admin, "/status").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        html.contains("<title>ews-relay: 2 red, 2 amber, 2 green</title>"),
+        "{html}"
+    );
+    // The EWS table first, then the Graph one, each problems first.
+    assert_eq!(row_classes(&html), ["green", "red", "amber", "green"]);
+    let graph_at = html
+        .find("<h3 id=\"graph-h\">Microsoft Graph</h3>")
+        .unwrap();
+    assert!(
+        html.find(&format!("<td class=\"id\">{EVENTS_SUB}</td>"))
+            .unwrap()
+            < graph_at
+    );
+    for (name, class, state, detail) in [
+        (
+            "graph-removed",
+            "red",
+            "removed",
+            "<td>subscriptionRemoved 0 s ago</td>",
+        ),
+        ("graph-expiring", "amber", "expiring", "<td>in 29 min</td>"),
+        (
+            "graph-alive",
+            "green",
+            "alive",
+            "<td class=\"id\">Users/u1/Events</td>",
+        ),
+    ] {
+        let row = row_of(&html, name);
+        assert!(row.starts_with(&format!("<tr class=\"{class}\">")), "{row}");
+        assert!(
+            row.contains(&format!("</span> {class}</span> {state}</td>")),
+            "state as text: {row}"
+        );
+        assert!(row.contains(detail), "{detail} in {row}");
+    }
+    for want in [
+        "<dt>Graph path prefix</dt><dd><code>/graph</code></dd>",
+        "<p class=\"alert red\" role=\"alert\"><strong>Graph subscription: 1 removed.</strong>",
+        "<p class=\"alert amber\" role=\"alert\"><strong>Graph subscription: 1 expiring.</strong>",
+        "<code>graph-removed</code>",
+        "<span class=\"n\">3</span> Graph</div>",
+    ] {
+        assert!(html.contains(want), "missing {want} in\n{html}");
+    }
+    relay.stop().await;
+}

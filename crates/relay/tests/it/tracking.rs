@@ -49,7 +49,12 @@ async fn junk_post_gets_400_and_never_reaches_the_receiver() {
         assert!(String::from_utf8_lossy(&body).contains("SendNotification"));
     }
     assert!(receiver.seen().is_empty(), "no junk reached the receiver");
-    assert_eq!(relay.metric("ews_relay_rejected_bodies_total").await, 5.0);
+    assert_eq!(
+        relay
+            .metric("ews_relay_rejected_bodies_total{source=\"ews\"}")
+            .await,
+        5.0
+    );
     assert!(subscriptions(&relay).await.is_empty());
     // A real notification on the same connection still goes through.
     let (s, _, _) = send(&mut c, post("/", fixture("send-notification-status.xml"))).await;
@@ -133,34 +138,43 @@ async fn fixtures_show_up_in_api_and_metrics() {
     assert_eq!(
         metric_value(
             &m,
-            "ews_relay_notification_events_total{type=\"NewMailEvent\"}"
+            "ews_relay_notification_events_total{type=\"NewMailEvent\",source=\"ews\"}"
         ),
         1.0
     );
     assert_eq!(
         metric_value(
             &m,
-            "ews_relay_notification_events_total{type=\"StatusEvent\"}"
+            "ews_relay_notification_events_total{type=\"StatusEvent\",source=\"ews\"}"
         ),
-        1.0
-    );
-    assert_eq!(
-        metric_value(&m, "ews_relay_receiver_answers_total{answer=\"OK\"}"),
         1.0
     );
     assert_eq!(
         metric_value(
             &m,
-            "ews_relay_receiver_answers_total{answer=\"Unsubscribe\"}"
+            "ews_relay_receiver_answers_total{answer=\"OK\",source=\"ews\"}"
         ),
         1.0
     );
     assert_eq!(
-        metric_value(&m, "ews_relay_subscriptions{state=\"alive\"}"),
+        metric_value(
+            &m,
+            "ews_relay_receiver_answers_total{answer=\"Unsubscribe\",source=\"ews\"}"
+        ),
         1.0
     );
     assert_eq!(
-        metric_value(&m, "ews_relay_subscriptions{state=\"unsubscribed\"}"),
+        metric_value(
+            &m,
+            "ews_relay_subscriptions{state=\"alive\",source=\"ews\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &m,
+            "ews_relay_subscriptions{state=\"unsubscribed\",source=\"ews\"}"
+        ),
         1.0
     );
     relay.stop().await;
@@ -222,7 +236,7 @@ async fn receiver_failures_mark_subscriptions_error() {
     assert_eq!(find(&subs, EVENTS_SUB)["receiver_answer"], "unreachable");
     assert_eq!(
         relay
-            .metric("ews_relay_receiver_answers_total{answer=\"unreachable\"}")
+            .metric("ews_relay_receiver_answers_total{answer=\"unreachable\",source=\"ews\"}")
             .await,
         1.0
     );
@@ -246,7 +260,7 @@ async fn silent_subscriptions_become_stale() {
     );
     assert_eq!(
         relay
-            .metric("ews_relay_subscriptions{state=\"stale\"}")
+            .metric("ews_relay_subscriptions{state=\"stale\",source=\"ews\"}")
             .await,
         1.0
     );
@@ -310,16 +324,22 @@ async fn managed_replaced_subscriptions_are_replaced_not_stale() {
     while std::time::Instant::now() < until {
         let (_, m) = admin_get(lab.admin(), "/metrics").await.unwrap();
         assert_eq!(
-            metric_value(&m, "ews_relay_subscriptions{state=\"stale\"}"),
+            metric_value(
+                &m,
+                "ews_relay_subscriptions{state=\"stale\",source=\"ews\"}"
+            ),
             0.0,
             "{m}"
         );
         replaced = replaced.max(metric_value(
             &m,
-            "ews_relay_subscriptions{state=\"replaced\"}",
+            "ews_relay_subscriptions{state=\"replaced\",source=\"ews\"}",
         ));
         assert_eq!(
-            metric_value(&m, "ews_relay_receiver_answers_total{answer=\"OK\"}"),
+            metric_value(
+                &m,
+                "ews_relay_receiver_answers_total{answer=\"OK\",source=\"ews\"}"
+            ),
             0.0,
             "the relay's answers are not the receiver's"
         );
@@ -327,11 +347,16 @@ async fn managed_replaced_subscriptions_are_replaced_not_stale() {
     }
     assert!(replaced >= 1.0, "replaced subscriptions counted");
     let (_, m) = admin_get(lab.admin(), "/metrics").await.unwrap();
-    assert!(metric_value(&m, "ews_relay_receiver_answers_total{answer=\"relay_ok\"}") >= 1.0);
     assert!(
         metric_value(
             &m,
-            "ews_relay_receiver_answers_total{answer=\"relay_unsubscribe\"}"
+            "ews_relay_receiver_answers_total{answer=\"relay_ok\",source=\"ews\"}"
+        ) >= 1.0
+    );
+    assert!(
+        metric_value(
+            &m,
+            "ews_relay_receiver_answers_total{answer=\"relay_unsubscribe\",source=\"ews\"}"
         ) >= 1.0
     );
 }

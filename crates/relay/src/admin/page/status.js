@@ -3,8 +3,7 @@
 var q=document.getElementById("q"),h=document.getElementById("h"),shown=document.getElementById("shown");
 var rows=[],texts=[],timer=0;
 function index(){
-  var t=document.getElementById("rows");
-  rows=t?Array.prototype.slice.call(t.tBodies[0].rows):[];
+  rows=Array.prototype.slice.call(document.querySelectorAll("#rows>tbody>tr,#graph-rows>tbody>tr"));
   texts=rows.map(function(r){return r.textContent.toLowerCase();});
 }
 function apply(){

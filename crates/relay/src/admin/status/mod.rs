@@ -16,6 +16,12 @@
 //! |-------------|---------------------------|-----------------------------------------|-------------------------|
 //! | managed     | `active`, nothing spooled | `subscribing`, `backing-off`, `active` with notifications waiting in the spool | `lost`, `failed` |
 //! | passthrough | `alive` (`replaced`)      | `stale`                                 | `unsubscribed`, `error` |
+//! | Graph, seen in passthrough | `alive`    | `expiring` (near expiry, no renewal seen) | `expired`, `removed`, `error` |
+//! | Graph, managed | `active`, nothing spooled | `creating`, `expiring`, `backing-off`, `active` with notifications spooled | `failed` |
+//!
+//! Graph rows are in a table of their own, after the EWS one (its columns differ: resource,
+//! expiry, lifecycle), and the red and amber ones are also summed up as a `graph`
+//! [`Problem`] each, naming the first few.
 //!
 //! Amber means "the relay is working on it, something waits, or it has not been heard from for
 //! a while"; red means "no notifications will reach the receiver for this one until something
@@ -41,8 +47,9 @@ use std::sync::OnceLock;
 use base64::Engine as _;
 
 pub use model::{
-    mailbox_health, sort_rows, subscription_health, CertFacts, Counts, Fragment, Health, Mode,
-    Problem, Row, RowState, StatusPage, CERT_WARN_BEFORE, DENIED_ALERT_WINDOW,
+    graph_resource_health, mailbox_health, sort_rows, subscription_health, CertFacts, Counts,
+    Fragment, Health, Mode, Problem, Row, RowState, StatusPage, CERT_WARN_BEFORE,
+    DENIED_ALERT_WINDOW,
 };
 pub use render::{escape, escape_into};
 
@@ -97,6 +104,8 @@ mod tests {
         StatusPage {
             mode,
             rows,
+            graph_rows: Vec::new(),
+            graph_path_prefix: None,
             spool_depth: (mode == Mode::Managed).then_some(0),
             spool_alarm: None,
             acme: None,
@@ -142,6 +151,7 @@ mod tests {
 
     fn row(health: Health, state: State, name: &str) -> Row {
         Row {
+            source: crate::source::Source::Ews,
             health,
             state: RowState::Subscription(state),
             name: name.into(),
@@ -152,6 +162,9 @@ mod tests {
             events: Some(3),
             spool: None,
             last_error: None,
+            resource: None,
+            expires_in: None,
+            lifecycle: None,
         }
     }
 
@@ -233,7 +246,31 @@ mod tests {
                 ("unsubscribed", "red"),
                 ("error", "red"),
                 ("replaced", "green"),
+                ("expiring", "amber"),
+                ("expired", "red"),
+                ("removed", "red"),
             ]
+        );
+        let got: Vec<_> = crate::managed_graph::keeper::GRAPH_STATES
+            .iter()
+            .map(|s| {
+                (
+                    *s,
+                    graph_resource_health(s, 0).as_str(),
+                    graph_resource_health(s, 3).as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("creating", "amber", "amber"),
+                ("active", "green", "amber"),
+                ("expiring", "amber", "amber"),
+                ("backing-off", "amber", "amber"),
+                ("failed", "red", "red"),
+            ],
+            "(state, nothing spooled, something spooled)"
         );
         let got: Vec<_> = crate::subscriptions::manager::MAILBOX_STATES
             .iter()
@@ -409,6 +446,80 @@ mod tests {
         assert!(html.contains(
             "Exchange&#39;s notifications fail until it answers again. Last success 40 s ago."
         ));
+    }
+
+    /// Graph rows: their own table next to the EWS one, problems first, coloured by state,
+    /// counted in the summary and listed as problems; the prefix is among the facts.
+    #[test]
+    fn graph_rows_have_their_table_colours_and_problems() {
+        use crate::notify::tracker::{GraphSubscription, Tracker};
+        use crate::notify::ReceiverAnswer;
+        let tracker = Tracker::new(Duration::from_secs(1800));
+        let peer: IpAddr = "52.1.2.3".parse().unwrap();
+        // Whole seconds, so the expirations below format back exactly.
+        let wall = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs(),
+            );
+        let body = |id: &str, exp: SystemTime, extra: &str| {
+            format!(
+                r#"{{"value":[{{"subscriptionId":"{id}","subscriptionExpirationDateTime":"{}","resource":"Users/u1/Messages/m1","tenantId":"t",{extra}}}]}}"#,
+                graph::format_time(exp)
+            )
+        };
+        let day = Duration::from_secs(86_400);
+        for (id, exp, extra) in [
+            ("g-alive", wall + 3 * day, r#""changeType":"created""#),
+            (
+                "g-removed",
+                wall + 3 * day,
+                r#""lifecycleEvent":"subscriptionRemoved""#,
+            ),
+            ("g-expiring", wall + day / 48, r#""changeType":"updated""#),
+        ] {
+            let c = graph::parse_collection(body(id, exp, extra).as_bytes()).unwrap();
+            tracker.record_graph(&c, peer, ReceiverAnswer::Ok, Instant::now());
+        }
+        let mut rows: Vec<Row> = tracker
+            .graph_snapshot()
+            .into_iter()
+            .map(|(id, s, st): (String, GraphSubscription, State)| {
+                Row::from_graph_subscription(id, &s, st, wall)
+            })
+            .collect();
+        sort_rows(&mut rows);
+        let mut p = page(
+            Mode::Passthrough,
+            vec![row(Health::Green, State::Alive, "ews")],
+        );
+        p.graph_rows = rows;
+        p.graph_path_prefix = Some("/graph".into());
+        let problems = p.problems();
+        let parts: Vec<_> = problems.iter().map(|x| (x.severity, x.what)).collect();
+        assert_eq!(parts, [(Health::Red, "graph"), (Health::Amber, "graph")]);
+        let c = p.counts(&problems);
+        assert_eq!((c.red, c.amber, c.green), (2, 2, 2), "{c:?}");
+        let html = p.render();
+        assert_eq!(row_classes(&html), ["green", "red", "amber", "green"]);
+        assert!(html.contains("<title>ews-relay: 2 red, 2 amber, 2 green</title>"));
+        for want in [
+            "<dt>Graph path prefix</dt><dd><code>/graph</code></dd>",
+            "<h3 id=\"graph-h\">Microsoft Graph</h3>",
+            "<th scope=\"col\">Expires</th>",
+            "</span> removed</td><td class=\"id\">g-removed</td><td class=\"id\">—</td><td>in 3 d 0 h</td>",
+            "<td>subscriptionRemoved 0 s ago</td>",
+            "</span> expiring</td><td class=\"id\">g-expiring</td><td class=\"id\">Users/u1/Messages</td><td>in 30 min</td>",
+            "</span> alive</td><td class=\"id\">g-alive</td>",
+            "<strong>Graph subscription: 1 removed.</strong>",
+            "<strong>Graph subscription: 1 expiring.</strong>",
+            "<code>g-removed</code>",
+            "<small>graph, 1 Graph</small>",
+        ] {
+            assert!(html.contains(want), "missing {want} in\n{html}");
+        }
     }
 
     #[test]

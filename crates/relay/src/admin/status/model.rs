@@ -5,7 +5,9 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use crate::admin::{AdminState, ReceiverCheck};
-use crate::notify::tracker::{ReceiverAnswer, State, Subscription};
+use crate::managed_graph::keeper::GraphView;
+use crate::notify::tracker::{GraphSubscription, ReceiverAnswer, State, Subscription};
+use crate::source::Source;
 use crate::store::MailboxState;
 use crate::subscriptions::manager::{state_label, MailboxView};
 
@@ -40,12 +42,24 @@ impl Health {
 }
 
 /// Passthrough mapping: alive is green, stale amber, unsubscribed and error red; replaced (the
-/// relay retired it itself) green, as nothing is wrong.
+/// relay retired it itself) green, as nothing is wrong. Graph: expiring (near expiry, no
+/// renewal seen) amber, expired and removed red.
 pub fn subscription_health(state: State) -> Health {
     match state {
         State::Alive | State::Replaced => Health::Green,
-        State::Stale => Health::Amber,
-        State::Unsubscribed | State::Error => Health::Red,
+        State::Stale | State::Expiring => Health::Amber,
+        State::Unsubscribed | State::Error | State::Expired | State::Removed => Health::Red,
+    }
+}
+
+/// Managed Graph mapping, as for mailboxes: active green while nothing waits in its spool,
+/// amber while something does; creating, expiring (the renewal is late) and backing-off amber;
+/// failed red.
+pub fn graph_resource_health(state: &str, spooled: u64) -> Health {
+    match state {
+        "active" if spooled == 0 => Health::Green,
+        "failed" => Health::Red,
+        _ => Health::Amber,
     }
 }
 
@@ -94,8 +108,10 @@ impl Mode {
 pub enum RowState {
     /// A managed mailbox.
     Mailbox(MailboxState),
-    /// A subscription seen in the traffic.
+    /// A subscription seen in the traffic (EWS or Graph).
     Subscription(State),
+    /// A managed Graph resource, in the keeper's words ([`GraphView::state`]).
+    GraphResource(&'static str),
 }
 
 impl RowState {
@@ -104,13 +120,17 @@ impl RowState {
         match self {
             RowState::Mailbox(s) => state_label(s),
             RowState::Subscription(s) => s.as_str(),
+            RowState::GraphResource(s) => s,
         }
     }
 }
 
-/// One table row: a mailbox (managed) or a subscription (passthrough).
+/// One table row: a mailbox (managed) or a subscription (passthrough); for Graph, a
+/// subscription seen in passthrough or a managed resource.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Row {
+    /// EWS or Graph: which table it is in.
+    pub source: Source,
     /// Its colour.
     pub health: Health,
     /// Its state, shown as text next to the colour.
@@ -131,6 +151,13 @@ pub struct Row {
     pub spool: Option<u64>,
     /// Its last error, or what is wrong with it, in words.
     pub last_error: Option<String>,
+    /// Graph: the resource (managed: as configured; passthrough: derived from the items'
+    /// paths).
+    pub resource: Option<String>,
+    /// Graph: seconds until the subscription expires (negative once it has).
+    pub expires_in: Option<i64>,
+    /// Graph: the latest lifecycle event, and seconds since it when known.
+    pub lifecycle: Option<(String, Option<u64>)>,
 }
 
 impl Row {
@@ -149,6 +176,7 @@ impl Row {
             ));
         }
         Row {
+            source: Source::Ews,
             health,
             state: RowState::Mailbox(v.state),
             name: v.mailbox,
@@ -159,6 +187,89 @@ impl Row {
             events: None,
             spool: Some(v.spool_depth),
             last_error: (!notes.is_empty()).then(|| notes.join("; ")),
+            resource: None,
+            expires_in: None,
+            lifecycle: None,
+        }
+    }
+
+    /// A managed Graph resource.
+    pub fn from_graph_resource(v: GraphView) -> Row {
+        let health = graph_resource_health(v.state, v.spool_depth);
+        let mut notes: Vec<String> = v.last_error.into_iter().collect();
+        if v.resync_pending {
+            notes.push("receiver asked to resynchronise (not yet acknowledged)".to_owned());
+        }
+        if v.state == "expiring" {
+            notes.push("the renewal is late".to_owned());
+        }
+        if v.state == "active" && v.spool_depth > 0 && !v.resync_pending {
+            notes.push(format!(
+                "{} waiting in the spool for the receiver",
+                v.spool_depth
+            ));
+        }
+        Row {
+            source: Source::Graph,
+            health,
+            state: RowState::GraphResource(v.state),
+            name: v.resource.clone(),
+            subscription_id: v.subscription_id,
+            peer: None,
+            since_heartbeat: v.seconds_since_notification,
+            since_event: None,
+            events: None,
+            spool: Some(v.spool_depth),
+            last_error: (!notes.is_empty()).then(|| notes.join("; ")),
+            resource: Some(v.resource),
+            expires_in: v.seconds_to_expiry,
+            lifecycle: v.last_lifecycle.map(|e| (e, None)),
+        }
+    }
+
+    /// A Graph subscription seen in the traffic (passthrough).
+    pub fn from_graph_subscription(
+        id: String,
+        s: &GraphSubscription,
+        state: State,
+        now: SystemTime,
+    ) -> Row {
+        let last_error = match (state, s.receiver_answer) {
+            (State::Removed, _) => {
+                Some("removed by Graph (subscriptionRemoved): create a new subscription".to_owned())
+            }
+            (State::Expired, _) => {
+                Some("expired: no notification with a later expiration arrived".to_owned())
+            }
+            (_, Some(ReceiverAnswer::HttpError(code))) => {
+                Some(format!("receiver answered HTTP {code}"))
+            }
+            (_, Some(ReceiverAnswer::Unreachable)) => Some("receiver unreachable".to_owned()),
+            (State::Expiring, _) => Some("expires soon; no renewal seen".to_owned()),
+            _ => None,
+        };
+        let expires_in = s.expiration.map(|e| match e.duration_since(now) {
+            Ok(left) => left.as_secs() as i64,
+            Err(past) => -(past.duration().as_secs() as i64),
+        });
+        Row {
+            source: Source::Graph,
+            health: subscription_health(state),
+            state: RowState::Subscription(state),
+            subscription_id: Some(id.clone()),
+            name: id,
+            peer: Some(s.peer),
+            since_heartbeat: Some(secs_since(now, s.last_seen)),
+            since_event: None,
+            events: Some(s.changes.iter().sum()),
+            spool: None,
+            last_error,
+            resource: s.resource.clone(),
+            expires_in,
+            lifecycle: s
+                .last_lifecycle
+                .as_ref()
+                .map(|(e, t)| (e.clone(), Some(secs_since(now, *t)))),
         }
     }
 
@@ -192,6 +303,7 @@ impl Row {
             .map(|(_, n)| n)
             .sum();
         Row {
+            source: Source::Ews,
             health: subscription_health(state),
             state: RowState::Subscription(state),
             name: id,
@@ -202,6 +314,9 @@ impl Row {
             events: Some(events),
             spool: None,
             last_error,
+            resource: None,
+            expires_in: None,
+            lifecycle: None,
         }
     }
 }
@@ -298,10 +413,14 @@ pub struct Counts {
     pub red_parts: Vec<&'static str>,
     /// The parts with an amber problem, in page order.
     pub amber_parts: Vec<&'static str>,
-    /// Red rows.
+    /// Red rows (EWS).
     pub red_rows: usize,
-    /// Amber rows.
+    /// Amber rows (EWS).
     pub amber_rows: usize,
+    /// Red Graph rows.
+    pub red_graph_rows: usize,
+    /// Amber Graph rows.
+    pub amber_graph_rows: usize,
 }
 
 /// Everything the page shows, gathered at one instant.
@@ -312,6 +431,11 @@ pub struct StatusPage {
     /// The rows, in any order ([`StatusPage::render`] does not sort; [`StatusPage::collect`]
     /// does).
     pub rows: Vec<Row>,
+    /// Microsoft Graph rows, shown in a table of their own next to the EWS one: managed Graph
+    /// resources and Graph subscriptions seen in passthrough (same order rules as `rows`).
+    pub graph_rows: Vec<Row>,
+    /// `--graph-path-prefix`, when Graph notifications are routed at all.
+    pub graph_path_prefix: Option<String>,
     /// Managed: notifications waiting in the spool, all mailboxes together.
     pub spool_depth: Option<u64>,
     /// Managed: why notifications are being refused (spool full, disk full, or a backlog over
@@ -369,10 +493,30 @@ impl StatusPage {
             ),
         };
         sort_rows(&mut rows);
+        let mut graph_rows: Vec<Row> = state
+            .graph
+            .as_deref()
+            .map(|g| {
+                g.views()
+                    .into_iter()
+                    .map(Row::from_graph_resource)
+                    .collect()
+            })
+            .unwrap_or_default();
+        graph_rows.extend(
+            state
+                .tracker
+                .graph_snapshot()
+                .into_iter()
+                .map(|(id, s, st)| Row::from_graph_subscription(id, &s, st, now)),
+        );
+        sort_rows(&mut graph_rows);
         let info = state.certs.current().info.clone();
         StatusPage {
             mode,
             rows,
+            graph_rows,
+            graph_path_prefix: state.graph_path_prefix.clone(),
             spool_depth,
             spool_alarm: state
                 .manager
@@ -519,6 +663,7 @@ impl StatusPage {
             }),
             Ok(_) => {}
         }
+        out.extend(self.graph_problems());
         if let Some(waiting @ 1..) = self.spool_depth {
             let why = if self.receiver_check.ok {
                 "They are being replayed to the receiver, in order per mailbox."
@@ -530,6 +675,69 @@ impl StatusPage {
                 what: "spool",
                 headline: format!("{waiting} notifications wait in the spool."),
                 detail: vec![text(why)],
+            });
+        }
+        out
+    }
+
+    /// One problem per colour for the red and amber Graph rows: what they are, the first few
+    /// by name, and what to do.
+    fn graph_problems(&self) -> Vec<Problem> {
+        /// Rows named in a problem; the table has them all.
+        const NAMED: usize = 3;
+        let mut out = Vec::new();
+        for severity in [Health::Red, Health::Amber] {
+            let rows: Vec<&Row> = self
+                .graph_rows
+                .iter()
+                .filter(|r| r.health == severity)
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            // "2 expired, 1 removed": the states in the order they first occur.
+            let mut states: Vec<(&'static str, usize)> = Vec::new();
+            for r in &rows {
+                match states.iter_mut().find(|(s, _)| *s == r.state.as_str()) {
+                    Some(e) => e.1 += 1,
+                    None => states.push((r.state.as_str(), 1)),
+                }
+            }
+            let states: Vec<String> = states.iter().map(|(s, n)| format!("{n} {s}")).collect();
+            let noun = if rows.len() == 1 {
+                "Graph subscription"
+            } else {
+                "Graph subscriptions"
+            };
+            let mut detail = Vec::new();
+            detail.push(text(match severity {
+                Health::Red => {
+                    "Graph sends nothing more for an expired or removed subscription: the                      receiver (or, managed, the relay) must create a new one. "
+                }
+                _ => {
+                    "Renew before it expires (PATCH /subscriptions/{id} with a later                      expirationDateTime); the relay sees a renewal in the next notification's                      subscriptionExpirationDateTime. "
+                }
+            }));
+            for (i, r) in rows.iter().take(NAMED).enumerate() {
+                if i > 0 {
+                    detail.push(text(", "));
+                }
+                detail.push(code(r.name.clone()));
+                let mut about = vec![r.state.as_str().to_owned()];
+                if let Some(res) = r.resource.as_deref().filter(|res| *res != r.name) {
+                    about.push(res.to_owned());
+                }
+                detail.push(text(format!(" ({})", about.join(", "))));
+            }
+            if rows.len() > NAMED {
+                detail.push(text(format!(" and {} more", rows.len() - NAMED)));
+            }
+            detail.push(text("."));
+            out.push(Problem {
+                severity,
+                what: "graph",
+                headline: format!("{noun}: {}.", states.join(", ")),
+                detail,
             });
         }
         out
@@ -556,8 +764,15 @@ impl StatusPage {
                 Health::Green => c.green += 1,
             }
         }
-        c.red += c.red_rows;
-        c.amber += c.amber_rows;
+        for r in &self.graph_rows {
+            match r.health {
+                Health::Red => c.red_graph_rows += 1,
+                Health::Amber => c.amber_graph_rows += 1,
+                Health::Green => c.green += 1,
+            }
+        }
+        c.red += c.red_rows + c.red_graph_rows;
+        c.amber += c.amber_rows + c.amber_graph_rows;
         c
     }
 
@@ -572,6 +787,7 @@ impl StatusPage {
         let heard = self
             .rows
             .iter()
+            .chain(&self.graph_rows)
             .filter_map(|r| r.since_heartbeat)
             .any(|s| s < window);
         recent_denial && !heard

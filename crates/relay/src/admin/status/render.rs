@@ -126,7 +126,9 @@ impl Health {
 impl StatusPage {
     /// The whole HTML document.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(PAGE_BYTES + self.rows.len() * ROW_BYTES);
+        let mut out = String::with_capacity(
+            PAGE_BYTES + (self.rows.len() + self.graph_rows.len()) * ROW_BYTES,
+        );
         let problems = self.problems();
         let counts = self.counts(&problems);
         for piece in pieces() {
@@ -159,7 +161,10 @@ impl StatusPage {
                     Mode::Managed => "Mailboxes",
                     Mode::Passthrough => "Subscriptions",
                 }),
-                Slot::Rows => self.render_rows(&mut out),
+                Slot::Rows => {
+                    self.render_rows(&mut out);
+                    self.render_graph_rows(&mut out);
+                }
             }
         }
         out
@@ -190,6 +195,14 @@ impl StatusPage {
                 };
                 what.push(Cow::Owned(format!("{rows} {noun}")));
             }
+            let graph_rows = match h {
+                Health::Red => c.red_graph_rows,
+                Health::Amber => c.amber_graph_rows,
+                Health::Green => 0,
+            };
+            if graph_rows > 0 {
+                what.push(Cow::Owned(format!("{graph_rows} Graph")));
+            }
             if !what.is_empty() && h != Health::Green {
                 out.push_str(" <small>");
                 out.push_str(&what.join(", "));
@@ -205,6 +218,13 @@ impl StatusPage {
             self.mode.rows_are(),
             self.mode.as_str()
         );
+        if self.graph_section() {
+            let _ = writeln!(
+                out,
+                "<div class=\"card info\"><span class=\"n\">{}</span> Graph</div>",
+                self.graph_rows.len()
+            );
+        }
         match self.spool_depth {
             Some(d) => {
                 let c = if d > 0 { "amber" } else { "info" };
@@ -276,6 +296,11 @@ impl StatusPage {
         out.push_str("</dd>\n<dt>Path prefix</dt><dd><code>");
         escape_into(out, &self.path_prefix);
         out.push_str("</code></dd>\n");
+        if let Some(p) = &self.graph_path_prefix {
+            out.push_str("<dt>Graph path prefix</dt><dd><code>");
+            escape_into(out, p);
+            out.push_str("</code></dd>\n");
+        }
         if let Some(s) = self.stale_after {
             let _ = writeln!(
                 out,
@@ -386,6 +411,80 @@ impl StatusPage {
                     out.push_str("</td><td class=\"num\">");
                     push_u64(out, r.events.unwrap_or(0));
                 }
+            }
+            out.push_str("</td><td>");
+            if let Some(e) = &r.last_error {
+                escape_into(out, e);
+            }
+            out.push_str("</td></tr>\n");
+        }
+        out.push_str("</tbody>\n</table>\n");
+    }
+}
+
+impl StatusPage {
+    /// Whether the page has a Graph table: Graph is routed, or Graph rows exist.
+    fn graph_section(&self) -> bool {
+        self.graph_path_prefix.is_some() || !self.graph_rows.is_empty()
+    }
+
+    /// The Microsoft Graph table, after the EWS one (in the same live part, so it refreshes and
+    /// filters with it).
+    fn render_graph_rows(&self, out: &mut String) {
+        if !self.graph_section() {
+            return;
+        }
+        out.push_str("<h3 id=\"graph-h\">Microsoft Graph</h3>\n");
+        if self.graph_rows.is_empty() {
+            out.push_str(
+                "<p class=\"empty\">No Graph notification has passed yet: Graph subscriptions \
+                 appear here when Graph first calls back.</p>\n",
+            );
+            return;
+        }
+        out.push_str(
+            "<table id=\"graph-rows\">\n<thead><tr><th scope=\"col\">State</th>\
+             <th scope=\"col\">Subscription</th><th scope=\"col\">Resource</th>\
+             <th scope=\"col\">Expires</th><th scope=\"col\">Last notification</th>\
+             <th scope=\"col\">Lifecycle</th><th scope=\"col\">Spool</th>\
+             <th scope=\"col\">Last error</th></tr></thead>\n<tbody>\n",
+        );
+        for r in &self.graph_rows {
+            out.push_str(r.health.row_open());
+            out.push_str(r.state.as_str());
+            out.push_str("</td><td class=\"id\">");
+            escape_into(out, r.subscription_id.as_deref().unwrap_or("—"));
+            out.push_str("</td><td class=\"id\">");
+            escape_into(out, r.resource.as_deref().unwrap_or("—"));
+            out.push_str("</td><td>");
+            match r.expires_in {
+                Some(s) if s >= 0 => {
+                    out.push_str("in ");
+                    push_duration(out, s as u64);
+                }
+                Some(s) => {
+                    out.push_str("<strong>expired</strong> ");
+                    push_ago(out, Some(s.unsigned_abs()));
+                }
+                None => out.push('—'),
+            }
+            out.push_str("</td><td>");
+            push_ago(out, r.since_heartbeat);
+            out.push_str("</td><td>");
+            match &r.lifecycle {
+                Some((event, ago)) => {
+                    escape_into(out, event);
+                    if let Some(ago) = ago {
+                        out.push(' ');
+                        push_ago(out, Some(*ago));
+                    }
+                }
+                None => out.push('—'),
+            }
+            out.push_str("</td><td class=\"num\">");
+            match r.spool {
+                Some(n) => push_u64(out, n),
+                None => out.push('—'),
             }
             out.push_str("</td><td>");
             if let Some(e) = &r.last_error {

@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -100,6 +100,8 @@ pub fn sim_config(mailboxes: &[&str], relay_cert: &CertificateDer<'static>) -> S
 pub struct Receiver {
     pub inner: TestReceiver,
     down: Arc<AtomicBool>,
+    /// Milliseconds to wait before answering OK (0: at once).
+    delay_ms: Arc<AtomicU64>,
     accepted: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -108,14 +110,23 @@ const RESULT_OK: &str = r#"<?xml version="1.0" encoding="utf-8"?><soap:Envelope 
 impl Receiver {
     pub async fn start() -> Receiver {
         let down = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(Mutex::new(Vec::new()));
-        let (d, a) = (down.clone(), accepted.clone());
+        let (d, slow, a) = (down.clone(), delay_ms.clone(), accepted.clone());
         let inner = TestReceiver::with(Arc::new(move |seen: Seen| {
             let refuse = d.load(Ordering::SeqCst);
-            if !refuse {
-                a.lock().unwrap().push(seen);
+            let delay = Duration::from_millis(slow.load(Ordering::SeqCst));
+            let a = a.clone();
+            if !refuse && delay.is_zero() {
+                a.lock().unwrap().push(seen.clone());
             }
             Box::pin(async move {
+                if !refuse && !delay.is_zero() {
+                    // Counted as accepted once it has taken its time (whether or not the
+                    // relay still waits for the answer).
+                    tokio::time::sleep(delay).await;
+                    a.lock().unwrap().push(seen);
+                }
                 let (status, body) = if refuse {
                     (StatusCode::SERVICE_UNAVAILABLE, Bytes::from_static(b"down"))
                 } else {
@@ -132,8 +143,15 @@ impl Receiver {
         Receiver {
             inner,
             down,
+            delay_ms,
             accepted,
         }
+    }
+
+    /// Take `delay` before answering OK from now on (zero: answer at once).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     pub fn addr(&self) -> SocketAddr {
