@@ -335,6 +335,7 @@ pub async fn run(
         metrics: metrics.clone(),
         tracker: tracker.clone(),
         manager: manager.clone(),
+        streams: keepers.streams.clone(),
         graph: keepers.graph.clone(),
         graph_path_prefix: config.graph.as_ref().map(|g| g.path_prefix.clone()),
         denied,

@@ -44,6 +44,8 @@ pub struct AdminState {
     pub tracker: Arc<Tracker>,
     /// Managed mode's mailboxes.
     pub manager: Option<Arc<crate::subscriptions::Manager>>,
+    /// Managed mode's streaming groups and their mailboxes (`--transport streaming`).
+    pub streams: Option<Arc<crate::streaming::Streams>>,
     /// Managed Graph mode's resources.
     pub graph: Option<Arc<crate::managed_graph::GraphKeeper>>,
     /// `--graph-path-prefix`, for display.
@@ -62,6 +64,23 @@ pub struct AdminState {
     pub listening: AtomicBool,
     /// Process start, for uptime.
     pub started: Instant,
+}
+
+impl AdminState {
+    /// Managed mode's delivery spool: one, shared by every keeper (EWS push or streaming,
+    /// Graph), so any keeper's handle is the same spool.
+    pub fn delivery(&self) -> Option<&crate::spool::Delivery> {
+        self.manager
+            .as_deref()
+            .map(|m| &**m.delivery())
+            .or_else(|| self.streams.as_deref().map(|s| &**s.delivery()))
+            .or_else(|| self.graph.as_deref().map(|g| &**g.delivery()))
+    }
+
+    /// Whether any keeper runs (managed mode), as opposed to passthrough only.
+    pub fn managed(&self) -> bool {
+        self.manager.is_some() || self.streams.is_some() || self.graph.is_some()
+    }
 }
 
 /// Serve admin requests until `shutdown` turns true.
@@ -121,14 +140,7 @@ async fn route(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byte
         "/readyz" => readyz(state).await,
         "/status" => status_page(state).await,
         "/api/subscriptions" => {
-            let mut r = text(
-                StatusCode::OK,
-                subscriptions_json(
-                    &state.tracker,
-                    state.manager.as_deref(),
-                    state.graph.as_deref(),
-                ),
-            );
+            let mut r = text(StatusCode::OK, subscriptions_json(state));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -387,11 +399,8 @@ fn graph_subscription_view<'a>(
     }
 }
 
-fn subscriptions_json(
-    tracker: &Tracker,
-    manager: Option<&crate::subscriptions::Manager>,
-    graph: Option<&crate::managed_graph::GraphKeeper>,
-) -> String {
+fn subscriptions_json(state: &AdminState) -> String {
+    let tracker = &state.tracker;
     let snapshot = tracker.snapshot();
     let graph_snapshot = tracker.graph_snapshot();
     let now = std::time::SystemTime::now();
@@ -453,15 +462,23 @@ fn subscriptions_json(
     views.sort_by_key(|(seen, _)| std::cmp::Reverse(*seen));
     let views: Vec<AnySubscriptionView<'_>> = views.into_iter().map(|(_, v)| v).collect();
     let mut body = serde_json::json!({
-        "mode": if manager.is_some() || graph.is_some() { "managed" } else { "passthrough" },
+        "mode": if state.managed() { "managed" } else { "passthrough" },
         "stale_after_seconds": tracker.stale_after().as_secs(),
         "subscriptions": views,
     });
-    if let Some(m) = manager {
+    if let Some(m) = &state.manager {
+        body["transport"] = "push".into();
         body["mailboxes"] = serde_json::to_value(m.views()).unwrap_or_default();
-        body["spool_depth"] = m.delivery().waiting().into();
     }
-    if let Some(g) = graph {
+    if let Some(s) = &state.streams {
+        // Same mailbox rows as push (no watermark: streaming subscriptions have none), plus
+        // each group's connection.
+        let views = s.views();
+        body["transport"] = "streaming".into();
+        body["mailboxes"] = serde_json::to_value(views.mailboxes).unwrap_or_default();
+        body["streaming_groups"] = serde_json::to_value(views.streaming_groups).unwrap_or_default();
+    }
+    if let Some(g) = &state.graph {
         let mut resources = serde_json::to_value(g.views()).unwrap_or_default();
         if let Some(rows) = resources.as_array_mut() {
             for row in rows {
@@ -469,7 +486,9 @@ fn subscriptions_json(
             }
         }
         body["graph_resources"] = resources;
-        body["spool_depth"] = g.delivery().waiting().into();
+    }
+    if let Some(d) = state.delivery() {
+        body["spool_depth"] = d.waiting().into();
     }
     let mut out = serde_json::to_string_pretty(&body).unwrap_or_else(|_| "{}".to_owned());
     out.push('\n');

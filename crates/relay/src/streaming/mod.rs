@@ -95,6 +95,9 @@ pub struct GroupView {
     pub mailboxes: usize,
     /// RFC 3339 time the current connection opened; `None` while not connected.
     pub open_since: Option<String>,
+    /// The same instant, for the status page's "open for".
+    #[serde(skip)]
+    pub opened: Option<std::time::SystemTime>,
     /// Seconds since the latest keep-alive or event.
     pub seconds_since_keepalive: Option<u64>,
     /// Connections replaced or reopened since start.
@@ -408,6 +411,11 @@ impl Streams {
         g
     }
 
+    /// The delivery spool the streams feed (the admin endpoint shows its depth and alarms).
+    pub fn delivery(&self) -> &Arc<Delivery> {
+        &self.ctx.delivery
+    }
+
     /// Every group and mailbox, for the admin API.
     pub fn views(&self) -> StreamingViews {
         let now = store::now_millis();
@@ -435,6 +443,9 @@ impl Streams {
                     )
                     .to_string()
                 }),
+                opened: s
+                    .open_since
+                    .map(|t| std::time::UNIX_EPOCH + Duration::from_millis(t)),
                 seconds_since_keepalive: seen.map(|t| now.saturating_sub(t) / 1000),
                 reconnects: s.reconnects,
                 connections: s.connections,

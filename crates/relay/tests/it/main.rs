@@ -21,4 +21,5 @@ mod startup;
 mod status_page;
 mod store;
 mod streaming;
+mod streaming_admin;
 mod tracking;

@@ -14,14 +14,14 @@ use crate::common::managed::{
 };
 use crate::common::{test_cert, TestCert};
 
-const A: &str = "alice@contoso.example";
-const B: &str = "bob@contoso.example";
-const C: &str = "carol@contoso.example";
+pub(crate) const A: &str = "alice@contoso.example";
+pub(crate) const B: &str = "bob@contoso.example";
+pub(crate) const C: &str = "carol@contoso.example";
 /// Generous: the relay reconnects within a silence window plus a reconnect.
-const LONG: Duration = Duration::from_secs(20);
+pub(crate) const LONG: Duration = Duration::from_secs(20);
 
 /// A rustls server config for the simulator, so the relay's outbound calls run over TLS.
-fn sim_tls(cert: &TestCert) -> Arc<rustls::ServerConfig> {
+pub(crate) fn sim_tls(cert: &TestCert) -> Arc<rustls::ServerConfig> {
     let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&cert.key_path).unwrap();
     Arc::new(
         rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -36,7 +36,7 @@ fn sim_tls(cert: &TestCert) -> Arc<rustls::ServerConfig> {
 }
 
 /// A lab whose simulator serves TLS, with fast keep-alives and a relay in streaming mode.
-async fn lab(
+pub(crate) async fn lab(
     hosted: &[&str],
     tune: impl FnOnce(&mut SimConfig),
     relay_flags: &[&str],
@@ -81,7 +81,7 @@ async fn lab(
 
 /// Waits until the simulator has an open connection serving a live subscription of each of
 /// `mailboxes`; returns the subscription ids in the same order.
-async fn wait_streamed(sim: &SimHandle, mailboxes: &[&str]) -> Vec<String> {
+pub(crate) async fn wait_streamed(sim: &SimHandle, mailboxes: &[&str]) -> Vec<String> {
     sim_wait(sim, LONG, "every mailbox streamed", |h| {
         let subs = h.streaming_subscriptions();
         let conns = h.streaming_connections();
@@ -167,7 +167,7 @@ async fn wait_received(lab: &Lab, mailbox: &str, want: &[String]) -> Vec<String>
 }
 
 /// Creates `n` events for `mailbox` and waits until the receiver has them all.
-async fn events_arrive(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
+pub(crate) async fn events_arrive(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
     let created = create(lab, mailbox, n);
     wait_received(lab, mailbox, &created).await;
     created

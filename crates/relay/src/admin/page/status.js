@@ -3,7 +3,7 @@
 var q=document.getElementById("q"),h=document.getElementById("h"),shown=document.getElementById("shown");
 var rows=[],texts=[],timer=0;
 function index(){
-  rows=Array.prototype.slice.call(document.querySelectorAll("#rows>tbody>tr,#graph-rows>tbody>tr"));
+  rows=Array.prototype.slice.call(document.querySelectorAll("#rows>tbody>tr,#stream-groups>tbody>tr,#graph-rows>tbody>tr"));
   texts=rows.map(function(r){return r.textContent.toLowerCase();});
 }
 function apply(){

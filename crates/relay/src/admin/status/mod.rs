@@ -19,6 +19,10 @@
 //! | Graph, seen in passthrough | `alive`    | `expiring` (near expiry, no renewal seen) | `expired`, `removed`, `error` |
 //! | Graph, managed | `active`, nothing spooled | `creating`, `expiring`, `backing-off`, `active` with notifications spooled | `failed` |
 //!
+//! With `--transport streaming` a table of the groups' `GetStreamingEvents` connections follows
+//! the mailboxes ([`streams`]: `connected`/`renewing` green, `connecting` amber, `down` red),
+//! and the groups without a connection are a `streaming` [`Problem`] per colour.
+//!
 //! Graph rows are in a table of their own, after the EWS one (its columns differ: resource,
 //! expiry, lifecycle), and the red and amber ones are also summed up as a `graph`
 //! [`Problem`] each, naming the first few.
@@ -41,6 +45,7 @@
 
 pub mod model;
 pub mod render;
+pub mod streams;
 
 use std::sync::OnceLock;
 
@@ -89,6 +94,7 @@ mod tests {
     use crate::notify::tracker::State;
     use crate::receiver::{Reachability, ReceiverFailure};
     use crate::store::MailboxState;
+    use crate::streaming::GroupView;
     use crate::subscriptions::manager::MailboxView;
     use std::borrow::Cow;
     use std::net::IpAddr;
@@ -106,6 +112,7 @@ mod tests {
             rows,
             graph_rows: Vec::new(),
             graph_path_prefix: None,
+            stream_groups: None,
             spool_depth: (mode == Mode::Managed).then_some(0),
             spool_alarm: None,
             acme: None,
@@ -520,6 +527,76 @@ mod tests {
         ] {
             assert!(html.contains(want), "missing {want} in\n{html}");
         }
+    }
+
+    fn group(anchor: &str, opened: bool, connections: u8, error: Option<&str>) -> GroupView {
+        GroupView {
+            ews_url: "https://ews.contoso.example/EWS/Exchange.asmx".into(),
+            grouping: "G1".into(),
+            anchor: anchor.into(),
+            mailboxes: 200,
+            open_since: None,
+            opened: opened.then(|| now() - Duration::from_secs(600)),
+            seconds_since_keepalive: opened.then_some(12),
+            reconnects: 3,
+            connections,
+            last_error: error.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn streaming_groups_have_their_table_colours_and_problems() {
+        use crate::admin::status::streams::{group_state, sort_groups};
+        let mut groups = vec![
+            group("a@contoso.example", true, 1, None),
+            group("b@contoso.example", true, 2, None),
+            group(
+                "c@contoso.example",
+                false,
+                0,
+                Some("connection broken: <cut>"),
+            ),
+            group("d@contoso.example", false, 0, None),
+        ];
+        assert_eq!(group_state(&groups[0]), (Health::Green, "connected"));
+        assert_eq!(group_state(&groups[1]), (Health::Green, "renewing"));
+        assert_eq!(group_state(&groups[2]), (Health::Red, "down"));
+        assert_eq!(group_state(&groups[3]), (Health::Amber, "connecting"));
+        sort_groups(&mut groups);
+        let mut p = page(Mode::Managed, vec![row(Health::Green, State::Alive, "m")]);
+        p.stream_groups = Some(groups);
+        let problems = p.problems();
+        let parts: Vec<_> = problems.iter().map(|x| (x.severity, x.what)).collect();
+        assert_eq!(
+            parts,
+            [(Health::Red, "streaming"), (Health::Amber, "streaming")]
+        );
+        let c = p.counts(&problems);
+        assert_eq!((c.red, c.amber), (1, 1), "{c:?}");
+        let html = p.render();
+        assert_eq!(
+            row_classes(&html),
+            ["green", "red", "amber", "green", "green"],
+            "mailbox row, then the groups with problems first"
+        );
+        for want in [
+            "<h3 id=\"stream-h\">Streaming connections</h3>",
+            "<table id=\"stream-groups\">",
+            "<span class=\"n\">3</span> streaming connections <small>(4 groups)</small>",
+            "</span> down</td><td class=\"id\">c@contoso.example</td>",
+            "connection broken: &lt;cut&gt;",
+            "</span> connected</td><td class=\"id\">a@contoso.example</td><td class=\"id\">https://ews.contoso.example/EWS/Exchange.asmx<br><small>G1</small></td><td class=\"num\">200</td>",
+            "(10 min)</td><td>12 s ago</td><td class=\"num\">3</td>",
+            "</span> renewing</td>",
+            "<strong>Streaming connections down: 1 of 4 (200 mailboxes).</strong>",
+            "<strong>Streaming connections opening: 1 of 4 (200 mailboxes).</strong>",
+            "<code>c@contoso.example</code>",
+        ] {
+            assert!(html.contains(want), "missing {want} in\n{html}");
+        }
+        // Without streaming, no table and no card.
+        p.stream_groups = None;
+        assert!(!p.render().contains("<table id=\"stream-groups\">"));
     }
 
     #[test]

@@ -376,11 +376,11 @@ pub enum Fragment {
     Code(String),
 }
 
-fn text(s: impl Into<String>) -> Fragment {
+pub(super) fn text(s: impl Into<String>) -> Fragment {
     Fragment::Text(s.into())
 }
 
-fn code(s: impl Into<String>) -> Fragment {
+pub(super) fn code(s: impl Into<String>) -> Fragment {
     Fragment::Code(s.into())
 }
 
@@ -436,6 +436,9 @@ pub struct StatusPage {
     pub graph_rows: Vec<Row>,
     /// `--graph-path-prefix`, when Graph notifications are routed at all.
     pub graph_path_prefix: Option<String>,
+    /// `--transport streaming`: each group's connection, problems first (see
+    /// [`super::streams`]); `None` otherwise.
+    pub stream_groups: Option<Vec<crate::streaming::GroupView>>,
     /// Managed: notifications waiting in the spool, all mailboxes together.
     pub spool_depth: Option<u64>,
     /// Managed: why notifications are being refused (spool full, disk full, or a backlog over
@@ -473,11 +476,17 @@ impl StatusPage {
     /// on the receiver. Rows come out sorted, problems first.
     pub fn collect(state: &AdminState, receiver_check: ReceiverCheck) -> StatusPage {
         let now = SystemTime::now();
-        let (mode, mut rows, spool_depth, stale_after) = match state.manager.as_deref() {
-            Some(m) => (
+        let streaming = state.streams.as_deref().map(|s| s.views());
+        let mailboxes = match (state.manager.as_deref(), &streaming) {
+            (Some(m), _) => Some(m.views()),
+            (None, Some(v)) => Some(v.mailboxes.clone()),
+            (None, None) => None,
+        };
+        let (mode, mut rows, spool_depth, stale_after) = match mailboxes {
+            Some(views) => (
                 Mode::Managed,
-                m.views().into_iter().map(Row::from_mailbox).collect(),
-                Some(m.delivery().waiting()),
+                views.into_iter().map(Row::from_mailbox).collect(),
+                state.delivery().map(|d| d.waiting()),
                 None,
             ),
             None => (
@@ -517,11 +526,13 @@ impl StatusPage {
             rows,
             graph_rows,
             graph_path_prefix: state.graph_path_prefix.clone(),
+            stream_groups: streaming.map(|v| {
+                let mut groups = v.streaming_groups;
+                super::streams::sort_groups(&mut groups);
+                groups
+            }),
             spool_depth,
-            spool_alarm: state
-                .manager
-                .as_deref()
-                .and_then(|m| m.delivery().health().alarm()),
+            spool_alarm: state.delivery().and_then(|d| d.health().alarm()),
             denied_total: state.metrics.denied_source_total(),
             denied_recent: state.denied.recent(),
             admitted: state.allow.load().describe(),
@@ -663,6 +674,7 @@ impl StatusPage {
             }),
             Ok(_) => {}
         }
+        out.extend(self.stream_problems());
         out.extend(self.graph_problems());
         if let Some(waiting @ 1..) = self.spool_depth {
             let why = if self.receiver_check.ok {
@@ -712,10 +724,13 @@ impl StatusPage {
             let mut detail = Vec::new();
             detail.push(text(match severity {
                 Health::Red => {
-                    "Graph sends nothing more for an expired or removed subscription: the                      receiver (or, managed, the relay) must create a new one. "
+                    "Graph sends nothing more for an expired or removed subscription: the \
+                     receiver (or, managed, the relay) must create a new one. "
                 }
                 _ => {
-                    "Renew before it expires (PATCH /subscriptions/{id} with a later                      expirationDateTime); the relay sees a renewal in the next notification's                      subscriptionExpirationDateTime. "
+                    "Renew before it expires (PATCH /subscriptions/{id} with a later \
+                     expirationDateTime); the relay sees a renewal in the next notification's \
+                     subscriptionExpirationDateTime. "
                 }
             }));
             for (i, r) in rows.iter().take(NAMED).enumerate() {

@@ -96,7 +96,7 @@ fn pieces() -> &'static [Piece] {
 
 impl Health {
     /// The start of a table row of this colour, up to the state word.
-    fn row_open(self) -> &'static str {
+    pub(super) fn row_open(self) -> &'static str {
         match self {
             Health::Red => {
                 "<tr class=\"red\"><td class=\"st\"><span class=\"tag red\">\
@@ -163,6 +163,7 @@ impl StatusPage {
                 }),
                 Slot::Rows => {
                     self.render_rows(&mut out);
+                    self.render_stream_groups(&mut out);
                     self.render_graph_rows(&mut out);
                 }
             }
@@ -218,6 +219,7 @@ impl StatusPage {
             self.mode.rows_are(),
             self.mode.as_str()
         );
+        self.render_stream_card(out);
         if self.graph_section() {
             let _ = writeln!(
                 out,
@@ -537,12 +539,12 @@ pub fn push_duration(out: &mut String, secs: u64) {
 }
 
 /// Decimal digits of `n`, without the formatting machinery (it dominates a big page's time).
-fn push_u64(out: &mut String, n: u64) {
+pub(super) fn push_u64(out: &mut String, n: u64) {
     out.push_str(itoa::Buffer::new().format(n));
 }
 
 /// `12 s ago`, or `never`.
-fn push_ago(out: &mut String, secs: Option<u64>) {
+pub(super) fn push_ago(out: &mut String, secs: Option<u64>) {
     match secs {
         Some(s) => {
             push_duration(out, s);
@@ -553,7 +555,7 @@ fn push_ago(out: &mut String, secs: Option<u64>) {
 }
 
 /// An RFC 3339 UTC timestamp in a `<time>` element.
-fn push_time(out: &mut String, t: SystemTime) {
+pub(super) fn push_time(out: &mut String, t: SystemTime) {
     let stamp = humantime::format_rfc3339_seconds(t);
     let _ = write!(out, "<time datetime=\"{stamp}\">{stamp}</time>");
 }
