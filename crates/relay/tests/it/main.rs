@@ -22,4 +22,5 @@ mod status_page;
 mod store;
 mod streaming;
 mod streaming_admin;
+mod streaming_side_by_side;
 mod tracking;
