@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::spool::Delivery;
 use crate::store::{self, MailboxRecord, MailboxState, StoreError, StoreWriter};
 use crate::subscriptions::client::EwsClient;
-use crate::subscriptions::manager::{state_label, MailboxView, MAILBOX_STATES};
+use crate::subscriptions::manager::{publish_mailbox_states, MailboxView};
 use group::{Command, GroupHandle};
 
 /// Autodiscover groups hold at most this many mailboxes (Microsoft's guidance, and the most
@@ -490,18 +490,7 @@ impl Streams {
 
     fn publish_gauges(&self) {
         let views = self.views();
-        let mut counts = [0i64; MAILBOX_STATES.len()];
-        for v in &views.mailboxes {
-            if let Some(i) = MAILBOX_STATES.iter().position(|s| *s == v.state) {
-                counts[i] += 1;
-            }
-        }
-        let all: Vec<(&'static str, i64)> = MAILBOX_STATES
-            .iter()
-            .zip(counts)
-            .map(|(s, n)| (state_label(*s), n))
-            .collect();
-        self.ctx.metrics.set_mailboxes(&all);
+        publish_mailbox_states(&self.ctx.metrics, &views.mailboxes);
         let oldest = views
             .streaming_groups
             .iter()

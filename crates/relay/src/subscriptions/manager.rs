@@ -178,6 +178,19 @@ pub fn state_label(s: MailboxState) -> &'static str {
     }
 }
 
+/// Publish how many mailboxes are in each state (`ews_relay_mailboxes{state}`), every state
+/// named so that a state emptied drops to 0.
+pub fn publish_mailbox_states(metrics: &Metrics, views: &[MailboxView]) {
+    let all: Vec<(&'static str, i64)> = MAILBOX_STATES
+        .iter()
+        .map(|s| {
+            let n = views.iter().filter(|v| v.state == *s).count();
+            (state_label(*s), i64::try_from(n).unwrap_or(i64::MAX))
+        })
+        .collect();
+    metrics.set_mailboxes(&all);
+}
+
 impl Manager {
     /// A manager over the stored state; nothing is subscribed until [`Manager::start`].
     pub async fn new(
@@ -526,18 +539,7 @@ impl Manager {
     }
 
     fn publish_gauges(&self) {
-        let mut counts = [0i64; MAILBOX_STATES.len()];
-        for v in self.views() {
-            if let Some(i) = MAILBOX_STATES.iter().position(|s| *s == v.state) {
-                counts[i] += 1;
-            }
-        }
-        let all: Vec<(&'static str, i64)> = MAILBOX_STATES
-            .iter()
-            .zip(counts)
-            .map(|(s, n)| (state_label(*s), n))
-            .collect();
-        self.metrics.set_mailboxes(&all);
+        publish_mailbox_states(&self.metrics, &self.views());
     }
 
     /// Write records changed by the request path (watermarks, heartbeats).
