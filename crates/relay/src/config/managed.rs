@@ -252,10 +252,16 @@ fn push_callback(args: &Args, path_prefix: &str) -> Result<String, ConfigError> 
 
 /// The longest ConnectionTimeout EWS accepts for `GetStreamingEvents`, in minutes.
 const MAX_STREAM_CONNECTION_TIMEOUT: u8 = 30;
-/// Exchange writes a keep-alive into a streaming connection about every 30 s when nothing else
-/// happens (PROTOCOL.md); silence for twice that and a margin means the connection is broken
-/// (a middlebox dropped it without a reset, or the server hangs).
+/// Exchange writes keep-alive envelopes (`ConnectionStatus` `OK`) into an idle streaming
+/// connection; Microsoft's EWS Managed API gives up on a connection after 45 s without any
+/// data (its heartbeat frequency). 75 s leaves a margin over that; the period Exchange Online
+/// uses is not documented, so the flag exists for a server that is quieter.
 const DEFAULT_STREAM_SILENCE: Duration = Duration::from_secs(75);
+/// The shortest silence window and renewal period accepted (shorter ones only churn).
+const MIN_STREAM_PERIOD: Duration = Duration::from_secs(1);
+/// A renewal opens the new connection at least this long before Exchange's timeout, so the
+/// overlap has room to hand the subscriptions over.
+const MIN_STREAM_OVERLAP: Duration = Duration::from_secs(10);
 
 /// The streaming flags, checked against each other.
 fn stream_timing(args: &Args) -> Result<StreamTiming, ConfigError> {
@@ -268,24 +274,38 @@ fn stream_timing(args: &Args) -> Result<StreamTiming, ConfigError> {
     }
     let timeout = Duration::from_secs(60 * u64::from(minutes));
     let reconnect_after = match args.stream_reconnect_after {
-        Some(d) if d >= timeout => {
+        Some(d) if d + MIN_STREAM_OVERLAP > timeout => {
             return Err(ConfigError::new(
                 "--stream-reconnect-after",
                 format!(
-                    "must be shorter than --stream-connection-timeout ({minutes} min), or Exchange closes the connection first"
+                    "must be at least {}s shorter than --stream-connection-timeout ({minutes} min), or Exchange closes the connection before the new one has taken over",
+                    MIN_STREAM_OVERLAP.as_secs()
                 ),
+            ))
+        }
+        Some(d) if d < MIN_STREAM_PERIOD => {
+            return Err(ConfigError::new(
+                "--stream-reconnect-after",
+                "must be at least 1s",
             ))
         }
         Some(d) => d,
         None if minutes > 1 => timeout - Duration::from_secs(60),
-        None => timeout.mul_f64(0.9),
+        None => timeout - MIN_STREAM_OVERLAP,
     };
+    let silence_timeout = args
+        .stream_silence_timeout
+        .unwrap_or(DEFAULT_STREAM_SILENCE);
+    if silence_timeout < MIN_STREAM_PERIOD {
+        return Err(ConfigError::new(
+            "--stream-silence-timeout",
+            "must be at least 1s",
+        ));
+    }
     Ok(StreamTiming {
         connection_timeout_minutes: minutes,
         reconnect_after,
-        silence_timeout: args
-            .stream_silence_timeout
-            .unwrap_or(DEFAULT_STREAM_SILENCE),
+        silence_timeout,
     })
 }
 

@@ -618,12 +618,35 @@ mod tests {
             "5s",
         ]);
         let m = Config::parse_from(words).unwrap().managed.unwrap();
-        assert_eq!(m.stream.reconnect_after, Duration::from_secs(54));
+        assert_eq!(m.stream.reconnect_after, Duration::from_secs(50));
         assert_eq!(m.stream.silence_timeout, Duration::from_secs(5));
         let mut words = STREAMING.to_vec();
         words.extend(["--stream-reconnect-after", "10s"]);
         let m = Config::parse_from(words).unwrap().managed.unwrap();
         assert_eq!(m.stream.reconnect_after, Duration::from_secs(10));
+        // Too short to be useful, or too late for an overlap before Exchange's timeout.
+        for (extra, flag) in [
+            (
+                ["--stream-silence-timeout", "500ms"],
+                "--stream-silence-timeout",
+            ),
+            (
+                ["--stream-reconnect-after", "500ms"],
+                "--stream-reconnect-after",
+            ),
+            (
+                ["--stream-reconnect-after", "51s"],
+                "--stream-reconnect-after",
+            ),
+        ] {
+            let mut words = STREAMING.to_vec();
+            words.extend(["--stream-connection-timeout", "1"]);
+            words.extend(extra);
+            match Config::parse_from(words).unwrap_err() {
+                CliError::Config(e) => assert_eq!(e.flag, flag, "{extra:?}: {e}"),
+                e => panic!("{extra:?}: {e}"),
+            }
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! group's task, and say how it ended. Reading waits while the group is busy delivering (the
 //! channel is bounded), so a slow receiver slows the stream instead of filling memory.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,10 +42,15 @@ pub(super) enum End {
     /// was a single error envelope).
     BodyEnded,
     /// Transport error, or a body cut inside an envelope.
-    Broken(String),
+    Broken {
+        /// What broke.
+        why: String,
+        /// Bytes of an unfinished envelope were dropped: events in it are lost.
+        partial: bool,
+    },
     /// No envelope for the whole silence window.
     Silent(Duration),
-    /// Exchange did not answer 200.
+    /// Exchange did not answer 200, or not in time.
     Refused(Failure),
     /// Stopped by the group; `partial` when bytes of an unfinished envelope were dropped.
     Stopped {
@@ -54,11 +60,19 @@ pub(super) enum End {
 }
 
 impl End {
+    /// An envelope was cut short.
+    pub(super) fn partial(&self) -> bool {
+        matches!(
+            self,
+            End::Broken { partial: true, .. } | End::Stopped { partial: true }
+        )
+    }
+
     /// The `reason` label of `ews_relay_stream_reconnects_total`.
     pub(super) fn label(&self) -> &'static str {
         match self {
             End::BodyEnded => "closed",
-            End::Broken(_) => "broken",
+            End::Broken { .. } => "broken",
             End::Silent(_) => "silence",
             End::Refused(_) => "refused",
             End::Stopped { .. } => "stopped",
@@ -105,10 +119,36 @@ pub(super) struct Connection {
     pub closed_seen: bool,
     /// A connection-level error Exchange answered with (`ErrorExceededConnectionCount` …).
     pub failure: Option<Failure>,
+    /// The subscription ids it was opened for.
+    pub ids: Vec<String>,
+    /// Of those, the ones Exchange said it moved to a newer connection
+    /// (`ErrorNewEventStreamConnectionOpened`): their events travel there from then on.
+    pub moved: HashSet<String>,
+    /// An envelope of it has reached the group (it is open, and may have carried events).
+    pub heard: bool,
+    /// An envelope of it could not be read: the events in it are lost.
+    pub lost_data: bool,
     stop: watch::Sender<bool>,
 }
 
 impl Connection {
+    /// Whether events Exchange wrote into it may not have reached the relay: it broke, went
+    /// silent, or was stopped with an envelope half read after it had opened, or an envelope
+    /// was unreadable. Not when Exchange closed it (`Closed`) or never opened it.
+    pub(super) fn may_have_lost(&self, end: &End) -> bool {
+        if self.lost_data || end.partial() {
+            return true;
+        }
+        // Exchange closed it, never opened it, or refused it in-band: nothing was in flight.
+        if self.closed_seen || !self.heard || self.failure.is_some() {
+            return false;
+        }
+        matches!(
+            end,
+            End::Broken { .. } | End::Silent(_) | End::Stopped { .. }
+        )
+    }
+
     /// Ask it to stop (it reads what is already on its way, then ends with `Stopped`).
     pub(super) fn stop(&self) {
         let _ = self.stop.send(true);
@@ -124,10 +164,11 @@ impl Drop for Open {
     }
 }
 
-/// Start connection `id` for the subscriptions in `body`.
+/// Start connection `id` for the subscriptions `ids` (in `body`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn open(
     id: u64,
+    ids: Vec<String>,
     client: Arc<EwsClient>,
     route: Route,
     body: String,
@@ -162,6 +203,10 @@ pub(super) fn open(
         envelopes: 0,
         closed_seen: false,
         failure: None,
+        ids,
+        moved: HashSet::new(),
+        heard: false,
+        lost_data: false,
         stop,
     }
 }
@@ -212,11 +257,19 @@ async fn run(
                 }
             }
             Err(_) => return End::Silent(silence),
-            Ok(Err(e)) => return End::Broken(error_chain(&e)),
+            Ok(Err(e)) => {
+                return End::Broken {
+                    why: error_chain(&e),
+                    partial: splitter.buffered() > 0,
+                }
+            }
             Ok(Ok(None)) => {
                 return match splitter.finish() {
                     Ok(()) => End::BodyEnded,
-                    Err(e) => End::Broken(format!("the stream ended inside an envelope: {e}")),
+                    Err(e) => End::Broken {
+                        why: format!("the stream ended inside an envelope: {e}"),
+                        partial: true,
+                    },
                 }
             }
             Ok(Ok(Some(b))) => b,
@@ -233,7 +286,12 @@ async fn run(
                     deadline = Instant::now() + silence;
                 }
                 Ok(None) => break,
-                Err(e) => return End::Broken(e.to_string()),
+                Err(e) => {
+                    return End::Broken {
+                        why: e.to_string(),
+                        partial: true,
+                    }
+                }
             }
         }
     }

@@ -10,8 +10,17 @@
 //! subscription to the newest connection (telling the old one
 //! `ErrorNewEventStreamConnectionOpened`, then `Closed`), so an event travels on exactly one
 //! of them. The task keeps delivering the old connection's envelopes and holds the new one's
-//! until the old one has ended (at most [`DRAIN_LIMIT`]): events reach the receiver in
-//! Exchange's order, none lost, none twice.
+//! until the old one has ended (at most [`DRAIN_LIMIT`] after the new one's first envelope;
+//! the old one keeps serving for as long as the new one takes to open): events reach the
+//! receiver in Exchange's order, none lost, none twice. If the new connection ends during the
+//! overlap after carrying events, its end waits for the old one too, so the order holds.
+//!
+//! # Gaps
+//! A connection that breaks, goes silent, or loses part of an envelope after it opened may
+//! have carried events the relay never read; streaming subscriptions have no watermark to
+//! resume from, so each of its mailboxes (but those Exchange had already moved to a newer
+//! connection) gets the resync signal. A connection Exchange closed (`Closed`) or never
+//! opened needs none.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
@@ -24,6 +33,7 @@ use tokio::time::Instant;
 
 use super::connection::{self, ConnEvent, Connection, End, Route};
 use super::Ctx;
+use crate::spool::NotAccepted;
 use crate::store::{self, MailboxRecord, MailboxState, UnixMillis};
 use crate::subscriptions::backoff;
 use crate::subscriptions::client::Failure;
@@ -76,6 +86,8 @@ pub(super) struct GroupState {
     pub last_error: Option<String>,
     /// Unix ms of the latest envelope of the current connection (shared with it).
     pub last_seen: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Mailboxes placed here whose `Add` is still queued (they count against the 200).
+    pub pending_adds: usize,
 }
 
 /// One mailbox of a group.
@@ -87,7 +99,15 @@ pub(super) struct Member {
     retry_at: Option<Instant>,
     /// Failures in a row, for back-off.
     failures: u32,
+    /// Subscriptions lost in a row (each followed by a successful Subscribe), and when the
+    /// last was: a subscription that keeps getting lost is made again with back-off, not in
+    /// a loop.
+    losses: u32,
+    last_loss: Option<Instant>,
 }
+
+/// Losses further apart than this do not count as "in a row".
+const LOSS_MEMORY: Duration = Duration::from_secs(600);
 
 /// A group as the keeper holds it.
 #[derive(Debug)]
@@ -110,6 +130,7 @@ impl GroupHandle {
             connections: 0,
             last_error: None,
             last_seen: None,
+            pending_adds: 0,
         }));
         let (tx, rx) = mpsc::unbounded_channel();
         let (conn_tx, conn_rx) = mpsc::channel(connection::READ_AHEAD);
@@ -128,6 +149,8 @@ impl GroupHandle {
             renew_at: None,
             drain_until: None,
             reconnect: None,
+            current_end: None,
+            unclean: false,
         };
         tokio::spawn(task.run());
         Self {
@@ -136,9 +159,15 @@ impl GroupHandle {
         }
     }
 
-    /// Members now.
+    /// Members now, with those placed here and not yet added.
     pub(super) fn len(&self) -> usize {
-        lock(&self.state).members.len()
+        let s = lock(&self.state);
+        s.members.len() + s.pending_adds
+    }
+
+    /// Reserve a place for a mailbox about to be sent an `Add`.
+    pub(super) fn reserve(&self) {
+        lock(&self.state).pending_adds += 1;
     }
 }
 
@@ -168,6 +197,11 @@ struct GroupTask {
     drain_until: Option<Instant>,
     /// A new connection is wanted, and why (reason label).
     reconnect: Option<&'static str>,
+    /// The new connection of an overlap ended after carrying events: how, processed once
+    /// the old one has ended (its envelopes come first).
+    current_end: Option<End>,
+    /// A delivery was given up while stopping: the next start must resync.
+    unclean: bool,
 }
 
 impl GroupTask {
@@ -206,6 +240,7 @@ impl GroupTask {
         match cmd {
             Command::Add(record) => {
                 let mut s = lock(&self.state);
+                s.pending_adds = s.pending_adds.saturating_sub(1);
                 if s.cookie.is_none() {
                     s.cookie = record.stream_cookie.clone();
                 }
@@ -216,6 +251,8 @@ impl GroupTask {
                         record: *record,
                         retry_at: None,
                         failures: 0,
+                        losses: 0,
+                        last_loss: None,
                     },
                 );
                 drop(s);
@@ -229,9 +266,7 @@ impl GroupTask {
                     let mut s = lock(&self.state);
                     let removed = s.members.remove(&address);
                     if s.anchor == address {
-                        if let Some(next) = s.members.keys().next() {
-                            s.anchor = next.clone();
-                        }
+                        elect_anchor(&mut s, None);
                     }
                     removed
                 };
@@ -258,8 +293,8 @@ impl GroupTask {
         }
     }
 
-    /// `Unsubscribe` in the background (best effort: an unserved streaming subscription
-    /// expires by itself within about 30 minutes).
+    /// `Unsubscribe` in the background (best effort: a streaming subscription no connection
+    /// serves expires by itself after a while).
     fn unsubscribe(&self, address: &str, id: String) {
         let route = self.route();
         let client = self.ctx.client.clone();
@@ -267,7 +302,7 @@ impl GroupTask {
         tokio::spawn(async move {
             let mut route = route;
             route.anchor = address.clone();
-            match client.unsubscribe(route.target(), &id).await {
+            match client.unsubscribe(route.target(), &address, &id).await {
                 Ok(()) => tracing::info!(mailbox = %address, "removed mailbox unsubscribed"),
                 Err(f) => {
                     tracing::info!(mailbox = %address, code = %f.code, "Unsubscribe of a removed mailbox failed; the subscription expires by itself")
@@ -354,8 +389,13 @@ impl GroupTask {
         }
         let mut subscribed_any = false;
         if !has_cookie {
+            // Until one Subscribe has succeeded the group has no backend to be sent to: the
+            // others wait (the next round tries the next member alone).
             let first = due.remove(0);
             subscribed_any |= self.subscribe_one(first).await;
+            if !subscribed_any {
+                return;
+            }
         }
         let mut set = tokio::task::JoinSet::new();
         for address in due {
@@ -437,7 +477,14 @@ impl GroupTask {
                     self.ctx.metrics.subscribe("failure");
                 }
             }
-            m.record.clone()
+            let record = m.record.clone();
+            if matches!(&result, Err(f) if f.action == Action::Permanent) && s.anchor == address {
+                // The anchor cannot be subscribed (deleted, no licence, impersonation
+                // refused): the group's connection impersonates it, so it must not stay the
+                // anchor.
+                elect_anchor(&mut s, Some(address));
+            }
+            record
         };
         match result {
             Ok(_) => {
@@ -458,26 +505,35 @@ impl GroupTask {
         }
     }
 
-    /// The mailbox moved: hand it back to the keeper to be discovered and placed again.
+    /// The mailbox moved: hand it back to the keeper to be discovered and placed again
+    /// (after a back-off when it keeps moving, so a stale answer cannot make a loop).
     async fn moved(&mut self, address: &str) {
         let member = {
             let mut s = lock(&self.state);
             let m = s.members.remove(address);
             if s.anchor == address {
-                if let Some(next) = s.members.keys().next() {
-                    s.anchor = next.clone();
-                }
+                elect_anchor(&mut s, Some(address));
             }
             m
         };
-        if let Some(mut m) = member {
-            m.record.subscription_id = None;
-            m.record.stream_cookie = None;
-            m.record.state = MailboxState::Subscribing;
-            m.record.ews_url = None;
-            let _ = self.ctx.regroup.send(m.record);
+        let Some(mut m) = member else { return };
+        let had_id = m.record.subscription_id.is_some();
+        m.record.subscription_id = None;
+        m.record.stream_cookie = None;
+        m.record.state = MailboxState::Subscribing;
+        m.record.ews_url = None;
+        let wait = self.ctx.move_delay(address);
+        let regroup = self.ctx.regroup.clone();
+        if wait.is_zero() {
+            let _ = regroup.send(m.record);
+        } else {
+            tracing::info!(mailbox = address, wait = ?wait, "mailbox moved again; discovering it after a back-off");
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let _ = regroup.send(m.record);
+            });
         }
-        if self.current.is_some() {
+        if had_id && self.current.is_some() {
             self.want_reconnect("regroup");
         }
     }
@@ -537,6 +593,7 @@ impl GroupTask {
         self.next_id += 1;
         let conn = connection::open(
             id,
+            ids,
             self.ctx.client.clone(),
             route,
             body,
@@ -556,10 +613,16 @@ impl GroupTask {
         s.connections = 1 + u8::from(self.current.is_some());
         drop(s);
         if let Some(old) = self.current.replace(conn) {
+            // The old one serves until the new one has opened: the drain limit starts with
+            // the new one's first envelope (see `connection_event`).
             self.draining = Some(old);
-            self.drain_until = Some(Instant::now() + DRAIN_LIMIT);
+            self.drain_until = None;
         }
-        self.renew_at = Some(Instant::now() + timing.reconnect_after);
+        // Up to a tenth earlier, at random: groups started together do not all renew (and
+        // briefly double their connections against the account's limit) at the same moment.
+        let early = backoff::random() % (timing.reconnect_after.as_millis() as u64 / 10 + 1);
+        self.renew_at =
+            Some(Instant::now() + timing.reconnect_after - Duration::from_millis(early));
     }
 
     fn is_draining(&self, id: u64) -> bool {
@@ -579,7 +642,17 @@ impl GroupTask {
     async fn connection_event(&mut self, id: u64, event: ConnEvent) {
         match event {
             ConnEvent::Envelope(envelope) => {
-                if self.draining.is_some() && !self.is_draining(id) {
+                let overlap = self.draining.is_some() && !self.is_draining(id);
+                if let Some(c) = self.conn_mut(id) {
+                    if !c.heard && overlap {
+                        // The new connection is open: the old one gets its limit now.
+                        self.drain_until = Some(Instant::now() + DRAIN_LIMIT);
+                    }
+                }
+                if let Some(c) = self.conn_mut(id) {
+                    c.heard = true;
+                }
+                if overlap {
                     // The new connection of an overlap: after the old one's last envelope.
                     self.held.push_back(envelope);
                 } else {
@@ -592,29 +665,90 @@ impl GroupTask {
 
     async fn ended(&mut self, id: u64, end: End) {
         if self.is_draining(id) {
-            let old = self.draining.take();
-            self.drain_until = None;
-            lock(&self.state).connections = u8::from(self.current.is_some());
-            if let Some(old) = old {
-                tracing::debug!(
-                    connection = old.id,
-                    end = end.label(),
-                    "old connection ended"
-                );
-            }
-            while let Some(envelope) = self.held.pop_front() {
-                let current = self.current.as_ref().map_or(0, |c| c.id);
-                self.envelope(current, &envelope).await;
+            return self.old_ended(end).await;
+        }
+        let Some(current) = self.current.as_ref().filter(|c| c.id == id) else {
+            return;
+        };
+        if self.draining.is_some() && current.heard {
+            // The new connection of an overlap ended after carrying events: they (and its
+            // end) follow the old connection's last envelope.
+            self.current_end = Some(end);
+            if self.drain_until.is_none() {
+                self.drain_until = Some(Instant::now() + DRAIN_LIMIT);
             }
             return;
+        }
+        self.current_ended(end).await;
+    }
+
+    /// The old connection of an overlap has ended: resync what it may have lost, then deliver
+    /// what the new one carried meanwhile (and its end, if it came too).
+    async fn old_ended(&mut self, end: End) {
+        self.drain_until = None;
+        let Some(old) = self.draining.take() else {
+            return;
+        };
+        lock(&self.state).connections = u8::from(self.current.is_some());
+        tracing::debug!(
+            connection = old.id,
+            end = end.label(),
+            "old connection ended"
+        );
+        self.resync_gap(&old, &end).await;
+        let current = self.current.as_ref().map_or(0, |c| c.id);
+        while let Some(envelope) = self.held.pop_front() {
+            self.envelope(current, &envelope).await;
+        }
+        if let Some(end) = self.current_end.take() {
+            self.current_ended(end).await;
+        }
+    }
+
+    /// Resync the mailboxes of `conn` whose events it may have lost (see the module's "Gaps").
+    async fn resync_gap(&mut self, conn: &Connection, end: &End) {
+        if self.ctx.stopping.load(Ordering::Acquire) || !conn.may_have_lost(end) {
+            // A stop leaves `stream_open` set when it is not clean: the next start resyncs.
+            return;
+        }
+        let affected: Vec<String> = {
+            let s = lock(&self.state);
+            s.members
+                .iter()
+                .filter(|(_, m)| {
+                    m.record
+                        .subscription_id
+                        .as_ref()
+                        .is_some_and(|id| conn.ids.contains(id) && !conn.moved.contains(id))
+                })
+                .map(|(a, _)| a.clone())
+                .collect()
+        };
+        if affected.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            connection = conn.id,
+            end = end.label(),
+            mailboxes = affected.len(),
+            "a streaming connection ended without Closed after it had opened; events in flight may be lost, so its mailboxes get the resync signal"
+        );
+        for address in affected {
+            self.resync(&address, "stream gap").await;
+        }
+    }
+
+    /// The current connection has ended (and no overlap waits for it).
+    async fn current_ended(&mut self, end: End) {
+        // Its held envelopes first, while it is still registered (their `Closed` and errors
+        // count for it).
+        let id = self.current.as_ref().map_or(0, |c| c.id);
+        while let Some(envelope) = self.held.pop_front() {
+            self.envelope(id, &envelope).await;
         }
         let Some(conn) = self.current.take() else {
             return;
         };
-        // The held envelopes are this connection's: deliver them now.
-        while let Some(envelope) = self.held.pop_front() {
-            self.envelope(conn.id, &envelope).await;
-        }
         let lived = conn.opened.elapsed();
         // A failure the server wrote into the stream, or its refusal to open one (HTTP 503,
         // a ServerBusy fault with BackOffMilliseconds).
@@ -628,19 +762,29 @@ impl GroupTask {
             (End::BodyEnded, true, _) => "closed",
             (e, _, _) => e.label(),
         };
-        if let Some(old) = self.draining.take() {
-            // The new connection failed while the old one still reads: keep the old one.
-            self.current = Some(old);
-            self.drain_until = None;
-        } else {
-            self.renew_at = None;
-            let mut s = lock(&self.state);
-            s.open_since = None;
-            s.connections = 0;
-        }
+        self.resync_gap(&conn, &end).await;
+        let restored = match self.draining.take() {
+            Some(old) => {
+                // The new connection failed before it carried anything while the old one
+                // still reads: keep the old one, and try the renewal again (below).
+                self.current = Some(old);
+                self.drain_until = None;
+                true
+            }
+            None => {
+                self.renew_at = None;
+                let mut s = lock(&self.state);
+                s.open_since = None;
+                s.connections = 0;
+                false
+            }
+        };
         lock(&self.state).connections = u8::from(self.current.is_some());
         if matches!(end, End::Stopped { .. }) && failed.is_none() {
             return;
+        }
+        if let Some(f) = &failed {
+            self.anchor_trouble(f).await;
         }
         // Back off after an error or a connection that died young; else reconnect at once.
         let healthy = failed.is_none() && (conn.closed_seen || lived >= MIN_HEALTHY);
@@ -650,8 +794,20 @@ impl GroupTask {
         } else {
             self.conn_failures += 1;
             let r = backoff::random();
-            let wait = match failed.as_ref().map(|f| &f.action) {
-                Some(Action::BackOff(d)) => (*d).max(Duration::from_millis(100)),
+            let wait = match failed.as_ref() {
+                Some(f) if matches!(f.action, Action::BackOff(_)) => match f.action {
+                    Action::BackOff(d) => d.max(Duration::from_millis(100)),
+                    _ => unreachable!("matched above"),
+                },
+                // The account's connections are all taken (ours overlapping, or another
+                // application's): retrying at once cannot help.
+                Some(f) if f.code == "ErrorExceededConnectionCount" => backoff::delay(
+                    self.conn_failures,
+                    backoff::TRANSIENT_BASE,
+                    backoff::TRANSIENT_CAP,
+                    r,
+                )
+                .max(backoff::TRANSIENT_BASE),
                 _ if self.conn_failures <= 1 => Duration::ZERO,
                 _ => backoff::delay(
                     self.conn_failures - 1,
@@ -662,9 +818,12 @@ impl GroupTask {
             };
             self.conn_retry_at = Some(Instant::now() + wait);
         }
+        if restored {
+            self.renew_at = Some(self.conn_retry_at.unwrap_or_else(Instant::now));
+        }
         let detail = match (&failed, &end) {
             (Some(f), _) => Some(format!("{}: {}", f.code, f.detail)),
-            (None, End::Broken(why)) => Some(format!("connection broken: {why}")),
+            (None, End::Broken { why, .. }) => Some(format!("connection broken: {why}")),
             (None, End::Silent(d)) => Some(format!(
                 "no event or keep-alive for {}s (--stream-silence-timeout)",
                 d.as_secs()
@@ -692,6 +851,25 @@ impl GroupTask {
         }
     }
 
+    /// A connection refused for a reason that concerns its anchor mailbox: the anchor moved
+    /// (Autodiscover it again; another member anchors), or cannot be impersonated or does not
+    /// exist (another member anchors). Without this one bad mailbox would keep its whole group
+    /// from streaming.
+    async fn anchor_trouble(&mut self, f: &Failure) {
+        let anchor = lock(&self.state).anchor.clone();
+        if f.action == Action::Rediscover {
+            tracing::warn!(anchor = %anchor, code = %f.code, "the group's anchor mailbox moved; discovering it again, another member anchors");
+            self.moved(&anchor).await;
+            return;
+        }
+        if ANCHOR_CODES.contains(&f.code.as_str()) {
+            let mut s = lock(&self.state);
+            if elect_anchor(&mut s, Some(&anchor)) {
+                tracing::warn!(old = %anchor, new = %s.anchor, code = %f.code, "the group's anchor mailbox cannot carry the connection; another member anchors");
+            }
+        }
+    }
+
     /// One envelope of connection `id`: deliver its events, repair what its errors name.
     async fn envelope(&mut self, id: u64, envelope: &[u8]) {
         let batch = match ews::parse_streaming_events(envelope) {
@@ -709,8 +887,9 @@ impl GroupTask {
                 return;
             }
             Err(e) => {
-                tracing::warn!(error = %e, "unreadable streaming envelope; reconnecting");
+                tracing::warn!(error = %e, "unreadable streaming envelope; reconnecting, its mailboxes get the resync signal");
                 if let Some(c) = self.conn_mut(id) {
+                    c.lost_data = true;
                     c.failure = Some(Failure::new(
                         Action::Transient,
                         "MalformedEnvelope",
@@ -800,7 +979,12 @@ impl GroupTask {
             return;
         };
         match code {
-            "ErrorNewEventStreamConnectionOpened" if self.is_draining(conn) => {}
+            "ErrorNewEventStreamConnectionOpened" if self.is_draining(conn) => {
+                // Our renewal took it over: from here its events travel on the new connection.
+                if let Some(c) = self.conn_mut(conn) {
+                    c.moved.insert(subscription_id.to_owned());
+                }
+            }
             "ErrorNewEventStreamConnectionOpened" => {
                 // Someone else opened a stream for our subscription: its events went there.
                 tracing::warn!(mailbox = %address, "another connection took this mailbox's subscription; reconnecting and asking the receiver to resynchronise");
@@ -824,10 +1008,23 @@ impl GroupTask {
                 let record = {
                     let mut s = lock(&self.state);
                     s.members.get_mut(&address).map(|m| {
+                        let now = Instant::now();
+                        let in_a_row = m.last_loss.is_some_and(|t| now - t < LOSS_MEMORY);
+                        m.losses = if in_a_row { m.losses + 1 } else { 1 };
+                        m.last_loss = Some(now);
                         m.record.subscription_id = None;
                         m.record.state = MailboxState::Lost;
                         m.record.last_error = Some(code.to_owned());
-                        m.retry_at = None;
+                        // The first loss is repaired at once; one that keeps coming back
+                        // (an affinity problem, a server that forgets) waits longer each time.
+                        m.retry_at = (m.losses > 1).then(|| {
+                            now + backoff::delay(
+                                m.losses - 1,
+                                backoff::TRANSIENT_BASE,
+                                backoff::TRANSIENT_CAP,
+                                backoff::random(),
+                            )
+                        });
                         m.record.clone()
                     })
                 };
@@ -890,6 +1087,21 @@ impl GroupTask {
                 .await
             {
                 Ok(_) => break,
+                Err(e @ NotAccepted::OverAge { .. }) => {
+                    // This mailbox's backlog is too old (its receiver keeps refusing it): the
+                    // spool refuses only it. Holding the stream for it would stop the whole
+                    // group, so the notification is dropped and the mailbox resynchronised.
+                    tracing::warn!(mailbox = %address, error = %e, "streamed notification dropped; receiver told to resynchronise the mailbox");
+                    self.resync(&address, "spool over age").await;
+                    return;
+                }
+                Err(e) if self.ctx.stopping.load(Ordering::Acquire) => {
+                    // Stopping with the spool refusing: the stream stays marked open in the
+                    // store, so the next start resyncs these mailboxes.
+                    tracing::warn!(mailbox = %address, error = %e, "stopping while the spool refuses; the mailbox is resynchronised at the next start");
+                    self.unclean = true;
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(mailbox = %address, error = %e, "streamed notification not accepted; retrying, stream paused");
                     tokio::time::sleep(wait).await;
@@ -911,7 +1123,7 @@ impl GroupTask {
             c.stop();
         }
         let deadline = Instant::now() + STOP_LIMIT;
-        let mut clean = true;
+        let mut clean = !self.unclean;
         while self.current.is_some() || self.draining.is_some() {
             let Ok(Some((id, event))) =
                 tokio::time::timeout_at(deadline, self.conn_rx.recv()).await
@@ -931,6 +1143,7 @@ impl GroupTask {
         while let Some(envelope) = self.held.pop_front() {
             self.envelope(0, &envelope).await;
         }
+        clean &= !self.unclean;
         if clean {
             let records: Vec<MailboxRecord> = lock(&self.state)
                 .members
@@ -952,6 +1165,32 @@ impl GroupTask {
             self.ctx.save_all(records).await;
         }
         let _ = done.send(());
+    }
+}
+
+/// Connection-level refusals that concern the anchor mailbox itself, not the group.
+const ANCHOR_CODES: [&str; 4] = [
+    "ErrorNonExistentMailbox",
+    "ErrorImpersonateUserDenied",
+    "ErrorImpersonationFailed",
+    "ErrorMailboxMoveInProgress",
+];
+
+/// Make another member the anchor instead of `not` (a member with a subscription first: it is
+/// known to work with this backend); true when the anchor changed.
+fn elect_anchor(s: &mut GroupState, not: Option<&str>) -> bool {
+    let next = s
+        .members
+        .iter()
+        .filter(|(a, _)| Some(a.as_str()) != not)
+        .max_by_key(|(_, m)| m.record.subscription_id.is_some())
+        .map(|(a, _)| a.clone());
+    match next {
+        Some(a) if a != s.anchor => {
+            s.anchor = a;
+            true
+        }
+        _ => false,
     }
 }
 

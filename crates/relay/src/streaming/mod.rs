@@ -15,8 +15,9 @@
 //!
 //! # Restarts
 //! Subscription ids (and the group's backend cookie) are stored per mailbox, so a restarted
-//! relay reopens the same subscriptions: Exchange keeps a streaming subscription's events for
-//! about 30 minutes without a connection. Events read from a stream but not yet spooled are
+//! relay reopens the same subscriptions: Exchange keeps a streaming subscription and its events
+//! for a while without a connection (how long is not documented; an expired one is reported as
+//! `ErrorSubscriptionNotFound` and repaired with a resync). Events read from a stream but not yet spooled are
 //! lost if the process dies; so while a group's stream is open, its mailboxes' records say so
 //! (`stream_open`), a clean stop reads what is on its way, spools it and clears the mark, and a
 //! start that finds the mark sends those mailboxes the resync signal.
@@ -44,6 +45,9 @@ use group::{Command, GroupHandle};
 pub const MAX_GROUP: usize = ews::MAX_STREAMING_SUBSCRIPTIONS;
 /// Mailboxes Autodiscover could not place are asked about again this often.
 const DISCOVERY_RETRY: Duration = Duration::from_secs(30);
+/// A clean stop waits this long at most for every group (each reads for at most a few
+/// seconds more).
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
 /// Gauges are published this often.
 const PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -58,9 +62,41 @@ pub(crate) struct Ctx {
     stopping: AtomicBool,
     /// Mailboxes a group gave back (moved): to be discovered and placed again.
     regroup: mpsc::UnboundedSender<MailboxRecord>,
+    /// Moves per mailbox in a row, and when the last was (for [`Ctx::move_delay`]).
+    moves: Mutex<HashMap<String, (u32, std::time::Instant)>>,
 }
 
+/// Moves further apart than this do not count as "in a row".
+const MOVE_MEMORY: Duration = Duration::from_secs(600);
+
 impl Ctx {
+    /// How long to wait before discovering `address` again after it moved: at once the first
+    /// time, then with growing back-off (an Autodiscover answer that keeps sending it back to
+    /// where it is refused must not become a loop).
+    fn move_delay(&self, address: &str) -> Duration {
+        let now = std::time::Instant::now();
+        let mut moves = lock(&self.moves);
+        moves.retain(|_, (_, at)| now.duration_since(*at) < MOVE_MEMORY);
+        let n = moves
+            .entry(address.to_owned())
+            .and_modify(|(n, at)| {
+                *n += 1;
+                *at = now;
+            })
+            .or_insert((1, now))
+            .0;
+        if n <= 1 {
+            Duration::ZERO
+        } else {
+            crate::subscriptions::backoff::delay(
+                n - 1,
+                crate::subscriptions::backoff::TRANSIENT_BASE,
+                crate::subscriptions::backoff::TRANSIENT_CAP,
+                crate::subscriptions::backoff::random(),
+            )
+        }
+    }
+
     async fn save(&self, record: MailboxRecord) {
         if let Err(e) = self.writer.put_mailbox(record, store::now_millis()).await {
             tracing::error!(error = %e, "cannot write mailbox state");
@@ -168,6 +204,7 @@ impl Streams {
                 metrics,
                 stopping: AtomicBool::new(false),
                 regroup: tx,
+                moves: Mutex::new(HashMap::new()),
             }),
             groups: Mutex::new(Vec::new()),
             placement: Mutex::new(HashMap::new()),
@@ -225,6 +262,12 @@ impl Streams {
                         while let Ok(r) = rx.try_recv() {
                             batch.push(r);
                         }
+                        // A mailbox removed from the set while it was on its way back is not
+                        // placed again (removal forgets its placement).
+                        {
+                            let placement = lock(&me.placement);
+                            batch.retain(|r| placement.contains_key(&r.address));
+                        }
                         me.place(batch).await;
                     }
                     _ = retry.tick() => {
@@ -258,8 +301,15 @@ impl Streams {
                 waits.push(rx);
             }
         }
-        for w in waits {
-            let _ = w.await;
+        // Bounded: a group stuck (a spool refusing to the end) must not hold the process; it
+        // keeps its mailboxes marked as streaming, so the next start resyncs them.
+        let all = async {
+            for w in waits {
+                let _ = w.await;
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_LIMIT, all).await.is_err() {
+            tracing::warn!("streaming groups did not stop in time; their mailboxes are resynchronised at the next start");
         }
     }
 
@@ -371,7 +421,17 @@ impl Streams {
             if record.ews_url.as_deref().is_some_and(|u| u != ews_url)
                 || record.grouping.as_deref().is_some_and(|g| g != grouping)
             {
-                // Moved since the id was made: it lives on another server.
+                // Moved since the id was made: it lives on another server, and the events
+                // it held since the last stream are out of reach.
+                if record.subscription_id.is_some() {
+                    tracing::warn!(mailbox = %record.address, "the mailbox's EWS URL or grouping changed; subscribing it anew and asking the receiver to resynchronise");
+                    match self.ctx.delivery.request_resync(&record.address).await {
+                        Ok(()) => record.resync_pending = true,
+                        Err(e) => {
+                            tracing::error!(mailbox = %record.address, error = %e, "cannot queue the resync signal")
+                        }
+                    }
+                }
                 record.subscription_id = None;
                 record.stream_cookie = None;
             }
@@ -386,7 +446,6 @@ impl Streams {
     /// The first group at `ews_url`/`grouping` with room, or a new one anchored on `anchor`.
     fn group_with_room(&self, ews_url: &str, grouping: &str, anchor: &str) -> Arc<GroupHandle> {
         let mut groups = lock(&self.groups);
-        let placement = lock(&self.placement);
         for g in groups.iter() {
             let (url, grp) = {
                 let s = lock(&g.state);
@@ -396,8 +455,8 @@ impl Streams {
                 continue;
             }
             // Placed but not yet added count too (the Add may still be queued).
-            let members = placement.values().filter(|p| Arc::ptr_eq(p, g)).count();
-            if members.max(g.len()) < MAX_GROUP {
+            if g.len() < MAX_GROUP {
+                g.reserve();
                 return g.clone();
             }
         }
@@ -407,6 +466,7 @@ impl Streams {
             grouping.to_owned(),
             anchor.to_owned(),
         ));
+        g.reserve();
         groups.push(g.clone());
         g
     }

@@ -53,6 +53,10 @@ pub struct Subscribed {
     pub backend_cookie: Option<String>,
 }
 
+/// How long `GetStreamingEvents` may take to answer with its head (200 and the first bytes of
+/// the chunked body, or a refusal). Exchange answers at once; the events come later.
+pub const STREAM_HEAD_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Where and how to send one Subscribe.
 #[derive(Debug, Clone, Copy)]
 pub struct Target<'a> {
@@ -243,8 +247,15 @@ impl EwsClient {
 
     /// `Unsubscribe` a streaming subscription (best effort: it expires anyway once no
     /// connection serves it).
-    pub async fn unsubscribe(&self, target: Target<'_>, id: &str) -> Result<(), Failure> {
-        let body = ews::unsubscribe_request(id, None, ews::DEFAULT_SERVER_VERSION)
+    /// `Unsubscribe` subscription `id` of `mailbox`, impersonating it (app-only OAuth needs
+    /// `ExchangeImpersonation` on every call, as for the Subscribe that made it).
+    pub async fn unsubscribe(
+        &self,
+        target: Target<'_>,
+        mailbox: &str,
+        id: &str,
+    ) -> Result<(), Failure> {
+        let body = ews::unsubscribe_request(id, Some(mailbox), ews::DEFAULT_SERVER_VERSION)
             .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
         let (status, headers, answer) = self.post(target.ews_url, target, body).await?;
         match ews::parse_unsubscribe_response(&answer) {
@@ -284,9 +295,25 @@ impl EwsClient {
                 .map_err(auth_failure)?
                 .build()
                 .map_err(|e| Failure::new(Action::Permanent, "InvalidRequest", e.to_string()))?;
-            let resp = self.http.execute(req).await.map_err(|e| {
-                Failure::new(Action::Transient, "ConnectionFailed", error_chain(&e))
-            })?;
+            // The whole request may live for `lifetime`, but its answer's head must come
+            // soon: a server that accepts and never answers would hold the group without a
+            // connection (the silence watchdog starts only with the body).
+            let resp = match tokio::time::timeout(STREAM_HEAD_TIMEOUT, self.http.execute(req)).await
+            {
+                Ok(r) => r.map_err(|e| {
+                    Failure::new(Action::Transient, "ConnectionFailed", error_chain(&e))
+                })?,
+                Err(_) => {
+                    return Err(Failure::new(
+                        Action::Transient,
+                        "Timeout",
+                        format!(
+                            "no answer to GetStreamingEvents within {}s",
+                            STREAM_HEAD_TIMEOUT.as_secs()
+                        ),
+                    ))
+                }
+            };
             let status = resp.status();
             if status == reqwest::StatusCode::UNAUTHORIZED
                 && attempt == 0
