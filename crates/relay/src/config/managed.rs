@@ -253,8 +253,8 @@ fn push_callback(args: &Args, path_prefix: &str) -> Result<String, ConfigError> 
 /// The longest ConnectionTimeout EWS accepts for `GetStreamingEvents`, in minutes.
 const MAX_STREAM_CONNECTION_TIMEOUT: u8 = 30;
 /// Exchange writes keep-alive envelopes (`ConnectionStatus` `OK`) into an idle streaming
-/// connection; Microsoft's EWS Managed API gives up on a connection after 45 s without any
-/// data (its heartbeat frequency). 75 s leaves a margin over that; the period Exchange Online
+/// connection; Microsoft's EWS Managed API and its Java port expect one at least every 45 s
+/// (their heartbeat frequency). 75 s leaves a margin over that; the period Exchange Online
 /// uses is not documented, so the flag exists for a server that is quieter.
 const DEFAULT_STREAM_SILENCE: Duration = Duration::from_secs(75);
 /// The shortest silence window and renewal period accepted (shorter ones only churn).
