@@ -121,6 +121,8 @@ pub(super) struct Connection {
     pub failure: Option<Failure>,
     /// The subscription ids it was opened for.
     pub ids: Vec<String>,
+    /// The anchor mailbox it was opened with.
+    pub anchor: String,
     /// Of those, the ones Exchange said it moved to a newer connection
     /// (`ErrorNewEventStreamConnectionOpened`): their events travel there from then on.
     pub moved: HashSet<String>,
@@ -178,6 +180,7 @@ pub(super) fn open(
     metrics: Arc<Metrics>,
 ) -> Connection {
     let (stop, stop_rx) = watch::channel(false);
+    let anchor = route.anchor.clone();
     let last_seen = Arc::new(AtomicU64::new(0));
     let seen = last_seen.clone();
     tokio::spawn(async move {
@@ -204,6 +207,7 @@ pub(super) fn open(
         closed_seen: false,
         failure: None,
         ids,
+        anchor,
         moved: HashSet::new(),
         heard: false,
         lost_data: false,

@@ -248,6 +248,10 @@ impl GroupTask {
                     s.cookie = record.stream_cookie.clone();
                 }
                 let had_id = record.subscription_id.is_some();
+                if !s.members.contains_key(&s.anchor) {
+                    // The anchor left an emptied group: the newcomer anchors it.
+                    s.anchor = record.address.clone();
+                }
                 s.members.insert(
                     record.address.clone(),
                     Member {
@@ -338,15 +342,13 @@ impl GroupTask {
             .filter(|m| m.record.subscription_id.is_none())
             .filter_map(|m| m.retry_at)
             .min();
-        [
-            self.renew_at,
-            self.drain_until,
-            self.conn_retry_at,
-            member_retry,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        // A retry time already past is not a reason to wake: it only gates the next
+        // connection, which opens as soon as one is wanted (waking for it would spin).
+        let conn_retry = self.conn_retry_at.filter(|t| *t > Instant::now());
+        [self.renew_at, self.drain_until, conn_retry, member_retry]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn timers(&mut self) {
@@ -382,14 +384,11 @@ impl GroupTask {
                 clean = false;
                 break;
             };
-            match event {
-                ConnEvent::Ended(End::Stopped { partial: true }) => {
-                    clean = false;
-                    self.ended(id, End::Stopped { partial: true }).await;
-                }
-                ConnEvent::Ended(end) => self.ended(id, end).await,
-                ConnEvent::Envelope(e) => self.envelope(id, &e).await,
+            if matches!(event, ConnEvent::Ended(End::Stopped { partial: true })) {
+                clean = false;
             }
+            // The same path as while running: an overlap's order holds to the end.
+            self.connection_event(id, event).await;
         }
         while let Some(envelope) = self.held.pop_front() {
             self.envelope(0, &envelope).await;

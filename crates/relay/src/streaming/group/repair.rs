@@ -22,41 +22,58 @@ impl GroupTask {
             // A stop leaves `stream_open` set when it is not clean: the next start resyncs.
             return;
         }
+        let n = self
+            .resync_where(|id| conn.ids.iter().any(|i| i == id) && !conn.moved.contains(id))
+            .await;
+        if n > 0 {
+            tracing::warn!(
+                connection = conn.id,
+                end = end.label(),
+                mailboxes = n,
+                "a streaming connection ended without Closed after it had opened; events in flight may be lost, so its mailboxes get the resync signal"
+            );
+        }
+    }
+
+    /// Send the resync signal to every member whose subscription id passes `hit`; how many.
+    pub(super) async fn resync_where(&mut self, hit: impl Fn(&str) -> bool) -> usize {
         let affected: Vec<String> = {
             let s = lock(&self.state);
             s.members
                 .iter()
-                .filter(|(_, m)| {
-                    m.record
-                        .subscription_id
-                        .as_ref()
-                        .is_some_and(|id| conn.ids.contains(id) && !conn.moved.contains(id))
-                })
+                .filter(|(_, m)| m.record.subscription_id.as_deref().is_some_and(&hit))
                 .map(|(a, _)| a.clone())
                 .collect()
         };
-        if affected.is_empty() {
-            return;
+        for address in &affected {
+            self.resync(address, "stream gap").await;
         }
-        tracing::warn!(
-            connection = conn.id,
-            end = end.label(),
-            mailboxes = affected.len(),
-            "a streaming connection ended without Closed after it had opened; events in flight may be lost, so its mailboxes get the resync signal"
-        );
-        for address in affected {
-            self.resync(&address, "stream gap").await;
-        }
+        affected.len()
     }
 
     /// A connection refused for a reason that concerns its anchor mailbox: the anchor moved
     /// (Autodiscover it again; another member anchors), or cannot be impersonated or does not
     /// exist (another member anchors). Without this one bad mailbox would keep its whole group
     /// from streaming.
-    pub(super) async fn anchor_trouble(&mut self, f: &Failure) {
-        let anchor = lock(&self.state).anchor.clone();
+    pub(super) async fn anchor_trouble(&mut self, f: &Failure, conn_anchor: &str) {
+        let (anchor, anchor_id) = {
+            let s = lock(&self.state);
+            let id = s
+                .members
+                .get(&s.anchor)
+                .and_then(|m| m.record.subscription_id.clone());
+            (s.anchor.clone(), id)
+        };
+        if anchor != conn_anchor {
+            // Another anchor was chosen since that connection was asked for.
+            return;
+        }
         if f.action == Action::Rediscover {
             tracing::warn!(anchor = %anchor, code = %f.code, "the group's anchor mailbox moved; discovering it again, another member anchors");
+            if anchor_id.is_some() {
+                // Its subscription is abandoned with whatever it held.
+                self.resync(&anchor, &f.code).await;
+            }
             self.moved(&anchor).await;
             return;
         }

@@ -89,6 +89,8 @@ impl GroupTask {
                 lock(&self.state).reconnects += 1;
             }
         }
+        // Its time has come: kept, it would stay in the past and wake the task for nothing.
+        self.conn_retry_at = None;
         let mut s = lock(&self.state);
         s.last_seen = Some(conn.last_seen.clone());
         s.connections = 1 + u8::from(self.current.is_some());
@@ -124,6 +126,14 @@ impl GroupTask {
         match event {
             ConnEvent::Envelope(envelope) => {
                 let overlap = self.draining.is_some() && !self.is_draining(id);
+                let first = self.conn_mut(id).is_some_and(|c| !c.heard);
+                if overlap && first && is_refusal(&envelope) {
+                    // The renewal was refused in-band (`ErrorExceededConnectionCount` while
+                    // both are open, `ErrorServerBusy`): it never took over, the old one keeps
+                    // serving. Handled now: no drain, no hold, no gap.
+                    self.envelope(id, &envelope).await;
+                    return;
+                }
                 if let Some(c) = self.conn_mut(id) {
                     if !c.heard && overlap {
                         // The new connection is open: the old one gets its limit now.
@@ -177,6 +187,11 @@ impl GroupTask {
             "old connection ended"
         );
         self.resync_gap(&old, &end).await;
+        if self.current_end.is_none() && self.current.as_ref().is_some_and(|c| c.heard) {
+            // A renewal that took over: whatever failed before is behind us.
+            self.conn_failures = 0;
+            self.conn_retry_at = None;
+        }
         let current = self.current.as_ref().map_or(0, |c| c.id);
         while let Some(envelope) = self.held.pop_front() {
             self.envelope(current, &envelope).await;
@@ -214,7 +229,13 @@ impl GroupTask {
         let restored = match self.draining.take() {
             Some(old) => {
                 // The new connection failed before it carried anything while the old one
-                // still reads: keep the old one, and try the renewal again (below).
+                // still reads: keep the old one, and try the renewal again (below). If
+                // Exchange had already moved subscriptions to it, their events went into a
+                // connection nobody read.
+                if !conn.heard && !old.moved.is_empty() {
+                    let moved = old.moved.clone();
+                    self.resync_where(|id| moved.contains(id)).await;
+                }
                 self.current = Some(old);
                 self.drain_until = None;
                 true
@@ -232,7 +253,7 @@ impl GroupTask {
             return;
         }
         if let Some(f) = &failed {
-            self.anchor_trouble(f).await;
+            self.anchor_trouble(f, &conn.anchor).await;
         }
         // Back off after an error or a connection that died young; else reconnect at once.
         let healthy = failed.is_none() && (conn.closed_seen || lived >= MIN_HEALTHY);
@@ -339,7 +360,7 @@ impl GroupTask {
             c.envelopes += 1;
             c.envelopes == 1
         });
-        if first == Some(true) && !self.is_draining(id) {
+        if first == Some(true) && !self.is_draining(id) && !batch_is_refusal(&batch) {
             self.connected().await;
         }
         for message in &batch.messages {
@@ -390,4 +411,21 @@ impl GroupTask {
         };
         self.ctx.save_all(records).await;
     }
+}
+
+/// Whether an envelope refuses the connection rather than serving it: a SOAP fault, or an
+/// error for the whole connection with no notification.
+fn is_refusal(envelope: &[u8]) -> bool {
+    match ews::parse_streaming_events(envelope) {
+        Ok(batch) => batch_is_refusal(&batch),
+        Err(ews::EwsError::Fault(_)) => true,
+        Err(_) => false,
+    }
+}
+
+fn batch_is_refusal(batch: &ews::StreamingBatch<'_>) -> bool {
+    batch.notifications().next().is_none()
+        && batch.messages.iter().any(|m| {
+            m.status.class != ews::ResponseClass::Success && m.error_subscription_ids.is_empty()
+        })
 }

@@ -28,14 +28,18 @@ impl GroupTask {
         let now = Instant::now();
         let (mut due, has_cookie): (Vec<String>, bool) = {
             let s = lock(&self.state);
+            let mut due: Vec<(u32, String)> = s
+                .members
+                .iter()
+                .filter(|(_, m)| {
+                    m.record.subscription_id.is_none() && m.retry_at.is_none_or(|t| t <= now)
+                })
+                .map(|(a, m)| (m.failures, a.clone()))
+                .collect();
+            // Those that failed least first: one bad mailbox does not go first every round.
+            due.sort();
             (
-                s.members
-                    .iter()
-                    .filter(|(_, m)| {
-                        m.record.subscription_id.is_none() && m.retry_at.is_none_or(|t| t <= now)
-                    })
-                    .map(|(a, _)| a.clone())
-                    .collect(),
+                due.into_iter().map(|(_, a)| a).collect(),
                 s.cookie.is_some(),
             )
         };
@@ -44,10 +48,16 @@ impl GroupTask {
         }
         let mut subscribed_any = false;
         if !has_cookie {
-            // Until one Subscribe has succeeded the group has no backend to be sent to: the
-            // others wait (the next round tries the next member alone).
-            let first = due.remove(0);
-            subscribed_any |= self.subscribe_one(first).await;
+            // Until one Subscribe has succeeded the group has no backend cookie to send: one
+            // at a time until one succeeds (a failed one backs off on its own), then the rest
+            // together.
+            while !due.is_empty() && !subscribed_any {
+                if self.ctx.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                let first = due.remove(0);
+                subscribed_any = self.subscribe_one(first).await;
+            }
             if !subscribed_any {
                 return;
             }
