@@ -28,7 +28,7 @@
 //! | `POST /_sim/faults/error-notification` | `{"subscription_id"}`: an `ErrorReadEventsFailed` push, then it is gone |
 //! | `POST /_sim/faults/delay` | `{"ms"}`: every EWS response waits this long (0 stops) |
 //! | `POST /_sim/faults/revoke-tokens` | every token stops working → `{"revoked"}` |
-//! | `POST /_sim/faults/clear` | disarm busy, 503, delay, refused streaming connections and Graph throttling |
+//! | `POST /_sim/faults/clear` | disarm busy, 503, delay, refused and delayed streaming connections and Graph throttling |
 //! | `GET /_sim/streaming/subscriptions` | [`StreamingSubscriptionInfo`]s, ended ones included |
 //! | `GET /_sim/streaming/connections` | [`StreamingConnectionInfo`]s: ids, anchor, account, times, envelopes, errors, how it ended |
 //! | `POST /_sim/faults/streaming/cut` | `{"connection"?}` (default: every open one): TCP dropped, no `Closed` → `{"cut"}` |
@@ -36,6 +36,10 @@
 //! | `POST /_sim/faults/streaming/expire` | `{"subscription_id"}`: gone; `ErrorSubscriptionNotFound` in its stream and after |
 //! | `POST /_sim/faults/streaming/missed-events` | `{"subscription_id"}`: `ErrorMissedNotificationEvents` in its stream; waiting events lost |
 //! | `POST /_sim/faults/streaming/refuse-connections` | `{"count"?: 1}`: next `GetStreamingEvents` get `ErrorExceededConnectionCount` |
+//! | `POST /_sim/faults/streaming/cut-mid-envelope` | `{"connection"?}`: half of the next envelope (events or a keep-alive) is written, then TCP dropped; its events are lost → `{"cut"}` |
+//! | `POST /_sim/faults/streaming/malformed-envelope` | `{"connection"?}`: one well-framed envelope that is not a `GetStreamingEventsResponse`, then streaming goes on → `{"armed"}` |
+//! | `POST /_sim/faults/streaming/delay-head` | `{"count"?: 1, "ms"}`: next `GetStreamingEvents` answered only after `ms`; nothing routed meanwhile |
+//! | `POST /_sim/faults/delete-mailbox` | `{"mailbox"}`: `ErrorNonExistentMailbox` for its Subscribe and for anything anchored on it, for good; Autodiscover still answers |
 //!
 //! # Streaming notifications
 //!
@@ -54,8 +58,10 @@
 //! last stricter than Exchange, which would route by the anchor) → `ErrorSubscriptionNotFound`,
 //! as Microsoft says a request routed to the wrong mailbox server gets; moved mailbox →
 //! `ErrorProxyRequestNotAllowed`. When no id can be served the answer is that one envelope.
-//! Refused whole: more than 200 ids (Microsoft documents the limit, not the code; the simulator
-//! answers `ErrorInvalidArgument`), more open connections than
+//! Refused whole (a connection-level error, no `ErrorSubscriptionIds`): an `X-AnchorMailbox`
+//! that has moved (`ErrorProxyRequestNotAllowed`, and the anchor's subscriptions end with it)
+//! or was deleted (`ErrorNonExistentMailbox`), more than 200 ids (Microsoft documents the
+//! limit, not the code; the simulator answers `ErrorInvalidArgument`), more open connections than
 //! [`SimConfig::streaming_connection_limit`] for the account (the impersonated mailbox, else
 //! the caller) → `ErrorExceededConnectionCount`. A newer connection for ids another serves takes
 //! them; the older one writes `ErrorNewEventStreamConnectionOpened` for them (and `Closed`

@@ -880,6 +880,53 @@ async fn control_routes_list_and_inject() {
     .await;
     assert_eq!(body["cut"], 1);
     assert_eq!(sim.connection_end(1).await, ConnectionEnd::Cut);
+
+    // The faults for half envelopes, malformed envelopes, slow heads and deleted mailboxes.
+    sim.handle.clear_faults();
+    let _again = sim.stream(&[&a], &anchored(A)).await;
+    let (_, body) = control(
+        "/_sim/faults/streaming/malformed-envelope",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(body["armed"], 1);
+    let (_, body) = control(
+        "/_sim/faults/streaming/cut-mid-envelope",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(body["cut"], 1);
+    let (_, body) = control(
+        "/_sim/faults/streaming/delay-head",
+        serde_json::json!({"count": 3, "ms": 10}),
+    )
+    .await;
+    assert_eq!(body["ok"], true);
+    let faults = sim.handle.snapshot().faults;
+    assert_eq!(
+        (
+            faults.streaming_head_delay_remaining,
+            faults.streaming_head_delay_ms
+        ),
+        (3, 10)
+    );
+    let (status, _) = control(
+        "/_sim/faults/delete-mailbox",
+        serde_json::json!({"mailbox": "nobody@contoso.example"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, body) = control(
+        "/_sim/faults/delete-mailbox",
+        serde_json::json!({"mailbox": B}),
+    )
+    .await;
+    assert_eq!(body["ok"], true);
+    assert!(sim
+        .handle
+        .mailboxes()
+        .iter()
+        .any(|m| m.smtp == B && m.deleted));
 }
 
 #[tokio::test]
