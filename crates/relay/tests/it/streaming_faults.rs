@@ -92,10 +92,12 @@ async fn malformed_envelope_replaces_the_connection_and_asks_for_resync() {
     wait_replaced(&lab.sim, id, &[A, B]).await;
     let info = lab.sim.streaming_connection(id).unwrap();
     assert_eq!(info.malformed, 1, "{info:#?}");
-    assert_eq!(
-        info.end,
-        Some(ConnectionEnd::ClientGone),
-        "the relay gave the connection up: {info:#?}"
+    assert!(
+        matches!(
+            info.end,
+            Some(ConnectionEnd::ClientGone | ConnectionEnd::Replaced)
+        ),
+        "the relay gave the connection up or replaced it: {info:#?}"
     );
     wait_resync(&lab, A).await;
     wait_resync(&lab, B).await;
