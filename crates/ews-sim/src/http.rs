@@ -428,6 +428,18 @@ async fn ews_plain(shared: &Arc<Shared>, headers: &HeaderMap, body: &[u8]) -> Ew
             streaming_subscribe(shared, headers, request).into()
         }
         Ok(EwsRequest::GetStreamingEvents(request)) => {
+            let head_delay = {
+                let mut state = shared.lock();
+                let faults = &mut state.faults;
+                (faults.streaming_head_delay_remaining > 0).then(|| {
+                    faults.streaming_head_delay_remaining -= 1;
+                    faults.streaming_head_delay_ms
+                })
+            };
+            if let Some(ms) = head_delay {
+                // A slow front end: nothing is routed (no subscription moves) until it answers.
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
             get_streaming_events(shared, headers, request)
         }
         Ok(EwsRequest::Unsubscribe(request)) => {
@@ -476,6 +488,9 @@ fn subscribe(
     state.streaming.expire_idle(Instant::now(), lifetime);
     let outcome: Result<String, &'static str> = (|| {
         let mailbox = state.mailboxes.get(&key).ok_or("ErrorNonExistentMailbox")?;
+        if mailbox.deleted || anchor_deleted(&state, anchor.as_deref()) {
+            return Err("ErrorNonExistentMailbox");
+        }
         if mailbox.moved {
             return Err("ErrorProxyRequestNotAllowed");
         }
@@ -546,6 +561,14 @@ fn subscribe(
         response.headers_mut().insert(SET_COOKIE, cookie);
     }
     (response, Some(code.to_owned()))
+}
+
+/// Whether `X-AnchorMailbox` names a mailbox the delete-mailbox fault removed: the front end
+/// cannot route by it.
+fn anchor_deleted(state: &super::state::State, anchor: Option<&str>) -> bool {
+    anchor
+        .and_then(|a| state.mailboxes.get(a))
+        .is_some_and(|m| m.deleted)
 }
 
 /// `X-AnchorMailbox` must name the impersonated mailbox; in an affinity group it may name the
@@ -638,6 +661,9 @@ fn streaming_subscribe(
     );
     let outcome: Result<String, &'static str> = (|| {
         let mailbox = state.mailboxes.get(&key).ok_or("ErrorNonExistentMailbox")?;
+        if mailbox.deleted || anchor_deleted(state, anchor.as_deref()) {
+            return Err("ErrorNonExistentMailbox");
+        }
         if mailbox.moved {
             return Err("ErrorProxyRequestNotAllowed");
         }
@@ -905,6 +931,13 @@ struct CountBody {
 }
 
 #[derive(Debug, Deserialize)]
+struct DelayHeadBody {
+    #[serde(default = "one_u32")]
+    count: u32,
+    ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
 struct DelayBody {
     ms: u64,
 }
@@ -1026,6 +1059,17 @@ async fn control(shared: Arc<Shared>, req: Request<Incoming>, route: &str) -> Re
                 json!({"ok": true})
             })
         }
+        (&Method::POST, "faults/streaming/cut-mid-envelope") => parse::<ConnectionBody>(&body)
+            .map(|b| json!({"cut": handle.streaming_cut_mid_envelope(b.connection)})),
+        (&Method::POST, "faults/streaming/malformed-envelope") => parse::<ConnectionBody>(&body)
+            .map(|b| json!({"armed": handle.streaming_malformed_envelope(b.connection)})),
+        (&Method::POST, "faults/streaming/delay-head") => parse::<DelayHeadBody>(&body).map(|b| {
+            handle.streaming_delay_head(b.count, Duration::from_millis(b.ms));
+            json!({"ok": true})
+        }),
+        (&Method::POST, "faults/delete-mailbox") => parse::<MailboxBody>(&body)
+            .and_then(|b| handle.delete_mailbox(&b.mailbox).map_err(refused))
+            .map(|()| json!({"ok": true})),
         (&Method::POST, "faults/clear") => {
             handle.clear_faults();
             Ok(json!({"ok": true}))

@@ -28,7 +28,7 @@
 //! | `POST /_sim/faults/error-notification` | `{"subscription_id"}`: an `ErrorReadEventsFailed` push, then it is gone |
 //! | `POST /_sim/faults/delay` | `{"ms"}`: every EWS response waits this long (0 stops) |
 //! | `POST /_sim/faults/revoke-tokens` | every token stops working → `{"revoked"}` |
-//! | `POST /_sim/faults/clear` | disarm busy, 503, delay, refused streaming connections and Graph throttling |
+//! | `POST /_sim/faults/clear` | disarm busy, 503, delay, refused and delayed streaming connections and Graph throttling |
 //! | `GET /_sim/streaming/subscriptions` | [`StreamingSubscriptionInfo`]s, ended ones included |
 //! | `GET /_sim/streaming/connections` | [`StreamingConnectionInfo`]s: ids, anchor, account, times, envelopes, errors, how it ended |
 //! | `POST /_sim/faults/streaming/cut` | `{"connection"?}` (default: every open one): TCP dropped, no `Closed` → `{"cut"}` |
@@ -36,6 +36,10 @@
 //! | `POST /_sim/faults/streaming/expire` | `{"subscription_id"}`: gone; `ErrorSubscriptionNotFound` in its stream and after |
 //! | `POST /_sim/faults/streaming/missed-events` | `{"subscription_id"}`: `ErrorMissedNotificationEvents` in its stream; waiting events lost |
 //! | `POST /_sim/faults/streaming/refuse-connections` | `{"count"?: 1}`: next `GetStreamingEvents` get `ErrorExceededConnectionCount` |
+//! | `POST /_sim/faults/streaming/cut-mid-envelope` | `{"connection"?}`: half of the next envelope (events or a keep-alive) is written, then TCP dropped; its events are lost → `{"cut"}` |
+//! | `POST /_sim/faults/streaming/malformed-envelope` | `{"connection"?}`: one well-framed envelope that is not a `GetStreamingEventsResponse`, then streaming goes on → `{"armed"}` |
+//! | `POST /_sim/faults/streaming/delay-head` | `{"count"?: 1, "ms"}`: next `GetStreamingEvents` answered only after `ms`; nothing routed meanwhile |
+//! | `POST /_sim/faults/delete-mailbox` | `{"mailbox"}`: `ErrorNonExistentMailbox` for its Subscribe and for anything anchored on it, for good; Autodiscover still answers |
 //!
 //! # Streaming notifications
 //!
@@ -54,8 +58,10 @@
 //! last stricter than Exchange, which would route by the anchor) → `ErrorSubscriptionNotFound`,
 //! as Microsoft says a request routed to the wrong mailbox server gets; moved mailbox →
 //! `ErrorProxyRequestNotAllowed`. When no id can be served the answer is that one envelope.
-//! Refused whole: more than 200 ids (Microsoft documents the limit, not the code; the simulator
-//! answers `ErrorInvalidArgument`), more open connections than
+//! Refused whole (a connection-level error, no `ErrorSubscriptionIds`): an `X-AnchorMailbox`
+//! that has moved (`ErrorProxyRequestNotAllowed`, and the anchor's subscriptions end with it)
+//! or was deleted (`ErrorNonExistentMailbox`), more than 200 ids (Microsoft documents the
+//! limit, not the code; the simulator answers `ErrorInvalidArgument`), more open connections than
 //! [`SimConfig::streaming_connection_limit`] for the account (the impersonated mailbox, else
 //! the caller) → `ErrorExceededConnectionCount`. A newer connection for ids another serves takes
 //! them; the older one writes `ErrorNewEventStreamConnectionOpened` for them (and `Closed`
@@ -529,6 +535,8 @@ pub struct MailboxInfo {
     pub subscriptions_created: u64,
     /// Answering `ErrorProxyRequestNotAllowed` until Autodiscover is asked for it.
     pub moved: bool,
+    /// Deleted by the delete-mailbox fault.
+    pub deleted: bool,
     /// Watermark generation (bumped by each invalidation).
     pub watermark_generation: u32,
 }
@@ -609,6 +617,10 @@ pub struct StreamingConnectionInfo {
     pub refused_code: Option<String>,
     /// Frozen by the stall fault.
     pub stalled: bool,
+    /// Malformed envelopes written (the malformed-envelope fault).
+    pub malformed: u64,
+    /// Bytes of the unfinished envelope written before the mid-envelope cut, if it was cut so.
+    pub cut_mid_envelope: Option<usize>,
 }
 
 /// Everything at once, for `GET /_sim/state`.
@@ -887,6 +899,7 @@ impl SimHandle {
                 live_subscriptions: state.live_count(key),
                 subscriptions_created: m.subscriptions_created,
                 moved: m.moved,
+                deleted: m.deleted,
                 watermark_generation: m.generation,
             })
             .collect()
@@ -1123,6 +1136,8 @@ impl SimHandle {
                 end: c.end,
                 refused_code: c.refused_code.clone(),
                 stalled: c.stalled,
+                malformed: c.malformed,
+                cut_mid_envelope: c.cut_mid_envelope,
             })
             .collect()
     }
@@ -1169,6 +1184,66 @@ impl SimHandle {
         self.shared.changed();
         done.then_some(())
             .ok_or_else(|| SimError::UnknownSubscription(id.into()))
+    }
+
+    /// Fault: the open streaming connection `connection` (every open one when `None`) writes
+    /// the first half of its next envelope (the events waiting, or a keep-alive) and is then
+    /// dropped at the TCP level. Events in that envelope are gone, as they would be from a
+    /// server that wrote them into a socket that died. Returns how many were armed.
+    pub fn streaming_cut_mid_envelope(&self, connection: Option<u64>) -> usize {
+        let n = streaming::cut_mid_envelope(&mut self.shared.lock(), connection);
+        self.shared.changed();
+        n
+    }
+
+    /// Fault: the open streaming connection `connection` (every open one when `None`) writes
+    /// one well-framed envelope that is not a `GetStreamingEventsResponse`
+    /// ([`streaming::MALFORMED_ENVELOPE`]), then goes on streaming as before. Returns how many
+    /// were armed.
+    pub fn streaming_malformed_envelope(&self, connection: Option<u64>) -> usize {
+        let n = streaming::malformed(&mut self.shared.lock(), connection);
+        self.shared.changed();
+        n
+    }
+
+    /// Fault: the next `count` `GetStreamingEvents` are answered only after `delay` (a slow
+    /// front end). Nothing is routed meanwhile: the subscriptions they name stay with the
+    /// connection serving them until the delay is over.
+    pub fn streaming_delay_head(&self, count: u32, delay: Duration) {
+        let mut state = self.shared.lock();
+        state.faults.streaming_head_delay_remaining = count;
+        state.faults.streaming_head_delay_ms = millis(delay);
+        drop(state);
+        self.shared.changed();
+    }
+
+    /// Fault: the mailbox is deleted. Subscribe for it, and any Subscribe or
+    /// `GetStreamingEvents` anchored on it (`X-AnchorMailbox`), answer
+    /// `ErrorNonExistentMailbox` (a `GetStreamingEvents` as a connection-level error, without
+    /// `ErrorSubscriptionIds`); its streaming subscriptions end (their connection reports
+    /// `ErrorSubscriptionNotFound`). Autodiscover still answers for it, as a directory that has
+    /// not caught up does. Permanent: nothing undoes it.
+    pub fn delete_mailbox(&self, mailbox: &str) -> Result<(), SimError> {
+        let key = mailbox.to_ascii_lowercase();
+        let mut state = self.shared.lock();
+        let m = state
+            .mailboxes
+            .get_mut(&key)
+            .ok_or_else(|| SimError::UnknownMailbox(mailbox.into()))?;
+        m.deleted = true;
+        let ids: Vec<String> = state
+            .streaming
+            .subscriptions
+            .values()
+            .filter(|s| s.mailbox == key && s.end.is_none())
+            .map(|s| s.id.clone())
+            .collect();
+        for id in ids {
+            streaming::expire(&mut state, &id);
+        }
+        drop(state);
+        self.shared.changed();
+        Ok(())
     }
 
     /// Fault: the next `count` `GetStreamingEvents` are refused with

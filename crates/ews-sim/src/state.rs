@@ -80,6 +80,9 @@ pub struct Mailbox {
     pub head: u64,
     /// Set by the move-mailbox fault; cleared when Autodiscover is asked about the mailbox.
     pub moved: bool,
+    /// Set by the delete-mailbox fault: Subscribe for it, and any request anchored on it
+    /// (`X-AnchorMailbox`), answer `ErrorNonExistentMailbox`; Autodiscover still answers.
+    pub deleted: bool,
     /// Events created so far.
     pub events_created: u64,
     /// Subscriptions created so far.
@@ -200,6 +203,11 @@ pub struct Faults {
     pub response_delay_ms: u64,
     /// Next `GetStreamingEvents` to refuse with `ErrorExceededConnectionCount`.
     pub streaming_refuse_remaining: u32,
+    /// Next `GetStreamingEvents` whose response head waits [`Faults::streaming_head_delay_ms`]
+    /// (the subscriptions move to the new connection only when it is answered).
+    pub streaming_head_delay_remaining: u32,
+    /// How long those wait.
+    pub streaming_head_delay_ms: u64,
 }
 
 /// Everything the simulator remembers.
@@ -279,6 +287,7 @@ impl State {
                 log: VecDeque::new(),
                 head: 0,
                 moved: false,
+                deleted: false,
                 events_created: 0,
                 subscriptions_created: 0,
             },

@@ -38,6 +38,10 @@ pub const MAX_RECORDED_CONNECTIONS: usize = 1_000;
 /// fills it and the task waits, as a server's send buffer would.
 const BODY_BUFFER: usize = 8;
 
+/// How long the mid-envelope cut waits between writing its partial envelope and dropping the
+/// socket, so the partial bytes are on the wire first.
+const PARTIAL_FLUSH: Duration = Duration::from_millis(100);
+
 /// How long a write may wait on a client that does not read before it counts as gone.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -113,7 +117,20 @@ pub enum ConnectionEnd {
 enum Command {
     Cut,
     Stall,
+    /// Write the first part of the next envelope (events or a keep-alive), then cut.
+    CutMidEnvelope,
+    /// Write one well-framed envelope that is not a `GetStreamingEventsResponse`, then go on.
+    Malformed,
 }
+
+/// The envelope the malformed-envelope fault writes: complete, well-formed XML a splitter
+/// takes as one envelope, whose body is no `GetStreamingEventsResponse`.
+pub const MALFORMED_ENVELOPE: &str = concat!(
+    r#"<?xml version="1.0" encoding="utf-8"?>"#,
+    r#"<soap:Envelope xmlns:soap="http://schemas.xmlsoap.org/soap/envelope/">"#,
+    r#"<soap:Body><m:GetItemResponse xmlns:m="http://schemas.microsoft.com/exchange/services/2006/messages">"#,
+    r#"<m:NotWhatWasAskedFor/></m:GetItemResponse></soap:Body></soap:Envelope>"#,
+);
 
 /// One `GetStreamingEvents` connection, open or ended.
 #[derive(Debug)]
@@ -150,6 +167,10 @@ pub struct StreamingConnection {
     pub refused_code: Option<String>,
     /// Whether the stall fault froze it.
     pub stalled: bool,
+    /// Malformed envelopes written by the malformed-envelope fault.
+    pub malformed: u64,
+    /// Bytes of an unfinished envelope written before the mid-envelope cut.
+    pub cut_mid_envelope: Option<usize>,
     command: Option<Command>,
     pending_errors: Vec<StreamError>,
     /// A newer connection took some of its subscriptions.
@@ -186,6 +207,8 @@ enum Step {
     },
     /// Drop the socket.
     Cut,
+    /// Write these bytes (part of an envelope), then drop the socket.
+    CutPartial(String),
     /// Say nothing ever again.
     Stall,
     /// Nothing to say.
@@ -306,6 +329,39 @@ impl StreamingState {
         match conn.command {
             Some(Command::Cut) => return Step::Cut,
             Some(Command::Stall) => return Step::Stall,
+            Some(Command::Malformed) => {
+                conn.command = None;
+                conn.envelopes += 1;
+                conn.malformed += 1;
+                return Step::Send {
+                    envelope: MALFORMED_ENVELOPE.to_owned(),
+                    end: None,
+                    // Whatever else is waiting goes out right after.
+                    more: true,
+                };
+            }
+            Some(Command::CutMidEnvelope) => {
+                // The envelope it would have written (events leave the log for good, as on a
+                // server that wrote them into a socket that then died), cut in half.
+                conn.command = None;
+                let envelope = match self.step(id, mailboxes) {
+                    Step::Send { envelope, .. } => envelope,
+                    Step::Idle => stream_soap::streaming_envelope(&Envelope {
+                        success: true,
+                        ..Envelope::default()
+                    }),
+                    other => return other,
+                };
+                let mut half = envelope.len() / 2;
+                while !envelope.is_char_boundary(half) {
+                    half -= 1;
+                }
+                let part = envelope[..half].to_owned();
+                if let Some(conn) = self.connections.get_mut(&id) {
+                    conn.cut_mid_envelope = Some(part.len());
+                }
+                return Step::CutPartial(part);
+            }
             None => {}
         }
         let mut errors = std::mem::take(&mut conn.pending_errors);
@@ -532,6 +588,8 @@ pub(crate) fn open(
                 end: Some(ConnectionEnd::Refused),
                 refused_code: Some(code.to_owned()),
                 stalled: false,
+                malformed: 0,
+                cut_mid_envelope: None,
                 command: None,
                 pending_errors: Vec::new(),
                 replaced_some: false,
@@ -545,6 +603,25 @@ pub(crate) fn open(
     if state.faults.streaming_refuse_remaining > 0 {
         state.faults.streaming_refuse_remaining -= 1;
         return refuse(state, "ErrorExceededConnectionCount", Vec::new());
+    }
+    // The front end routes by X-AnchorMailbox before it looks at any id: an anchor that is
+    // gone or has moved fails the whole request (no ErrorSubscriptionIds).
+    if let Some(key) = route.anchor {
+        match state.mailboxes.get(key) {
+            Some(m) if m.deleted => {
+                return refuse(state, "ErrorNonExistentMailbox", Vec::new());
+            }
+            Some(m) if m.moved => {
+                // Its subscriptions moved with it: gone from the server that had them.
+                for sub in state.streaming.subscriptions.values_mut() {
+                    if sub.mailbox == key && sub.end.is_none() {
+                        sub.end = Some(StreamingEnd::Moved);
+                    }
+                }
+                return refuse(state, "ErrorProxyRequestNotAllowed", Vec::new());
+            }
+            _ => {}
+        }
     }
     if request.ids.len() > stream_soap::MAX_IDS_PER_CONNECTION {
         return refuse(state, "ErrorInvalidArgument", Vec::new());
@@ -671,6 +748,8 @@ pub(crate) fn open(
             end: None,
             refused_code: None,
             stalled: false,
+            malformed: 0,
+            cut_mid_envelope: None,
             command: None,
             pending_errors: errors,
             replaced_some: false,
@@ -732,6 +811,15 @@ async fn run_connection(
         match step {
             Step::Gone => return ConnectionEnd::Shutdown,
             Step::Cut => return ConnectionEnd::Cut,
+            Step::CutPartial(part) => {
+                shared.changed();
+                if !write(tx, part).await {
+                    return ConnectionEnd::ClientGone;
+                }
+                // Let the partial chunk reach the socket before it is dropped.
+                tokio::time::sleep(PARTIAL_FLUSH).await;
+                return ConnectionEnd::Cut;
+            }
             Step::Stall => {
                 if let Some(conn) = shared.lock().streaming.connections.get_mut(&id) {
                     conn.stalled = true;
@@ -823,6 +911,16 @@ impl hyper::body::Body for StreamBody {
 /// Arms the cut fault on one open connection, or all: how many.
 pub(crate) fn cut(state: &mut super::state::State, connection: Option<u64>) -> usize {
     state.streaming.command(connection, Command::Cut)
+}
+
+/// Arms the mid-envelope cut on one open connection, or all: how many.
+pub(crate) fn cut_mid_envelope(state: &mut super::state::State, connection: Option<u64>) -> usize {
+    state.streaming.command(connection, Command::CutMidEnvelope)
+}
+
+/// Arms the malformed-envelope fault on one open connection, or all: how many.
+pub(crate) fn malformed(state: &mut super::state::State, connection: Option<u64>) -> usize {
+    state.streaming.command(connection, Command::Malformed)
 }
 
 /// Arms the stall fault on one open connection, or all: how many.

@@ -880,6 +880,53 @@ async fn control_routes_list_and_inject() {
     .await;
     assert_eq!(body["cut"], 1);
     assert_eq!(sim.connection_end(1).await, ConnectionEnd::Cut);
+
+    // The faults for half envelopes, malformed envelopes, slow heads and deleted mailboxes.
+    sim.handle.clear_faults();
+    let _again = sim.stream(&[&a], &anchored(A)).await;
+    let (_, body) = control(
+        "/_sim/faults/streaming/malformed-envelope",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(body["armed"], 1);
+    let (_, body) = control(
+        "/_sim/faults/streaming/cut-mid-envelope",
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(body["cut"], 1);
+    let (_, body) = control(
+        "/_sim/faults/streaming/delay-head",
+        serde_json::json!({"count": 3, "ms": 10}),
+    )
+    .await;
+    assert_eq!(body["ok"], true);
+    let faults = sim.handle.snapshot().faults;
+    assert_eq!(
+        (
+            faults.streaming_head_delay_remaining,
+            faults.streaming_head_delay_ms
+        ),
+        (3, 10)
+    );
+    let (status, _) = control(
+        "/_sim/faults/delete-mailbox",
+        serde_json::json!({"mailbox": "nobody@contoso.example"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, body) = control(
+        "/_sim/faults/delete-mailbox",
+        serde_json::json!({"mailbox": B}),
+    )
+    .await;
+    assert_eq!(body["ok"], true);
+    assert!(sim
+        .handle
+        .mailboxes()
+        .iter()
+        .any(|m| m.smtp == B && m.deleted));
 }
 
 #[tokio::test]
@@ -985,4 +1032,197 @@ async fn server_busy_refuses_get_streaming_events_with_a_fault() {
     // The next one streams.
     let mut stream = sim.stream(&[&a], &anchored(A)).await;
     assert!(parse(&stream.envelope().await).is_keep_alive());
+}
+
+#[tokio::test]
+async fn fault_cut_mid_envelope_writes_half_an_envelope_then_drops_it() {
+    let sim = Sim::start(config()).await;
+    let a = sim.subscribe(A).await;
+    let mut stream = sim.stream(&[&a], &anchored(A)).await;
+    let _ = stream.envelope().await;
+    // Frozen first, so the events are still waiting when the cut is armed: they go into the
+    // envelope that is cut in half.
+    assert_eq!(sim.handle.streaming_stall(Some(1)), 1);
+    sim.events(A, EventType::NewMail, 2).await;
+    assert_eq!(sim.handle.streaming_cut_mid_envelope(Some(1)), 1);
+    let (envelopes, end) = stream.rest().await;
+    assert!(matches!(end, Next::Broken), "{end:?}");
+    assert!(
+        envelopes
+            .iter()
+            .all(|e| parse(e).notifications().next().is_none()),
+        "no whole envelope carried the events"
+    );
+    assert!(
+        stream.splitter.buffered() > 0,
+        "part of an envelope was written before the cut"
+    );
+    assert_eq!(sim.connection_end(1).await, ConnectionEnd::Cut);
+    let info = sim.handle.streaming_connection(1).unwrap();
+    assert!(info.cut_mid_envelope.is_some_and(|n| n > 0), "{info:?}");
+    // The events were "sent": the subscription does not have them any more.
+    let sub = sim.handle.streaming_subscription(&a).unwrap();
+    assert_eq!(sub.pending_events, 0);
+    assert!(sub.live);
+    // An idle connection is cut inside a keep-alive.
+    let mut next = sim.stream(&[&a], &anchored(A)).await;
+    let _ = next.envelope().await;
+    assert_eq!(sim.handle.streaming_cut_mid_envelope(None), 1);
+    let (_, end) = next.rest().await;
+    assert!(matches!(end, Next::Broken), "{end:?}");
+    assert!(next.splitter.buffered() > 0);
+}
+
+#[tokio::test]
+async fn fault_malformed_envelope_is_well_framed_and_the_stream_goes_on() {
+    let sim = Sim::start(config()).await;
+    let a = sim.subscribe(A).await;
+    let mut stream = sim.stream(&[&a], &anchored(A)).await;
+    let _ = stream.envelope().await;
+    assert_eq!(sim.handle.streaming_malformed_envelope(None), 1);
+    // Keep-alives may come before it; the malformed one is a whole envelope that does not
+    // parse as a GetStreamingEventsResponse.
+    loop {
+        let envelope = stream.envelope().await;
+        match parse_streaming_events(&envelope) {
+            Ok(batch) => assert!(batch.is_keep_alive()),
+            Err(e) => {
+                assert!(!matches!(e, ews::EwsError::Fault(_)), "{e}");
+                let text = String::from_utf8(envelope).unwrap();
+                assert!(
+                    ews_sim::streaming::MALFORMED_ENVELOPE.ends_with(&text),
+                    "{text}"
+                );
+                break;
+            }
+        }
+    }
+    // The connection stays open and streams on.
+    sim.events(A, EventType::NewMail, 1).await;
+    let batch_bytes = stream.non_keepalive().await;
+    assert_eq!(parse(&batch_bytes).notifications().count(), 1);
+    let info = sim.handle.streaming_connection(1).unwrap();
+    assert!(info.open);
+    assert_eq!(info.malformed, 1);
+}
+
+#[tokio::test]
+async fn fault_delay_head_keeps_the_old_connection_serving_until_answered() {
+    let sim = Sim::start(config()).await;
+    let a = sim.subscribe(A).await;
+    let mut old = sim.stream(&[&a], &anchored(A)).await;
+    let _ = old.envelope().await;
+    sim.handle
+        .streaming_delay_head(1, Duration::from_millis(800));
+    let started = Instant::now();
+    let check = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // While the new request waits, the old connection still has the subscription.
+        let sub = sim.handle.streaming_subscription(&a).unwrap();
+        assert_eq!(sub.connection, Some(1));
+        sim.events(A, EventType::NewMail, 1).await;
+        let batch_bytes = old.non_keepalive().await;
+        assert_eq!(parse(&batch_bytes).notifications().count(), 1);
+    };
+    let (ids, headers) = ([a.as_str()], anchored(A));
+    let (mut new, ()) = tokio::join!(sim.stream(&ids, &headers), check);
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        started.elapsed()
+    );
+    // Answered: it takes over; only the next one is delayed no more.
+    assert!(parse(&new.envelope().await).is_keep_alive());
+    assert_eq!(sim.connection_end(1).await, ConnectionEnd::Replaced);
+    let started = Instant::now();
+    let _third = sim.stream(&[&a], &anchored(A)).await;
+    assert!(started.elapsed() < Duration::from_millis(800));
+}
+
+#[tokio::test]
+async fn moved_anchor_refuses_the_whole_connection() {
+    let sim = Sim::start(config()).await;
+    let a = sim.subscribe(A).await;
+    let b = sim.subscribe(B).await;
+    sim.handle.move_mailbox(A).unwrap();
+    let mut stream = sim.stream(&[&a, &b], &anchored(A)).await;
+    let (envelopes, end) = stream.rest().await;
+    assert!(matches!(end, Next::End));
+    assert_eq!(envelopes.len(), 1);
+    assert_eq!(
+        errors(&parse(&envelopes[0])),
+        [("ErrorProxyRequestNotAllowed".to_owned(), vec![])],
+        "a connection-level error: no ErrorSubscriptionIds"
+    );
+    let info = sim.handle.streaming_connection(1).unwrap();
+    assert_eq!(
+        info.refused_code.as_deref(),
+        Some("ErrorProxyRequestNotAllowed")
+    );
+    // The moved mailbox's subscription is gone; anchored elsewhere, B streams.
+    assert_eq!(
+        sim.handle.streaming_subscription(&a).unwrap().end,
+        Some(StreamingEnd::Moved)
+    );
+    let mut other = sim.stream(&[&b], &anchored(B)).await;
+    assert!(parse(&other.envelope().await).is_keep_alive());
+}
+
+#[tokio::test]
+async fn fault_delete_mailbox_fails_its_subscribe_and_its_anchoring() {
+    let sim = Sim::start(config()).await;
+    let a = sim.subscribe(A).await;
+    let mut stream = sim.stream(&[&a], &anchored(A)).await;
+    let _ = stream.envelope().await;
+    sim.handle.delete_mailbox(A).unwrap();
+    // The connection serving it reports the subscription gone.
+    let envelope = stream.non_keepalive().await;
+    assert_eq!(
+        errors(&parse(&envelope)),
+        [("ErrorSubscriptionNotFound".to_owned(), vec![a.clone()])]
+    );
+    let sim = &sim;
+    let subscribe_code = |mailbox: &'static str, anchor: &'static str| async move {
+        let body = streaming_subscribe_request(&StreamingSubscribeRequest {
+            server_version: DEFAULT_SERVER_VERSION,
+            mailbox,
+            folders: Folders::All,
+            event_types: EVENTS,
+        })
+        .unwrap();
+        let headers = [
+            ("x-anchormailbox", anchor),
+            ("x-preferserveraffinity", "true"),
+        ];
+        let (status, _, body) = sim.post(&headers, body).await;
+        assert_eq!(status, StatusCode::OK);
+        let parsed = parse_subscribe_response(&body).unwrap();
+        parsed.status.code.map(|c| c.into_owned())
+    };
+    // Permanently: its own Subscribe, and B's anchored on it.
+    assert_eq!(
+        subscribe_code(A, A).await.as_deref(),
+        Some("ErrorNonExistentMailbox")
+    );
+    assert_eq!(
+        subscribe_code(B, A).await.as_deref(),
+        Some("ErrorNonExistentMailbox")
+    );
+    assert_eq!(subscribe_code(B, B).await.as_deref(), Some("NoError"));
+    let b = sim.subscribe(B).await;
+    // A GetStreamingEvents anchored on it fails as a whole; anchored on B it streams.
+    let mut refused = sim.stream(&[&b], &anchored(A)).await;
+    let (envelopes, _) = refused.rest().await;
+    assert_eq!(
+        errors(&parse(&envelopes[0])),
+        [("ErrorNonExistentMailbox".to_owned(), vec![])]
+    );
+    let mut ok = sim.stream(&[&b], &anchored(B)).await;
+    assert!(parse(&ok.envelope().await).is_keep_alive());
+    // Autodiscover still answers for it.
+    assert!(sim
+        .handle
+        .mailboxes()
+        .iter()
+        .any(|m| m.smtp == A && m.deleted));
 }

@@ -22,5 +22,6 @@ mod status_page;
 mod store;
 mod streaming;
 mod streaming_admin;
+mod streaming_faults;
 mod streaming_side_by_side;
 mod tracking;

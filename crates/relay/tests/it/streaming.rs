@@ -3,14 +3,16 @@
 //! to the receiver as push notifications, through every fault the simulator can inject.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ews::EventType;
-use ews_sim::{ConnectionEnd, MailboxConfig, SimConfig, SimHandle};
+use ews_sim::{
+    ConnectionEnd, MailboxConfig, RecordedRequest, SimConfig, SimHandle, StreamingConnectionInfo,
+};
 use rustls_pki_types::pem::PemObject;
 
 use crate::common::managed::{
-    assert_in_order_none_lost, header, sim_wait, Endpoint, Lab, Setup, PREFIX,
+    assert_in_order_none_lost, header, req_time, sim_wait, Endpoint, Lab, Setup, PREFIX,
 };
 use crate::common::{test_cert, TestCert};
 
@@ -42,6 +44,19 @@ pub(crate) async fn lab(
     relay_flags: &[&str],
     follow: &[&str],
 ) -> (Lab, TestCert) {
+    let (mut lab, cert) = prepare_lab(hosted, tune, relay_flags, follow).await;
+    lab.launch().await;
+    (lab, cert)
+}
+
+/// [`lab`] without the relay started, so faults can be armed before its first request; start
+/// it with [`Lab::launch`].
+pub(crate) async fn prepare_lab(
+    hosted: &[&str],
+    tune: impl FnOnce(&mut SimConfig),
+    relay_flags: &[&str],
+    follow: &[&str],
+) -> (Lab, TestCert) {
     if std::env::var_os("STREAM_TEST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
             .with_env_filter("ews_relay=trace")
@@ -64,7 +79,7 @@ pub(crate) async fn lab(
     .chain(relay_flags)
     .map(|s| s.to_string())
     .collect();
-    let lab = Lab::start(
+    let lab = Lab::prepare(
         hosted,
         |c| {
             c.tls = Some(tls);
@@ -100,7 +115,7 @@ pub(crate) async fn wait_streamed(sim: &SimHandle, mailboxes: &[&str]) -> Vec<St
 }
 
 /// Deliveries to the receiver carrying `X-EWS-Resync-Required: mailbox`.
-fn resyncs(lab: &Lab, mailbox: &str) -> usize {
+pub(crate) fn resyncs(lab: &Lab, mailbox: &str) -> usize {
     lab.receiver
         .accepted()
         .iter()
@@ -108,7 +123,7 @@ fn resyncs(lab: &Lab, mailbox: &str) -> usize {
         .count()
 }
 
-async fn wait_resync(lab: &Lab, mailbox: &str) {
+pub(crate) async fn wait_resync(lab: &Lab, mailbox: &str) {
     let deadline = std::time::Instant::now() + LONG;
     while resyncs(lab, mailbox) == 0 {
         assert!(
@@ -121,7 +136,7 @@ async fn wait_resync(lab: &Lab, mailbox: &str) {
 
 /// Creates `n` events for `mailbox`; returns their item ids (streamed events carry no
 /// watermark in the simulator: the item id tells them apart).
-fn create(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
+pub(crate) fn create(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
     lab.sim
         .create_events(mailbox, EventType::Created, n)
         .unwrap();
@@ -130,7 +145,7 @@ fn create(lab: &Lab, mailbox: &str, n: usize) -> Vec<String> {
 }
 
 /// Item ids of the events the receiver accepted for `mailbox`, in arrival order.
-fn received(lab: &Lab, mailbox: &str) -> Vec<String> {
+pub(crate) fn received(lab: &Lab, mailbox: &str) -> Vec<String> {
     lab.receiver
         .accepted_for(mailbox)
         .iter()
@@ -151,7 +166,7 @@ fn received(lab: &Lab, mailbox: &str) -> Vec<String> {
         .collect()
 }
 
-async fn wait_received(lab: &Lab, mailbox: &str, want: &[String]) -> Vec<String> {
+pub(crate) async fn wait_received(lab: &Lab, mailbox: &str, want: &[String]) -> Vec<String> {
     let deadline = std::time::Instant::now() + LONG;
     loop {
         let got = received(lab, mailbox);
@@ -164,6 +179,36 @@ async fn wait_received(lab: &Lab, mailbox: &str, want: &[String]) -> Vec<String>
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Asserts every created event arrived exactly once (no reconnect repeated one), in order.
+pub(crate) fn assert_each_once(created: &[String], got: &[String]) {
+    assert_in_order_none_lost(created, got);
+    for id in created {
+        let n = got.iter().filter(|g| *g == id).count();
+        assert_eq!(n, 1, "event {id} delivered {n} times: {got:?}");
+    }
+}
+
+/// Recorded `GetStreamingEvents` requests, oldest first.
+pub(crate) fn get_streaming_events(sim: &SimHandle) -> Vec<RecordedRequest> {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.path.eq_ignore_ascii_case("/EWS/Exchange.asmx"))
+        .filter(|r| {
+            r.body.contains("GetStreamingEvents>") || r.body.contains("GetStreamingEvents ")
+        })
+        .collect()
+}
+
+/// When the simulator recorded a streaming connection (or its refusal).
+pub(crate) fn opened_at(c: &StreamingConnectionInfo) -> SystemTime {
+    humantime::parse_rfc3339(&c.opened).expect("RFC 3339")
+}
+
+/// `later - earlier`, zero when `later` is not later.
+pub(crate) fn gap(earlier: SystemTime, later: SystemTime) -> Duration {
+    later.duration_since(earlier).unwrap_or_default()
 }
 
 /// Creates `n` events for `mailbox` and waits until the receiver has them all.
@@ -186,7 +231,7 @@ async fn streamed_events_reach_the_receiver_as_push_notifications() {
     assert!(open[0].carried_cookie, "{:#?}", open[0]);
 
     let created = events_arrive(&lab, A, 3).await;
-    assert_in_order_none_lost(&created, &received(&lab, A));
+    assert_each_once(&created, &received(&lab, A));
     let seen = lab.receiver.accepted_for(A);
     let first = &seen[0];
     assert_eq!(first.path, PREFIX, "deliveries go to --path-prefix");
@@ -252,12 +297,22 @@ async fn closed_cut_and_silent_connections_are_replaced() {
     })
     .await;
     let mut created = events_arrive(&lab, A, 2).await;
+    // Closed by Exchange: everything written was read; no resync.
+    assert_eq!(
+        resyncs(&lab, A),
+        0,
+        "a connection Exchange closed needs no resync"
+    );
 
-    // Cut without Closed.
+    // Cut without Closed: what it carried last may never have been read, so the mailbox gets
+    // the resync signal.
     assert!(lab.sim.streaming_cut(None) >= 1);
+    wait_resync(&lab, A).await;
     created.extend(events_arrive(&lab, A, 2).await);
+    let after_cut = resyncs(&lab, A);
 
-    // Silent (stalled): replaced within --stream-silence-timeout plus a reconnect.
+    // Silent (stalled): replaced within --stream-silence-timeout plus a reconnect, and the
+    // mailbox gets the resync signal again.
     let before = lab.sim.streaming_connections().len();
     assert!(lab.sim.streaming_stall(None) >= 1);
     let stalled_at = std::time::Instant::now();
@@ -265,7 +320,15 @@ async fn closed_cut_and_silent_connections_are_replaced() {
     wait_received(&lab, A, &created).await;
     assert!(lab.sim.streaming_connections().len() > before);
     assert!(stalled_at.elapsed() < Duration::from_secs(5));
-    assert_in_order_none_lost(&created, &received(&lab, A));
+    let deadline = std::time::Instant::now() + LONG;
+    while resyncs(&lab, A) <= after_cut {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no resync signal after the silent connection was given up"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_each_once(&created, &received(&lab, A));
 }
 
 #[tokio::test]
@@ -324,6 +387,27 @@ async fn refused_connections_back_off_and_recover() {
     .await;
     wait_streamed(&lab.sim, &[A]).await;
     events_arrive(&lab, A, 2).await;
+    // After each ErrorExceededConnectionCount the next attempt waits at least TRANSIENT_BASE
+    // (2 s): never an immediate retry.
+    let conns = lab.sim.streaming_connections();
+    let mut checked = 0;
+    for (i, c) in conns.iter().enumerate() {
+        if c.refused_code.as_deref() != Some("ErrorExceededConnectionCount") {
+            continue;
+        }
+        let next = conns
+            .get(i + 1)
+            .unwrap_or_else(|| panic!("no attempt after refusal {}: {conns:#?}", c.id));
+        let waited = gap(opened_at(c), opened_at(next));
+        assert!(
+            waited >= Duration::from_millis(2000 - 50),
+            "attempt {} came {waited:?} after ErrorExceededConnectionCount {} (want >= 2 s)",
+            next.id,
+            c.id
+        );
+        checked += 1;
+    }
+    assert!(checked >= 2, "{conns:#?}");
 }
 
 #[tokio::test]
@@ -430,7 +514,7 @@ async fn receiver_outage_spools_streamed_events_and_replays_them_in_order() {
     assert!(received(&lab, A).is_empty());
     lab.receiver.set_down(false);
     let got = wait_received(&lab, A, &created).await;
-    assert_in_order_none_lost(&created, &got);
+    assert_each_once(&created, &got);
     // Replays look like direct deliveries, transport header included.
     let replayed: Vec<_> = lab
         .receiver
@@ -486,13 +570,40 @@ async fn mailbox_removed_from_the_file_is_unsubscribed() {
 #[tokio::test]
 async fn server_busy_is_waited_out() {
     let (lab, _c) = lab(&[A], |_| {}, &[], &[A]).await;
-    wait_streamed(&lab.sim, &[A]).await;
+    let ids = wait_streamed(&lab.sim, &[A]).await;
     // The next requests (the reconnect after the cut) answer ErrorServerBusy.
     lab.sim.server_busy(2, Duration::from_millis(300));
     lab.sim.streaming_cut(None);
     let created = events_arrive(&lab, A, 2).await;
-    assert_in_order_none_lost(&created, &received(&lab, A));
-    assert_eq!(resyncs(&lab, A), 0, "the subscription survived: no resync");
+    assert_each_once(&created, &received(&lab, A));
+    assert_eq!(
+        wait_streamed(&lab.sim, &[A]).await,
+        ids,
+        "the subscription survived"
+    );
+    // BackOffMilliseconds is honoured: after each ServerBusy, the next GetStreamingEvents comes
+    // no sooner than 300 ms later.
+    let gses = get_streaming_events(&lab.sim);
+    let mut busy = 0;
+    for (i, r) in gses.iter().enumerate() {
+        if r.response_code.as_deref() != Some("ErrorServerBusy") {
+            continue;
+        }
+        busy += 1;
+        let next = gses
+            .get(i + 1)
+            .unwrap_or_else(|| panic!("no GetStreamingEvents after ServerBusy {}", r.seq));
+        let waited = gap(req_time(r), req_time(next));
+        assert!(
+            waited >= Duration::from_millis(300 - 50),
+            "GetStreamingEvents {} came {waited:?} after ServerBusy {} (BackOffMilliseconds 300)",
+            next.seq,
+            r.seq
+        );
+    }
+    assert!(busy >= 1, "a GetStreamingEvents was answered ServerBusy");
+    // The cut asks for one resync signal; the ServerBusy answers ask for none.
+    assert_eq!(resyncs(&lab, A), 1, "one resync signal, for the cut");
 }
 
 #[tokio::test]

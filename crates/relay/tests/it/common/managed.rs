@@ -100,6 +100,8 @@ pub fn sim_config(mailboxes: &[&str], relay_cert: &CertificateDer<'static>) -> S
 pub struct Receiver {
     pub inner: TestReceiver,
     down: Arc<AtomicBool>,
+    /// Mailboxes (`X-EWS-Mailbox`) whose deliveries are answered 503 while the rest are not.
+    refused: Arc<Mutex<Vec<String>>>,
     /// Milliseconds to wait before answering OK (0: at once).
     delay_ms: Arc<AtomicU64>,
     accepted: Arc<Mutex<Vec<Seen>>>,
@@ -112,9 +114,17 @@ impl Receiver {
         let down = Arc::new(AtomicBool::new(false));
         let delay_ms = Arc::new(AtomicU64::new(0));
         let accepted = Arc::new(Mutex::new(Vec::new()));
-        let (d, slow, a) = (down.clone(), delay_ms.clone(), accepted.clone());
+        let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+        let (d, slow, a, r) = (
+            down.clone(),
+            delay_ms.clone(),
+            accepted.clone(),
+            refused.clone(),
+        );
         let inner = TestReceiver::with(Arc::new(move |seen: Seen| {
-            let refuse = d.load(Ordering::SeqCst);
+            let refuse = d.load(Ordering::SeqCst)
+                || header(&seen, "x-ews-mailbox")
+                    .is_some_and(|m| r.lock().unwrap().iter().any(|x| x == m));
             let delay = Duration::from_millis(slow.load(Ordering::SeqCst));
             let a = a.clone();
             if !refuse && delay.is_zero() {
@@ -143,6 +153,7 @@ impl Receiver {
         Receiver {
             inner,
             down,
+            refused,
             delay_ms,
             accepted,
         }
@@ -161,6 +172,16 @@ impl Receiver {
     /// Answer 503 (`true`) or OK (`false`) from now on.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Answer 503 (`true`) or as usual (`false`) from now on to deliveries for `mailbox` (by
+    /// `X-EWS-Mailbox`), whatever the others get.
+    pub fn set_refused(&self, mailbox: &str, refused: bool) {
+        let mut list = self.refused.lock().unwrap();
+        list.retain(|m| m != mailbox);
+        if refused {
+            list.push(mailbox.to_owned());
+        }
     }
 
     /// Everything answered 2xx, in arrival order.
