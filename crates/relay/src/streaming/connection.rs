@@ -29,6 +29,8 @@ const LIFETIME_MARGIN: Duration = Duration::from_secs(120);
 /// What a connection tells its group.
 #[derive(Debug)]
 pub(super) enum ConnEvent {
+    /// Exchange answered 200: from here it may write events into the connection.
+    Opened,
     /// One complete SOAP envelope.
     Envelope(Vec<u8>),
     /// The connection is over; nothing follows.
@@ -126,7 +128,9 @@ pub(super) struct Connection {
     /// Of those, the ones Exchange said it moved to a newer connection
     /// (`ErrorNewEventStreamConnectionOpened`): their events travel there from then on.
     pub moved: HashSet<String>,
-    /// An envelope of it has reached the group (it is open, and may have carried events).
+    /// Exchange answered 200: events may have been written into it.
+    pub open: bool,
+    /// An envelope of it has reached the group.
     pub heard: bool,
     /// An envelope of it could not be read: the events in it are lost.
     pub lost_data: bool,
@@ -142,7 +146,7 @@ impl Connection {
             return true;
         }
         // Exchange closed it, never opened it, or refused it in-band: nothing was in flight.
-        if self.closed_seen || !self.heard || self.failure.is_some() {
+        if self.closed_seen || !self.open || self.failure.is_some() {
             return false;
         }
         matches!(
@@ -209,6 +213,7 @@ pub(super) fn open(
         ids,
         anchor,
         moved: HashSet::new(),
+        open: false,
         heard: false,
         lost_data: false,
         stop,
@@ -238,6 +243,9 @@ async fn run(
     };
     metrics.stream_connection(1);
     let _open = Open(metrics.clone());
+    if tx.send((id, ConnEvent::Opened)).await.is_err() {
+        return End::Stopped { partial: false };
+    }
     let mut splitter = ews::EnvelopeSplitter::default();
     let mut deadline = Instant::now() + silence;
     let mut stopping: Option<Instant> = None;

@@ -150,6 +150,11 @@ impl GroupTask {
                     self.envelope(id, &envelope).await;
                 }
             }
+            ConnEvent::Opened => {
+                if let Some(c) = self.conn_mut(id) {
+                    c.open = true;
+                }
+            }
             ConnEvent::Ended(end) => self.ended(id, end).await,
         }
     }
@@ -225,7 +230,11 @@ impl GroupTask {
             (End::BodyEnded, true, _) => "closed",
             (e, _, _) => e.label(),
         };
-        self.resync_gap(&conn, &end).await;
+        if self.draining.is_none() {
+            // (With an overlap the old connection still serves whatever was not moved; what
+            // was moved is handled below.)
+            self.resync_gap(&conn, &end).await;
+        }
         let restored = match self.draining.take() {
             Some(old) => {
                 // The new connection failed before it carried anything while the old one
