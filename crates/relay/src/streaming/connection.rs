@@ -130,6 +130,8 @@ pub(super) struct Connection {
     pub moved: HashSet<String>,
     /// Exchange answered 200: events may have been written into it.
     pub open: bool,
+    /// When it did (Unix ms).
+    pub opened_ms: Option<store::UnixMillis>,
     /// An envelope of it has reached the group.
     pub heard: bool,
     /// An envelope of it could not be read: the events in it are lost.
@@ -214,6 +216,7 @@ pub(super) fn open(
         anchor,
         moved: HashSet::new(),
         open: false,
+        opened_ms: None,
         heard: false,
         lost_data: false,
         stop,

@@ -151,8 +151,17 @@ impl GroupTask {
                 }
             }
             ConnEvent::Opened => {
+                let now = store::now_millis();
                 if let Some(c) = self.conn_mut(id) {
                     c.open = true;
+                    c.opened_ms = Some(now);
+                }
+                if self.draining.is_none() && self.current.as_ref().is_some_and(|c| c.id == id) {
+                    // Shown as connected from Exchange's answer (keep-alives may be a minute
+                    // away); a renewal's connection shows once it has taken over.
+                    let mut s = lock(&self.state);
+                    s.open_since = Some(now);
+                    s.last_error = None;
                 }
             }
             ConnEvent::Ended(end) => self.ended(id, end).await,
@@ -405,9 +414,14 @@ impl GroupTask {
     /// The first envelope of a new current connection: it is open. Record in the store that a
     /// stream was open for these mailboxes (cleared by a clean stop).
     pub(super) async fn connected(&mut self) {
+        let opened = self
+            .current
+            .as_ref()
+            .and_then(|c| c.opened_ms)
+            .unwrap_or_else(store::now_millis);
         let records: Vec<MailboxRecord> = {
             let mut s = lock(&self.state);
-            s.open_since = Some(store::now_millis());
+            s.open_since = Some(opened);
             s.last_error = None;
             s.members
                 .values_mut()
