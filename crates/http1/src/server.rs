@@ -189,12 +189,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
         // feed, and parsing again only when one arrived keeps a client that sends its head a
         // byte at a time from making the relay parse it once per byte.
         let mut scanned = 0;
+        // The buffer's length when it was last parsed.
+        let mut parsed_upto = 0;
         loop {
             if self.rbuf.len() > scanned {
                 if memchr::memchr(b'\n', &self.rbuf[scanned..]).is_some() {
                     if let Some(parsed) = self.parse_head()? {
                         return Ok(Some(parsed));
                     }
+                    parsed_upto = self.rbuf.len();
                 }
                 scanned = self.rbuf.len();
                 if scanned >= MAX_REQUEST_HEAD {
@@ -237,6 +240,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin, H: Handler> Conn<'_, S, H> {
             };
             match read {
                 Ok(0) => {
+                    if self.rbuf.len() > parsed_upto {
+                        // Bytes after the last line feed were never parsed (see `scanned`): a
+                        // malformed head there gets its 400 as it would have in one read,
+                        // rather than a silent close that depends on how the bytes arrived.
+                        if let Some(parsed) = self.parse_head()? {
+                            return Ok(Some(parsed));
+                        }
+                    }
                     if !self.rbuf.is_empty() {
                         tracing::debug!(peer = %self.info, "client closed inside a request head");
                     }
