@@ -252,6 +252,10 @@ struct Queue {
     refusing: Option<Episode>,
     /// Entries spooled since the outage started, for the drain line.
     spooled_in_outage: u64,
+    /// A resync signal waits in the queue and has not been sent to the receiver yet: another
+    /// would be redundant (the receiver resynchronises when it gets the first, which is after
+    /// whatever made the second necessary).
+    resync_unsent: bool,
 }
 
 /// Told, under the mailbox's queue lock, whether a resync signal is still waiting for it.
@@ -596,6 +600,13 @@ impl Delivery {
     pub async fn request_resync(&self, mailbox: &str) -> Result<(), StoreError> {
         let queue = self.queue(mailbox);
         let mut q = queue.lock().await;
+        if q.resync_unsent {
+            tracing::debug!(
+                mailbox,
+                "a resync signal is already waiting; not queued twice"
+            );
+            return Ok(());
+        }
         // An empty subscription id and body mark the resync signal in the spool.
         self.writer
             .append(NewSpoolEntry {
@@ -611,6 +622,7 @@ impl Delivery {
         }
         q.waiting += 1;
         q.resyncs += 1;
+        q.resync_unsent = true;
         self.resync_changed(mailbox, &q);
         drop(q);
         self.wake.notify_one();
@@ -738,7 +750,15 @@ impl Delivery {
                 resync.then_some(mailbox),
                 Some(e.received_at),
             );
+            if resync {
+                // From here the receiver may be resynchronising: a new gap needs a new signal.
+                queue.lock().await.resync_unsent = false;
+            }
             if let Err(why) = self.try_deliver(&out).await {
+                if resync {
+                    // Not taken: it is still the signal to come.
+                    queue.lock().await.resync_unsent = true;
+                }
                 let _ = self.writer.record_attempt(mailbox, e.seq).await;
                 self.metrics.delivery(mailbox, "failed");
                 self.receiver_failed(mailbox, &mut *queue.lock().await, &why);

@@ -236,6 +236,7 @@ async fn one_refused_mailbox_does_not_stall_its_group() {
         received(&lab, A).is_empty(),
         "nothing of A was accepted while refused"
     );
+    let refused = lab.receiver.all().len() - lab.receiver.accepted().len();
     lab.receiver.set_refused(A, false);
     wait_resync(&lab, A).await;
     // A's new events join A's queue: until its backlog has drained, they are still refused for
@@ -246,6 +247,13 @@ async fn one_refused_mailbox_does_not_stall_its_group() {
             .map(|_| ())
     })
     .await;
+    // Every notification dropped for age asked for a resync, but a signal already waiting is
+    // not queued twice: one (or two, if one was being sent when the next was asked for).
+    assert!(
+        (1..=2).contains(&resyncs(&lab, A)),
+        "{} resync signals for A after {refused} refused deliveries",
+        resyncs(&lab, A)
+    );
     events_arrive(&lab, A, 1).await;
     events_arrive(&lab, B, 1).await;
 }
