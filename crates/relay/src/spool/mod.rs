@@ -605,6 +605,12 @@ impl Delivery {
                 mailbox,
                 "a resync signal is already waiting; not queued twice"
             );
+            if q.resyncs == 0 {
+                // The waiting one was spooled before a restart (not counted): it now answers
+                // for this request too, so the keeper hears that a resync is pending.
+                q.resyncs = 1;
+                self.resync_changed(mailbox, &q);
+            }
             return Ok(());
         }
         // An empty subscription id and body mark the resync signal in the spool.
