@@ -30,6 +30,18 @@ pub enum Folders<'a> {
     All,
 }
 
+impl<'a> Folders<'a> {
+    /// These distinguished folders, or every folder when `names` is empty (how the relay's
+    /// `--folder` list reads: none given means the whole mailbox).
+    pub fn from_names(names: &'a [&'a str]) -> Self {
+        if names.is_empty() {
+            Folders::All
+        } else {
+            Folders::Distinguished(names)
+        }
+    }
+}
+
 /// A push subscription for one mailbox. Send it with `X-AnchorMailbox: {mailbox}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscribeRequest<'a> {

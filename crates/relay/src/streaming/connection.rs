@@ -128,9 +128,7 @@ pub(super) struct Connection {
     /// Of those, the ones Exchange said it moved to a newer connection
     /// (`ErrorNewEventStreamConnectionOpened`): their events travel there from then on.
     pub moved: HashSet<String>,
-    /// Exchange answered 200: events may have been written into it.
-    pub open: bool,
-    /// When it did (Unix ms).
+    /// When Exchange answered 200 (Unix ms): from then events may have been written into it.
     pub opened_ms: Option<store::UnixMillis>,
     /// An envelope of it has reached the group.
     pub heard: bool,
@@ -148,7 +146,7 @@ impl Connection {
             return true;
         }
         // Exchange closed it, never opened it, or refused it in-band: nothing was in flight.
-        if self.closed_seen || !self.open || self.failure.is_some() {
+        if self.closed_seen || self.opened_ms.is_none() || self.failure.is_some() {
             return false;
         }
         matches!(
@@ -215,7 +213,6 @@ pub(super) fn open(
         ids,
         anchor,
         moved: HashSet::new(),
-        open: false,
         opened_ms: None,
         heard: false,
         lost_data: false,

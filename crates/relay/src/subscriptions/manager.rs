@@ -714,11 +714,7 @@ impl Manager {
         let request = ews::SubscribeRequest {
             server_version: ews::DEFAULT_SERVER_VERSION,
             mailbox: address,
-            folders: if folders.is_empty() {
-                Folders::All
-            } else {
-                Folders::Distinguished(&folders)
-            },
+            folders: Folders::from_names(&folders),
             event_types: &self.cfg.event_types,
             watermark: watermark.as_deref(),
             status_frequency: self.cfg.status_frequency,

@@ -528,11 +528,14 @@ async fn receiver_outage_spools_streamed_events_and_replays_them_in_order() {
         .all(|s| header(s, "x-ews-transport") == Some("streaming")));
 }
 
-#[tokio::test]
-async fn mailbox_removed_from_the_file_is_unsubscribed() {
+/// A streaming lab following `mailboxes` through `--mailboxes-file` (the returned path; the
+/// directory lives as long as the returned guard).
+pub(crate) async fn file_lab(
+    mailboxes: &[&str],
+) -> (Lab, TestCert, tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mailboxes.txt");
-    crate::common::managed::write_mailboxes(&file, &[A, B]);
+    crate::common::managed::write_mailboxes(&file, mailboxes);
     let ews_cert = test_cert();
     let tls = sim_tls(&ews_cert);
     let mut setup = Setup::new(&[]);
@@ -545,7 +548,7 @@ async fn mailbox_removed_from_the_file_is_unsubscribed() {
         ews_cert.cert_path.display().to_string(),
     ];
     let lab = Lab::start(
-        &[A, B],
+        mailboxes,
         |c| {
             c.tls = Some(tls);
             c.streaming_keepalive = Duration::from_millis(100);
@@ -553,6 +556,12 @@ async fn mailbox_removed_from_the_file_is_unsubscribed() {
         setup,
     )
     .await;
+    (lab, ews_cert, dir, file)
+}
+
+#[tokio::test]
+async fn mailbox_removed_from_the_file_is_unsubscribed() {
+    let (lab, _cert, _dir, file) = file_lab(&[A, B]).await;
     let ids = wait_streamed(&lab.sim, &[A, B]).await;
     crate::common::managed::write_mailboxes(&file, &[A]);
     sim_wait(&lab.sim, LONG, "B unsubscribed and A still streamed", |h| {

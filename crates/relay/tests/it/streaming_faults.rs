@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 use ews_sim::stream_soap::{parse_ews_request, EwsRequest};
 use ews_sim::{ConnectionEnd, RecordedRequest, SimHandle};
 
-use crate::common::managed::{autodiscovers, req_header, req_time, sim_wait, Endpoint, Lab, Setup};
-use crate::common::test_cert;
+use crate::common::managed::{autodiscovers, req_header, req_time, sim_wait};
 use crate::streaming::{
-    assert_each_once, create, events_arrive, lab, prepare_lab, received, resyncs, sim_tls,
+    assert_each_once, create, events_arrive, file_lab, lab, prepare_lab, received, resyncs,
     wait_received, wait_resync, wait_streamed, A, B, C, LONG,
 };
 
@@ -263,29 +262,7 @@ async fn one_refused_mailbox_does_not_stall_its_group() {
 /// OAuth requires.
 #[tokio::test]
 async fn removed_mailbox_is_unsubscribed_impersonating_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("mailboxes.txt");
-    crate::common::managed::write_mailboxes(&file, &[A, B]);
-    let ews_cert = test_cert();
-    let tls = sim_tls(&ews_cert);
-    let mut setup = Setup::new(&[]);
-    setup.mailboxes_file = Some(file.clone());
-    setup.endpoint = Endpoint::Autodiscover;
-    setup.extra = vec![
-        "--transport".into(),
-        "streaming".into(),
-        "--ews-ca-file".into(),
-        ews_cert.cert_path.display().to_string(),
-    ];
-    let lab = Lab::start(
-        &[A, B],
-        |c| {
-            c.tls = Some(tls);
-            c.streaming_keepalive = Duration::from_millis(100);
-        },
-        setup,
-    )
-    .await;
+    let (lab, _cert, _dir, file) = file_lab(&[A, B]).await;
     let ids = wait_streamed(&lab.sim, &[A, B]).await;
     crate::common::managed::write_mailboxes(&file, &[A]);
     let (request, unsubscribe) = sim_wait(&lab.sim, LONG, "B's Unsubscribe", |h| {

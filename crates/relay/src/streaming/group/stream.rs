@@ -153,7 +153,6 @@ impl GroupTask {
             ConnEvent::Opened => {
                 let now = store::now_millis();
                 if let Some(c) = self.conn_mut(id) {
-                    c.open = true;
                     c.opened_ms = Some(now);
                 }
                 if self.draining.is_none() && self.current.as_ref().is_some_and(|c| c.id == id) {

@@ -214,11 +214,7 @@ async fn subscribe(
     let request = ews::StreamingSubscribeRequest {
         server_version: ews::DEFAULT_SERVER_VERSION,
         mailbox: address,
-        folders: if folders.is_empty() {
-            Folders::All
-        } else {
-            Folders::Distinguished(&folders)
-        },
+        folders: Folders::from_names(&folders),
         event_types: &ctx.cfg.event_types,
     };
     ctx.client
